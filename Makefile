@@ -1,0 +1,42 @@
+# One command per job; each target sets up what it needs first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REAL_DATA ?= $(abspath ../shared/data)
+
+.PHONY: setup test test-fast lint format bench demo clean
+
+setup: $(STAMP)
+
+# Re-install only when the dependency list changes; a second `make setup` is a no-op.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	MOEFORGE_REAL_DATA=$(REAL_DATA) $(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not realdata"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/moe_layer.py
+
+demo: setup
+	$(VENV)/bin/moeforge model info tiny
+	$(VENV)/bin/moeforge model info oracle-850b
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

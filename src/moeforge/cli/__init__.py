@@ -1,0 +1,1 @@
+"""The `moeforge` command line: thin typer commands over the library."""

@@ -1,0 +1,121 @@
+"""One config system: pydantic models, YAML files, and ``--set a.b=c`` overrides.
+
+Every config class derives from :class:`StrictModel`, so unknown keys are errors and not silently
+ignored. :func:`load_yaml_config` reads a file, applies overrides and validates; any problem raises
+:class:`ConfigError` whose message names the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "StrictModel",
+    "apply_overrides",
+    "format_validation_error",
+    "load_yaml_config",
+    "parse_override",
+]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says where and how."""
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown fields are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """Render a pydantic error as one line per problem: ``file: field.path: message (got value)``."""
+    lines = []
+    prefix = f"{source}: " if source else ""
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        lines.append(f"{prefix}{loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML so ``4``, ``0.1``, ``true``, ``[1,2]`` keep their types."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.path=value`` override applied (nested dicts are created)."""
+    out: dict[str, Any] = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_config(cls: type[T], path: Path, overrides: list[str] | None = None) -> T:
+    """Load ``path`` as ``cls``, applying ``overrides``; raises :class:`ConfigError` on any problem."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(cls, data, source=str(path))
+
+
+def validate_config(cls: type[T], data: dict[str, Any], source: str | None = None) -> T:
+    """Validate a dict as ``cls``; raises :class:`ConfigError` with one line per problem."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from exc

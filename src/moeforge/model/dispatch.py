@@ -1,0 +1,184 @@
+"""Grouped SwiGLU over tokens already sorted by expert — the hot loop of every MoE layer.
+
+Input rows ``x_ND`` are grouped by expert: the first ``counts[0]`` rows go to expert 0, the next
+``counts[1]`` to expert 1, and so on. Expert weights are stacked: ``w13_EDG`` holds gate and up
+projections side by side (``G = 2F``: columns ``[:F]`` gate, ``[F:]`` up) and ``w2_EFD`` the down
+projection, both in ``x @ w`` (in, out) layout.
+
+Backends (all compute the same function; tests pin them against a per-token reference):
+
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` — one kernel for all experts, forward and backward.
+- ``loop``: one ``mm`` per expert written straight into preallocated outputs, with a hand-written
+  backward; elementwise work (SiLU and its derivative) runs once over all rows, never per expert.
+- ``padded``: scatter rows into ``[E, C, D]`` with ``C`` the largest group, then ``bmm`` — wastes FLOPs
+  on padding but makes one call regardless of E; wins when groups are tiny and call overhead dominates.
+
+``auto`` picks ``grouped_mm`` on CUDA, and on CPU the backend measured fastest for the group sizes at
+hand (see ``docs/PERFORMANCE.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Backend", "choose_backend", "grouped_swiglu", "has_grouped_mm"]
+
+Backend = Literal["auto", "grouped_mm", "loop", "padded"]
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a grouped-matmul kernel exists for this device and dtype."""
+    if _GROUPED_MM is None:
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+
+
+def choose_backend(requested: Backend, x: torch.Tensor, counts: list[int]) -> Backend:
+    """Resolve ``auto`` (and unavailable ``grouped_mm``) to a concrete backend for these group sizes."""
+    if requested == "grouped_mm" and not has_grouped_mm(x.device, x.dtype):
+        return "loop"
+    if requested != "auto":
+        return requested
+    if x.device.type == "cuda":
+        return "grouped_mm" if has_grouped_mm(x.device, x.dtype) else "loop"
+    n = sum(counts)
+    active = sum(1 for c in counts if c)
+    if active == 0:
+        return "loop"
+    # Tiny groups: per-call overhead dominates; one bmm over a padded batch wins while padding is cheap.
+    if n / active < 16 and max(counts) * active <= 4 * n:
+        return "padded"
+    return "grouped_mm" if has_grouped_mm(x.device, x.dtype) else "loop"
+
+
+def _silu_mul(h_NG: torch.Tensor) -> torch.Tensor:
+    f = h_NG.shape[-1] // 2
+    return F.silu(h_NG[..., :f]) * h_NG[..., f:]
+
+
+def _silu_mul_backward(h_NG: torch.Tensor, ga_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given ``h = [g, u]`` and ``dL/da`` for ``a = silu(g)·u``, return ``(dL/dh, a)``."""
+    f = h_NG.shape[-1] // 2
+    g, u = h_NG[..., :f], h_NG[..., f:]
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    gh = torch.empty_like(h_NG)
+    # d silu(g)/dg = sig · (1 + g · (1 − sig))
+    torch.mul(ga_NF * u, sig * (1.0 + g * (1.0 - sig)), out=gh[..., :f])
+    torch.mul(ga_NF, silu, out=gh[..., f:])
+    return gh, silu * u
+
+
+_CHUNK = 256  # rows per matmul in the loop backend: keeps an expert's [rows, 2F] activations in cache
+
+
+def _chunks(bounds: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) row ranges of at most ``_CHUNK`` rows, expert by expert."""
+    out = []
+    for e, (s, t) in enumerate(bounds):
+        for c in range(s, t, _CHUNK):
+            out.append((e, c, min(c + _CHUNK, t)))
+    return out
+
+
+class _LoopSwiGLU(torch.autograd.Function):
+    """Per expert and row chunk: matmul, activation, matmul while the chunk is still in cache."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w13_EDG, w2_EFD, counts):  # type: ignore[override]
+        n = x_ND.shape[0]
+        h_NG = x_ND.new_empty(n, w13_EDG.shape[-1])
+        y_ND = x_ND.new_empty(n, w2_EFD.shape[-1])
+        chunks = _chunks(_bounds(counts))
+        for e, s, t in chunks:
+            torch.mm(x_ND[s:t], w13_EDG[e], out=h_NG[s:t])
+            torch.mm(_silu_mul(h_NG[s:t]), w2_EFD[e], out=y_ND[s:t])
+        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, h_NG)
+        ctx.chunks = chunks
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, gy_ND):  # type: ignore[override]
+        x_ND, w13_EDG, w2_EFD, h_NG = ctx.saved_tensors
+        gy_ND = gy_ND.contiguous()
+        gx_ND = torch.empty_like(x_ND)
+        want_w13, want_w2 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        gw13 = torch.zeros_like(w13_EDG) if want_w13 else None
+        gw2 = torch.zeros_like(w2_EFD) if want_w2 else None
+        for e, s, t in ctx.chunks:
+            gy = gy_ND[s:t]
+            gh, a = _silu_mul_backward(h_NG[s:t], gy @ w2_EFD[e].t())
+            torch.mm(gh, w13_EDG[e].t(), out=gx_ND[s:t])
+            if gw13 is not None:
+                gw13[e].addmm_(x_ND[s:t].t(), gh)
+            if gw2 is not None:
+                gw2[e].addmm_(a.t(), gy)
+        return gx_ND, gw13, gw2, None
+
+
+class _PaddedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w13_EDG, w2_EFD, expert_N, slot_N, capacity):  # type: ignore[override]
+        e = w13_EDG.shape[0]
+        x_ECD = x_ND.new_zeros(e, capacity, x_ND.shape[-1])
+        x_ECD[expert_N, slot_N] = x_ND
+        h_ECG = torch.bmm(x_ECD, w13_EDG)
+        y_ECD = torch.bmm(_silu_mul(h_ECG), w2_EFD)
+        ctx.save_for_backward(x_ECD, w13_EDG, w2_EFD, h_ECG, expert_N, slot_N)
+        return y_ECD[expert_N, slot_N]
+
+    @staticmethod
+    def backward(ctx, gy_ND):  # type: ignore[override]
+        x_ECD, w13_EDG, w2_EFD, h_ECG, expert_N, slot_N = ctx.saved_tensors
+        gy_ECD = gy_ND.new_zeros(x_ECD.shape)
+        gy_ECD[expert_N, slot_N] = gy_ND
+        ga_ECF = torch.bmm(gy_ECD, w2_EFD.transpose(1, 2))
+        gh_ECG, a_ECF = _silu_mul_backward(h_ECG, ga_ECF)
+        gx_ND = torch.bmm(gh_ECG, w13_EDG.transpose(1, 2))[expert_N, slot_N]
+        gw13 = torch.bmm(x_ECD.transpose(1, 2), gh_ECG) if ctx.needs_input_grad[1] else None
+        gw2 = torch.bmm(a_ECF.transpose(1, 2), gy_ECD) if ctx.needs_input_grad[2] else None
+        return gx_ND, gw13, gw2, None, None, None
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    out, s = [], 0
+    for c in counts:
+        out.append((s, s + c))
+        s += c
+    return out
+
+
+def grouped_swiglu(
+    x_ND: torch.Tensor,
+    w13_EDG: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    counts_E: torch.Tensor,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """SwiGLU of each row through its expert: ``y[i] = (silu(x[i] W_gate) · x[i] W_up) W_down`` of its group.
+
+    ``counts_E`` (int64, ``[E]``) gives the group sizes; rows must already be sorted by expert.
+    Differentiable with respect to ``x`` and both weight tensors.
+    """
+    counts = counts_E.tolist()
+    chosen = choose_backend(backend, x_ND, counts)
+    if x_ND.shape[0] == 0:
+        return x_ND.new_zeros(0, w2_EFD.shape[-1]) + 0.0 * (w13_EDG.sum() + w2_EFD.sum())
+    if chosen == "grouped_mm":
+        assert _GROUPED_MM is not None
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        h_NG = _GROUPED_MM(x_ND, w13_EDG, offs=offs)
+        return _GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs)
+    if chosen == "padded":
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device), counts_E)
+        slot_N = torch.arange(x_ND.shape[0], device=x_ND.device) - starts_E[expert_N]
+        return _PaddedSwiGLU.apply(x_ND, w13_EDG, w2_EFD, expert_N, slot_N, max(counts))
+    return _LoopSwiGLU.apply(x_ND, w13_EDG, w2_EFD, counts)

@@ -1,0 +1,155 @@
+"""The MoE layer: route, sort by expert, run experts as one grouped SwiGLU, combine — no loop over tokens.
+
+Shapes: N tokens (batch × sequence flattened), D model dim, F expert hidden, E expert slots
+(routed + ghost), k experts per token, A = N·k token→expert assignments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeforge.model.config import MoEConfig
+from moeforge.model.dispatch import grouped_swiglu
+from moeforge.model.layers import SwiGLU
+from moeforge.model.router import Router, RouterOutput
+
+__all__ = ["MoELayer", "MoEStats", "sort_assignments"]
+
+
+@dataclass
+class MoEStats:
+    """Per-layer routing statistics of one forward (all detached except the two losses).
+
+    tokens_per_expert: ``[E]`` assignments each expert actually processed (after capacity drops);
+    dropped: assignments dropped by the capacity limit; assignments: ``N·k``;
+    probs_mean: ``[E]`` mean router probability; entropy: mean per-token routing entropy (nats).
+    """
+
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped: int
+    assignments: int
+    probs_mean: torch.Tensor
+    entropy: torch.Tensor
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.dropped / max(self.assignments, 1)
+
+
+def sort_assignments(
+    indices_Nk: torch.Tensor, num_slots: int, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Order token→expert assignments by expert and apply the capacity limit.
+
+    Assignments are numbered slot-major (``a = j·N + n`` for the token's j-th choice) so that, within
+    an expert, every token's first choice outranks any second choice (GShard priority), then token order.
+    Returns ``(order_A', counts_E, dropped)``: assignment ids kept, grouped by expert (stable), the
+    per-expert counts, and how many assignments the capacity limit dropped.
+    """
+    flat_A = indices_Nk.t().reshape(-1)
+    order_A = torch.argsort(flat_A, stable=True)
+    counts_E = torch.bincount(flat_A, minlength=num_slots)
+    if capacity is None:
+        return order_A, counts_E, 0
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    expert_sorted = flat_A[order_A]
+    rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_sorted]
+    keep = rank_A < capacity
+    kept_counts = counts_E.clamp(max=capacity)
+    dropped = int(order_A.numel() - kept_counts.sum().item())
+    return order_A[keep], kept_counts, dropped
+
+
+class MoELayer(nn.Module):
+    """Routed SwiGLU experts (+ optional shared experts and ghost experts) replacing a dense MLP.
+
+    Ghost experts are extra expert slots after the routed ones. While a ghost's activation
+    ``ghost_alpha[j]`` is 0 it is masked out of routing, so it gets no tokens and no gradient; once
+    woken (alpha > 0, set by the training controller) it is routed like any expert and its output is
+    scaled by alpha. Dropped assignments (capacity) contribute nothing: the token rides the residual.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.num_ghost = cfg.num_ghost_experts
+        self.top_k = cfg.top_k
+        slots = cfg.num_experts + cfg.num_ghost_experts
+        self.router = Router(
+            d_model,
+            cfg.num_experts,
+            cfg.top_k,
+            num_ghost=cfg.num_ghost_experts,
+            renormalize=cfg.renormalize,
+            noise_std=cfg.router_noise_std,
+            noise_anneal_steps=cfg.noise_anneal_steps,
+            straight_through=cfg.straight_through,
+            aux_free_bias_rate=cfg.aux_free_bias_rate,
+        )
+        self.w13 = nn.Parameter(torch.empty(slots, d_model, 2 * cfg.expert_hidden))
+        self.w2 = nn.Parameter(torch.empty(slots, cfg.expert_hidden, d_model))
+        self.register_buffer("ghost_alpha", torch.zeros(cfg.num_ghost_experts))
+        self.shared: SwiGLU | None = None
+        self.shared_gate: nn.Linear | None = None
+        if cfg.num_shared_experts > 0:
+            assert cfg.shared_expert_hidden is not None
+            # n shared SwiGLU experts summed equal one SwiGLU of n× the width.
+            self.shared = SwiGLU(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden)
+            if cfg.shared_expert_gate:
+                self.shared_gate = nn.Linear(d_model, 1, bias=False)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Per-expert capacity ``ceil(cf · N · k / E_active)``, or None when dropless."""
+        if self.cfg.capacity_factor is None:
+            return None
+        active = self.num_experts + int((self.ghost_alpha > 0).sum().item())
+        return max(1, math.ceil(self.cfg.capacity_factor * n_tokens * self.top_k / active))
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, shape[-1])
+        n = x_ND.shape[0]
+        ghost_alpha = self.ghost_alpha if self.num_ghost else None
+        r: RouterOutput = self.router(x_ND, ghost_alpha)
+
+        order_A, counts_E, dropped = sort_assignments(r.indices, self.w13.shape[0], self.capacity(n))
+        token_A = order_A % n
+        weight_A = r.weights.t().reshape(-1)[order_A]
+        if self.num_ghost:
+            # Ghost slots are scaled by their activation level; routed experts by 1.
+            scale_E = torch.cat([ghost_alpha.new_ones(self.num_experts), ghost_alpha]).to(weight_A.dtype)
+            weight_A = weight_A * scale_E[r.indices.t().reshape(-1)[order_A]]
+
+        y_AD = grouped_swiglu(x_ND.index_select(0, token_A), self.w13, self.w2, counts_E, self.cfg.dispatch)
+        y_AD = y_AD * weight_A[:, None]
+        # Put each result back in its assignment slot (a permutation: deterministic, no atomics),
+        # then sum a token's k slots; dropped slots stay zero.
+        buf_kND = y_AD.new_zeros(self.top_k * n, shape[-1]).index_copy(0, order_A, y_AD)
+        out_ND = buf_kND.view(self.top_k, n, -1).sum(0) if self.top_k > 1 else buf_kND
+
+        if self.shared is not None:
+            s_ND = self.shared(x_ND)
+            if self.shared_gate is not None:
+                s_ND = torch.sigmoid(self.shared_gate(x_ND)) * s_ND
+            out_ND = out_ND + s_ND
+
+        with torch.no_grad():
+            p = r.probs
+            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+        stats = MoEStats(
+            lb_loss=r.lb_loss,
+            z_loss=r.z_loss,
+            tokens_per_expert=counts_E.detach(),
+            dropped=dropped,
+            assignments=n * self.top_k,
+            probs_mean=p.mean(0).detach(),
+            entropy=entropy,
+        )
+        return out_ND.view(shape), stats

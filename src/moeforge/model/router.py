@@ -1,0 +1,166 @@
+"""Top-k softmax router with noisy gating, straight-through top-1, balancing losses and aux-free bias.
+
+Shapes: N tokens, E experts (routed + ghost slots), k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Router", "RouterOutput", "load_balancing_loss", "z_loss"]
+
+
+@dataclass
+class RouterOutput:
+    """What the router decided for ``N`` tokens.
+
+    indices: ``[N, k]`` chosen experts; weights: ``[N, k]`` combine weights (differentiable);
+    probs: ``[N, E]`` softmax over the (noisy) logits; logits: ``[N, E]`` pre-noise logits;
+    lb_loss / z_loss: unscaled scalars; tokens_per_expert: ``[E]`` assignment counts (no grad).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+
+def load_balancing_loss(probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_active: int) -> torch.Tensor:
+    """Switch-Transformer balancing loss ``E · Σ_i f_i · P_i``, normalized to 1.0 at perfect balance for any k.
+
+    ``f_i`` is the fraction of the ``N·k`` token→expert *assignments* that went to expert ``i`` (so the
+    ``f_i`` sum to 1, not to ``k``) and ``P_i`` the mean router probability of expert ``i``. Uniform routing
+    gives ``f_i = P_i = 1/E`` and a loss of exactly 1.0; any skew raises it (up to ``E``). Codebases
+    disagree here: transformers' Mixtral divides the counts by ``N`` only, so its value at balance is ``k``.
+    ``E`` is ``n_active``, the experts that may receive tokens (dormant ghosts excluded).
+    """
+    n, k = indices_Nk.shape
+    e = probs_NE.shape[-1]
+    counts_E = torch.zeros(e, dtype=probs_NE.dtype, device=probs_NE.device)
+    counts_E.scatter_add_(0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device))
+    f_E = counts_E / max(n * k, 1)
+    p_E = probs_NE.mean(0)
+    return n_active * (f_E * p_E).sum()
+
+
+def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss ``mean(logsumexp(logits)²)`` (ST-MoE), on the pre-noise logits."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
+
+
+class Router(nn.Module):
+    """Linear router over ``num_experts + num_ghost`` expert slots.
+
+    Selection uses ``logits + noise + bias``; the combine weights come from the softmax of the
+    (noisy) logits without the bias, so the aux-free bias steers which experts are chosen but never
+    scales their outputs. Ghost slots whose activation ``alpha`` is 0 are masked out of routing.
+
+    State updated outside the forward, after each optimizer step, by :meth:`step`: the noise schedule
+    and the aux-free bias (``bias_i += rate · sign(mean_load − load_i)`` over the loads since the last step).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        num_ghost: int = 0,
+        renormalize: bool = True,
+        noise_std: float = 0.0,
+        noise_anneal_steps: int = 0,
+        straight_through: bool = False,
+        aux_free_bias_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_ghost = num_ghost
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.noise_std = noise_std
+        self.noise_anneal_steps = noise_anneal_steps
+        self.straight_through = straight_through
+        self.aux_free_bias_rate = aux_free_bias_rate
+        total = num_experts + num_ghost
+        self.weight = nn.Parameter(torch.empty(total, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+        # Buffers are saved with the weights so that a resumed run routes exactly like the original.
+        self.register_buffer("expert_bias", torch.zeros(total))
+        self.register_buffer("load_since_step", torch.zeros(total))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def current_noise_std(self) -> float:
+        """Noise std at the current step: linear decay from ``noise_std`` to 0 over ``noise_anneal_steps``."""
+        if self.noise_std == 0.0:
+            return 0.0
+        if self.noise_anneal_steps <= 0:
+            return self.noise_std
+        frac = min(int(self.num_steps.item()) / self.noise_anneal_steps, 1.0)
+        return self.noise_std * (1.0 - frac)
+
+    def active_mask(self, ghost_alpha: torch.Tensor | None) -> torch.Tensor | None:
+        """``[E]`` bool of slots that may receive tokens, or None when all may."""
+        if self.num_ghost == 0 or ghost_alpha is None:
+            return None
+        awake = ghost_alpha > 0
+        return torch.cat([torch.ones(self.num_experts, dtype=torch.bool, device=awake.device), awake])
+
+    def forward(self, x_ND: torch.Tensor, ghost_alpha: torch.Tensor | None = None) -> RouterOutput:
+        logits_NE = F.linear(x_ND, self.weight).float()
+        active = self.active_mask(ghost_alpha)
+        n_active = int(active.sum().item()) if active is not None else logits_NE.shape[-1]
+        if self.top_k > n_active:
+            raise ValueError(f"top_k={self.top_k} exceeds the {n_active} experts currently awake")
+        masked_NE = logits_NE if active is None else logits_NE.masked_fill(~active, float("-inf"))
+        noisy_NE = masked_NE
+        std = self.current_noise_std if self.training else 0.0
+        if std > 0.0:
+            noisy_NE = masked_NE + torch.randn_like(masked_NE) * std
+        probs_NE = torch.softmax(noisy_NE, dim=-1)
+        scores_NE = probs_NE
+        if self.aux_free_bias_rate > 0.0:
+            scores_NE = probs_NE + self.expert_bias  # selection only, see class docstring
+        _, indices_Nk = torch.topk(scores_NE, self.top_k, dim=-1)
+        weights_Nk = probs_NE.gather(1, indices_Nk)
+        if self.straight_through:
+            # value 1 (so eval and export see weight 1), gradient of p (so the router learns in training)
+            weights_Nk = 1.0 + weights_Nk - weights_Nk.detach()
+        elif self.renormalize:
+            weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
+
+        with torch.no_grad():
+            counts_E = torch.bincount(indices_Nk.reshape(-1), minlength=logits_NE.shape[-1]).to(logits_NE.dtype)
+            if self.training and self.aux_free_bias_rate > 0.0:
+                self.load_since_step += counts_E
+        return RouterOutput(
+            indices=indices_Nk,
+            weights=weights_Nk.to(x_ND.dtype),
+            probs=probs_NE,
+            logits=logits_NE,
+            lb_loss=load_balancing_loss(probs_NE, indices_Nk, n_active),
+            z_loss=z_loss(masked_NE if active is None else logits_NE[:, active]),
+            tokens_per_expert=counts_E,
+        )
+
+    @torch.no_grad()
+    def step(self, ghost_alpha: torch.Tensor | None = None) -> None:
+        """Advance the router one optimizer step: anneal noise, move the aux-free bias toward balance."""
+        self.num_steps += 1
+        if self.aux_free_bias_rate > 0.0 and self.load_since_step.sum() > 0:
+            active = self.active_mask(ghost_alpha)
+            load = self.load_since_step
+            if active is None:
+                mean = load.mean()
+                self.expert_bias += self.aux_free_bias_rate * torch.sign(mean - load)
+            else:
+                mean = load[active].mean()
+                self.expert_bias[active] += self.aux_free_bias_rate * torch.sign(mean - load[active])
+        self.load_since_step.zero_()

@@ -1,0 +1,163 @@
+"""The decoder-only language model: embeddings → pre-norm blocks (attention + MLP or MoE) → norm → head.
+
+Initialization (GPT-2 / Megatron "scaled init"): every weight matrix is drawn from N(0, init_std²),
+except the two projections that write into the residual stream (attention ``o_proj`` and the MLP /
+expert down projection), whose std is ``init_std / sqrt(2 · n_layers)`` so the residual's variance
+does not grow with depth. Norm weights start at 1, the router at N(0, init_std²).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeforge.model.config import ModelConfig
+from moeforge.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
+from moeforge.model.moe import MoELayer, MoEStats
+
+__all__ = ["Block", "MoETransformer", "ModelOutput"]
+
+
+@dataclass
+class ModelOutput:
+    """Forward result. ``loss`` is the LM cross-entropy only; ``aux_loss`` = lb_coef·LB + z_coef·Z summed
+    over MoE layers (add it to ``loss`` to train). ``moe_stats`` maps layer index → :class:`MoEStats`."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    lb_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    moe_stats: dict[int, MoEStats] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp: MoELayer | SwiGLU
+        if cfg.is_moe_layer(index):
+            assert cfg.moe is not None
+            self.mlp = MoELayer(cfg.d_model, cfg.moe)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_sin, mask, cache, self.index)
+        h = self.mlp_norm(x_BTD)
+        if isinstance(self.mlp, MoELayer):
+            y, stats = self.mlp(h)
+            return x_BTD + y, stats
+        return x_BTD + self.mlp(h), None
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only LM built from a :class:`ModelConfig` (dense when ``cfg.moe`` is None)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Apply the documented initialization (module docstring)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)  # RMSNorm weights
+            elif name.endswith(("o_proj.weight", "down_proj.weight")) or name.endswith(".w2"):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default ``max_seq_len``) tokens."""
+        p = self.embed.weight
+        return KVCache(
+            self.cfg.n_layers,
+            batch,
+            self.cfg.kv_heads,
+            self.cfg.head_dim,
+            max_len or self.cfg.max_seq_len,
+            dtype=p.dtype,
+            device=p.device,
+        )
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        labels_BT: torch.Tensor | None = None,
+        *,
+        doc_ids_BT: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        ignore_index: int = -100,
+    ) -> ModelOutput:
+        """Logits ``[B, T, V]``; with ``labels`` (already shifted: ``labels[t]`` is the target at ``t``),
+        the mean cross-entropy over labels ≠ ``ignore_index``.
+
+        ``doc_ids`` limits attention to each packed document; ``positions`` overrides RoPE positions
+        (default: ``cache.length + arange(T)``); ``cache`` enables incremental decoding.
+        """
+        B, T = input_ids_BT.shape
+        past = cache.length if cache is not None else 0
+        if positions_BT is None:
+            positions_BT = torch.arange(past, past + T, device=input_ids_BT.device).expand(B, T)
+        cos_sin = self.rope(positions_BT)
+        mask = build_attention_mask(T, past, doc_ids_BT, device=input_ids_BT.device)
+
+        x = self.embed(input_ids_BT)
+        stats: dict[int, MoEStats] = {}
+        for block in self.blocks:
+            x, s = block(x, cos_sin, mask, cache)
+            if s is not None:
+                stats[block.index] = s
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm(x))
+
+        out = ModelOutput(logits=logits, moe_stats=stats)
+        if stats:
+            moe = self.cfg.moe
+            assert moe is not None
+            out.lb_loss = torch.stack([s.lb_loss for s in stats.values()]).sum()
+            out.z_loss = torch.stack([s.z_loss for s in stats.values()]).sum()
+            out.aux_loss = moe.lb_coef * out.lb_loss + moe.z_coef * out.z_loss
+        if labels_BT is not None:
+            out.loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels_BT.reshape(-1), ignore_index=ignore_index
+            )
+        return out
+
+    def router_step(self) -> None:
+        """Call after every optimizer step: anneal router noise, update aux-free biases."""
+        for layer in self.moe_layers():
+            layer.router.step(layer.ghost_alpha if layer.num_ghost else None)
