@@ -40,11 +40,12 @@ def format_validation_error(err: ValidationError, source: str | None = None) -> 
     lines = []
     prefix = f"{source}: " if source else ""
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{prefix}{loc}: {msg}{shown}")
+        # cross-field checks (model validators) have no location; their message names the fields
+        lines.append(f"{prefix}{loc}: {msg}{shown}" if loc else f"{prefix}{msg}")
     return "\n".join(lines)
 
 

@@ -231,8 +231,13 @@ def mini_config(cfg: ModelConfig, target_params: float, vocab_size: int | None =
                 err = abs(math.log(total / target_params)) + 0.02 * abs(math.log(aspect / 48))
                 if best is None or err < best[0]:
                     best = (err, c)
-    if best is None:
-        raise ValueError(f"no configuration of {cfg.name}'s architecture reaches {int(target_params):,} parameters")
+    if best is None or abs(math.log(count_params(best[1]).total / target_params)) > math.log(1.25):
+        got = f" (closest: {count_params(best[1]).total:,})" if best else ""
+        raise ValueError(
+            f"no configuration of {cfg.name}'s architecture with vocab_size={vocab} comes within 25% of "
+            f"{int(target_params):,} parameters{got}; the embeddings dominate at this size — pass a smaller "
+            "vocab_size (--vocab) or a larger target"
+        )
     return best[1]
 
 

@@ -1,0 +1,54 @@
+"""Entry point of the `moeforge` command: the root app, `--version`, and error handling.
+
+Each command group lives in its own module and is registered here. User mistakes (bad config, unknown
+preset, impossible sizes) print one clear message and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from moeforge import __version__
+from moeforge.cli import model as model_cli
+from moeforge.config import ConfigError
+
+app = typer.Typer(
+    name="moeforge",
+    help="Raw text to a trained, evaluated and served Mixture-of-Experts language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(model_cli.app, name="model")
+
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moeforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+) -> None:
+    """moeforge: data pipeline, tokenizer, MoE model, training, eval and serving in one tool."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Run the CLI; user errors become one red line and exit code 2."""
+    try:
+        app()
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)
