@@ -23,7 +23,9 @@ def test_version_flag_prints_package_version():
 
 
 def test_python_dash_m_moeforge_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "moeforge", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "moeforge", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == f"moeforge {__version__}"
 
 
@@ -77,7 +79,9 @@ def test_invalid_override_names_the_field():
 
 def test_mini_writes_a_loadable_yaml_near_the_target(tmp_path):
     target = tmp_path / "mini.yaml"
-    result = runner.invoke(app, ["model", "mini", "oracle-850b", "--params", "5M", "--vocab", "4096", "--out", str(target)])
+    result = runner.invoke(
+        app, ["model", "mini", "oracle-850b", "--params", "5M", "--vocab", "4096", "--out", str(target)]
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(runner.invoke(app, ["model", "info", str(target), "--json"]).stdout)
     assert 0.8 * 5e6 <= info["total_params"] <= 1.25 * 5e6

@@ -39,11 +39,6 @@ def test_straight_through_weights_are_one_in_value() -> None:
     torch.testing.assert_close(out.weights, torch.ones(64, 1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.xfail(
-    reason="BUG: Router.forward computes the straight-through weight as 1.0 + p - p.detach(), which rounds "
-    "to 1 ± 1 ulp instead of exactly 1.0",
-    strict=True,
-)
 def test_straight_through_weights_are_exactly_one() -> None:
     layer = _moe_layer(straight_through=True)
     out = layer.router(torch.randn(256, D))
@@ -243,11 +238,6 @@ def test_top_k_larger_than_awake_experts_raises() -> None:
         router(torch.randn(4, D), torch.zeros(1))
 
 
-@pytest.mark.xfail(
-    reason="BUG: Router.forward adds expert_bias to probs for selection after masking, so a dormant ghost "
-    "(score 0 + bias 0) beats awake experts whose prob + bias < 0 and receives tokens",
-    strict=True,
-)
 def test_dormant_ghosts_get_no_tokens_with_aux_free_bias() -> None:
     router = Router(D, 3, 2, num_ghost=1, aux_free_bias_rate=0.05).train()
     with torch.no_grad():

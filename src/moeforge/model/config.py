@@ -93,11 +93,14 @@ class ModelConfig(StrictModel):
     def _check(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"n_heads must divide d_model={self.d_model} (got n_heads={self.n_heads}); "
-                f"allowed: {_divisors(self.d_model)}"
+                f"n_heads must divide d_model={self.d_model} with an even head size (got n_heads={self.n_heads}); "
+                f"allowed: {_head_counts(self.d_model)}"
             )
         if self.head_dim % 2:
-            raise ValueError(f"d_model / n_heads must be even for RoPE (got head_dim={self.head_dim})")
+            raise ValueError(
+                f"d_model / n_heads must be even for RoPE (got head_dim={self.head_dim}); "
+                f"allowed n_heads: {_head_counts(self.d_model)}"
+            )
         kv = self.kv_heads
         if self.n_heads % kv:
             raise ValueError(
@@ -132,7 +135,12 @@ class ModelConfig(StrictModel):
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0][:12]
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _head_counts(d_model: int) -> list[int]:
+    """Head counts that divide ``d_model`` into an even head size (RoPE rotates pairs)."""
+    return [h for h in _divisors(d_model) if (d_model // h) % 2 == 0]
 
 
 def preset_dirs() -> list[Path]:

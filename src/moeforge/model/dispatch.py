@@ -31,23 +31,29 @@ Backend = Literal["auto", "grouped_mm", "loop", "padded"]
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a grouped-matmul kernel exists for this device and dtype."""
+def has_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> bool:
+    """Whether a grouped-matmul kernel exists for this device and dtype, and the row lengths ``dims``
+    (d_model, expert hidden) meet its 16-byte stride alignment."""
     if _GROUPED_MM is None:
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any((d * itemsize) % 16 for d in dims):
         return False
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
-def choose_backend(requested: Backend, x: torch.Tensor, counts: list[int]) -> Backend:
-    """Resolve ``auto`` (and unavailable ``grouped_mm``) to a concrete backend for these group sizes."""
-    if requested == "grouped_mm" and not has_grouped_mm(x.device, x.dtype):
+def choose_backend(requested: Backend, x: torch.Tensor, counts: list[int], hidden: int | None = None) -> Backend:
+    """Resolve ``auto`` (and an unavailable ``grouped_mm``) to a concrete backend for these group sizes."""
+    dims = (x.shape[-1],) if hidden is None else (x.shape[-1], hidden)
+    grouped_ok = has_grouped_mm(x.device, x.dtype, dims)
+    if requested == "grouped_mm" and not grouped_ok:
         return "loop"
     if requested != "auto":
         return requested
     if x.device.type == "cuda":
-        return "grouped_mm" if has_grouped_mm(x.device, x.dtype) else "loop"
+        return "grouped_mm" if grouped_ok else "loop"
     n = sum(counts)
     active = sum(1 for c in counts if c)
     if active == 0:
@@ -55,7 +61,7 @@ def choose_backend(requested: Backend, x: torch.Tensor, counts: list[int]) -> Ba
     # Tiny groups: per-call overhead dominates; one bmm over a padded batch wins while padding is cheap.
     if n / active < 16 and max(counts) * active <= 4 * n:
         return "padded"
-    return "grouped_mm" if has_grouped_mm(x.device, x.dtype) else "loop"
+    return "grouped_mm" if grouped_ok else "loop"
 
 
 def _silu_mul(h_NG: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ def _silu_mul_backward(h_NG: torch.Tensor, ga_NF: torch.Tensor) -> tuple[torch.T
     return gh, silu.mul_(u)
 
 
-_CHUNK = int(__import__('os').environ.get('MF_CHUNK', 1024))  # rows per matmul in the loop backend: keeps an expert's [rows, 2F] activations in cache
+_CHUNK = 1024  # rows per matmul in the loop backend: keeps an expert's [rows, 2F] activations in cache
 
 
 def _chunks(bounds: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -145,6 +151,18 @@ class _PaddedSwiGLU(torch.autograd.Function):
         return gx_ND, gw13, gw2, None, None, None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g.contiguous()
+
+
 def _bounds(counts: list[int]) -> list[tuple[int, int]]:
     out, s = [], 0
     for c in counts:
@@ -166,14 +184,15 @@ def grouped_swiglu(
     Differentiable with respect to ``x`` and both weight tensors.
     """
     counts = counts_E.tolist()
-    chosen = choose_backend(backend, x_ND, counts)
+    chosen = choose_backend(backend, x_ND, counts, w2_EFD.shape[1])
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w2_EFD.shape[-1]) + 0.0 * (w13_EDG.sum() + w2_EFD.sum())
     if chosen == "grouped_mm":
         assert _GROUPED_MM is not None
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         h_NG = _GROUPED_MM(x_ND, w13_EDG, offs=offs)
-        return _GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs)
+        # grouped_mm's backward rejects stride-0 (expanded) gradients, e.g. from .sum(): make them dense
+        return _ContiguousGrad.apply(_GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs))
     if chosen == "padded":
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device), counts_E)

@@ -292,8 +292,7 @@ def import_hf(path: str | Path) -> MoETransformer:
     with torch.device("meta"):
         model = MoETransformer(cfg)
     model = model.to_empty(device="cpu")
-    model.rope.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-    model.rope._build(cfg.max_seq_len)  # non-persistent buffers are not in the file: recompute them
+    model.rope.reset(device="cpu")  # non-persistent buffers are not in the file: recompute them
     if cfg.tie_embeddings:  # to_empty replaces each module's parameter separately, breaking the tie
         model.lm_head.weight = model.embed.weight
     with torch.no_grad():

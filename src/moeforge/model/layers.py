@@ -40,21 +40,30 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._build(max_seq_len)
+        self.max_seq_len = max_seq_len
+        self.register_buffer("cos_cached", torch.empty(0), persistent=False)
+        self.register_buffer("sin_cached", torch.empty(0), persistent=False)
+        self.reset(max_seq_len)
 
-    def _build(self, length: int) -> None:
-        pos = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
-        freqs_TF = pos[:, None] * self.inv_freq[None, :]
+    def reset(self, length: int | None = None, device: torch.device | str | None = None) -> None:
+        """(Re)build the tables in float32 from ``theta`` — never from a buffer a dtype cast may have rounded."""
+        length = length or self.max_seq_len
+        device = device if device is not None else self.cos_cached.device
+        if torch.device(device).type == "meta":
+            device = "cpu"
+        idx = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq_F = 1.0 / (self.theta ** (idx / self.head_dim))
+        pos_T = torch.arange(length, dtype=torch.float32, device=device)
+        freqs_TF = pos_T[:, None] * inv_freq_F[None, :]
         emb_TD = torch.cat([freqs_TF, freqs_TF], dim=-1)
-        self.register_buffer("cos_cached", emb_TD.cos(), persistent=False)
-        self.register_buffer("sin_cached", emb_TD.sin(), persistent=False)
+        self.cos_cached = emb_TD.cos()
+        self.sin_cached = emb_TD.sin()
 
     def forward(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(positions_BT.max().item()) + 1 if positions_BT.numel() else 0
-        if needed > self.cos_cached.shape[0]:
-            self._build(max(needed, 2 * self.cos_cached.shape[0]))
+        stale = self.cos_cached.dtype != torch.float32 or self.cos_cached.device != positions_BT.device
+        if stale or needed > self.cos_cached.shape[0]:
+            self.reset(max(needed, self.cos_cached.shape[0], self.max_seq_len), positions_BT.device)
         return self.cos_cached[positions_BT], self.sin_cached[positions_BT]
 
 

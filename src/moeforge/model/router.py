@@ -128,11 +128,13 @@ class Router(nn.Module):
         scores_NE = probs_NE
         if self.aux_free_bias_rate > 0.0:
             scores_NE = probs_NE + self.expert_bias  # selection only, see class docstring
+            if active is not None:  # a dormant ghost must never outrank an awake expert with a low bias
+                scores_NE = scores_NE.masked_fill(~active, float("-inf"))
         _, indices_Nk = torch.topk(scores_NE, self.top_k, dim=-1)
         weights_Nk = probs_NE.gather(1, indices_Nk)
         if self.straight_through:
             # value 1 (so eval and export see weight 1), gradient of p (so the router learns in training)
-            weights_Nk = 1.0 + weights_Nk - weights_Nk.detach()
+            weights_Nk = (weights_Nk - weights_Nk.detach()) + 1.0  # this order gives exactly 1.0
         elif self.renormalize:
             weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
 

@@ -297,8 +297,11 @@ def solve_dims(
     """
     if active >= total:
         raise ValueError(f"active ({active:,.0f}) must be smaller than total ({total:,.0f})")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in 1..{num_experts} (got {top_k})")
+    if not 1 <= top_k < num_experts:
+        raise ValueError(
+            f"top_k must be in 1..{num_experts - 1} (got {top_k}): with top_k == experts every parameter is "
+            "active and total cannot exceed active"
+        )
     per_expert = (total - active) / (num_experts - top_k)
     best: tuple[float, ModelConfig] | None = None
     for d in range(2048, 32769, 1024):

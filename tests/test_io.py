@@ -1,0 +1,60 @@
+"""Atomic writes and hashing: a failed write never leaves a torn or partial target."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from moeforge.io import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
+
+
+def test_atomic_write_replaces_content_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.txt"]
+
+
+def test_atomic_write_json_is_stable_for_equal_objects(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    atomic_write_json(a, {"b": 1, "a": [1, 2]})
+    atomic_write_json(b, {"a": [1, 2], "b": 1})
+    assert a.read_bytes() == b.read_bytes()
+    assert json.loads(a.read_text()) == {"a": [1, 2], "b": 1}
+
+
+def test_atomic_directory_failure_leaves_existing_target_untouched(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "f").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "f").write_text("new")
+        raise RuntimeError("crash mid-write")
+    assert (target / "f").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_directory_refuses_existing_target_without_overwrite(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"), atomic_directory(target):
+        pass
+
+
+def test_atomic_directory_overwrite_replaces_whole_directory(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "stale").write_text("x")
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "fresh").write_text("y")
+    assert sorted(p.name for p in target.iterdir()) == ["fresh"]
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    f = tmp_path / "blob"
+    data = bytes(range(256)) * 10_000
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()
