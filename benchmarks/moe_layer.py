@@ -67,7 +67,9 @@ def _hf_block(experts: int, top_k: int, impl: str, ours: MoELayer) -> torch.nn.M
     return block
 
 
-def run_point(experts: int, top_k: int, tokens: int, budget_s: float, backends: list[str]) -> dict[str, object]:
+def run_point(
+    experts: int, top_k: int, tokens: int, budget_s: float, backends: list[str]
+) -> dict[str, object]:
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=HIDDEN)
     ours = MoELayer(D_MODEL, cfg)
@@ -163,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "geomean_ratio_vs_hf_best": round(math.exp(statistics.fmean(math.log(x) for x in ratios)), 3),
         "min_ratio_vs_hf_best": min(ratios),
-        "min_fraction_of_dense_where_tpe_ge_64": min((r["fraction_of_dense"] for r in dense_ok), default=None),
+        "min_fraction_of_dense_where_tpe_ge_64": min(
+            (r["fraction_of_dense"] for r in dense_ok), default=None
+        ),
     }
     print(json.dumps(summary), flush=True)
     if args.markdown:
         print()
-        print("| E | k | tokens | tok/expert | ours auto | HF eager | HF grouped_mm | dense | vs best HF | of dense |")
+        print(
+            "| E | k | tokens | tok/expert | ours auto | HF eager | HF grouped_mm | dense | vs best HF | of dense |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             g = r["gflops"]

@@ -13,7 +13,9 @@ def parse_count(text: str, what: str = "value") -> float:
     """Parse ``5M``, ``850B``, ``1.2T``, ``3e6`` or ``1_000`` into a number; BadParameter otherwise."""
     m = re.fullmatch(r"\s*([0-9][0-9_]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
     if not m:
-        raise typer.BadParameter(f"{what} must be a number with an optional K/M/B/T suffix, like 5M or 850B (got {text!r})")
+        raise typer.BadParameter(
+            f"{what} must be a number with an optional K/M/B/T suffix, like 5M or 850B (got {text!r})"
+        )
     return float(m.group(1).replace("_", "")) * _SUFFIX[m.group(2).upper()]
 
 

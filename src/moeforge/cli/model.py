@@ -34,8 +34,12 @@ def list_cmd() -> None:
 @app.command("info")
 def info(
     model: str = typer.Argument(..., help="Preset name (see `moeforge model list`) or path to a model YAML."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set moe.top_k=1 (repeatable)."),
-    seq_len: int | None = typer.Option(None, help="Sequence length for FLOPs and memory (default: max_seq_len)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a field, e.g. --set moe.top_k=1 (repeatable)."
+    ),
+    seq_len: int | None = typer.Option(
+        None, help="Sequence length for FLOPs and memory (default: max_seq_len)."
+    ),
     micro_batch: int = typer.Option(1, help="Micro-batch size for the activation-memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
@@ -47,15 +51,30 @@ def info(
         return
     p, f, m = s["params"], s["flops"], s["memory"]
     assert isinstance(p, dict) and isinstance(f, dict) and isinstance(m, dict)
-    console.print(f"[bold]{cfg.name}[/]: {cfg.n_layers} layers, d_model {cfg.d_model}, "
-                  f"{cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_heads} heads ({cfg.kv_heads} kv), vocab {cfg.vocab_size}, context {cfg.max_seq_len}"
+    )
     t = Table("component", "parameters", title="parameters")
-    for key in ("embedding", "head", "attention", "norms", "dense_mlp", "router", "shared_experts", "experts"):
+    for key in (
+        "embedding",
+        "head",
+        "attention",
+        "norms",
+        "dense_mlp",
+        "router",
+        "shared_experts",
+        "experts",
+    ):
         t.add_row(key, f"{p[key]:,}")
     t.add_row("[bold]total[/]", f"[bold]{p['total']:,}[/] ({human(p['total'])})")
     t.add_row("[bold]active per token[/]", f"[bold]{p['active']:,}[/] ({human(p['active'])})")
     console.print(t)
-    t = Table("quantity", "value", title=f"compute and memory (seq {m['seq_len']}, micro-batch {m['micro_batch']}, {m['dtype']})")
+    t = Table(
+        "quantity",
+        "value",
+        title=f"compute and memory (seq {m['seq_len']}, micro-batch {m['micro_batch']}, {m['dtype']})",
+    )
     t.add_row("forward FLOPs / token", f"{human(f['forward'])} (attention {human(f['forward_attention'])})")
     t.add_row("training FLOPs / token", human(f["training"]))
     t.add_row("weights", human_bytes(m["weights"]))
@@ -64,7 +83,10 @@ def info(
     t.add_row("activations (full checkpointing)", human_bytes(m["activations_checkpointed"]))
     t.add_row("KV cache per token", human_bytes(m["kv_cache_per_token"]))
     gpus = m["min_gpus_80gb"]
-    t.add_row("min 80 GB GPUs to train (FSDP + EP)", str(gpus) if gpus > 0 else "does not fit: activations exceed one GPU")
+    t.add_row(
+        "min 80 GB GPUs to train (FSDP + EP)",
+        str(gpus) if gpus > 0 else "does not fit: activations exceed one GPU",
+    )
     console.print(t)
 
 
@@ -81,14 +103,18 @@ def _emit(cfg: ModelConfig, out: Path | None, header: str) -> None:
 def mini(
     model: str = typer.Argument(..., help="Preset name or YAML path to scale down."),
     params: str = typer.Option(..., "--params", help="Target total parameters, e.g. 5M."),
-    vocab: int | None = typer.Option(None, "--vocab", help="Use this vocabulary size instead of the preset's."),
+    vocab: int | None = typer.Option(
+        None, "--vocab", help="Use this vocabulary size instead of the preset's."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Write the YAML here instead of printing it."),
 ) -> None:
     """Scale a preset down to about --params parameters, keeping its architecture."""
     base = load_model_config(model)
     cfg = mini_config(base, parse_count(params, "--params"), vocab)
     p = count_params(cfg)
-    _emit(cfg, out, f"# {cfg.name}: {base.name} scaled to {p.total:,} total / {p.active:,} active parameters\n")
+    _emit(
+        cfg, out, f"# {cfg.name}: {base.name} scaled to {p.total:,} total / {p.active:,} active parameters\n"
+    )
 
 
 @app.command("solve")
@@ -103,7 +129,12 @@ def solve(
 ) -> None:
     """Propose model dims that hit --total and --active exactly, and show the derivation."""
     cfg, notes = solve_dims(
-        parse_count(total, "--total"), parse_count(active, "--active"), experts, top_k, vocab, max_seq_len=context
+        parse_count(total, "--total"),
+        parse_count(active, "--active"),
+        experts,
+        top_k,
+        vocab,
+        max_seq_len=context,
     )
     header = "".join(f"# {line}\n" for line in notes)
     _emit(cfg, out, header)

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from moeforge.config import ConfigError, StrictModel, load_yaml_config
 
-__all__ = ["ModelConfig", "MoEConfig", "list_presets", "load_model_config", "preset_dirs"]
+__all__ = ["MoEConfig", "ModelConfig", "list_presets", "load_model_config", "preset_dirs"]
 
 DispatchBackend = Literal["auto", "grouped_mm", "loop", "padded"]
 
@@ -33,7 +33,9 @@ class MoEConfig(StrictModel):
     renormalize: bool = Field(default=True, description="rescale the top-k softmax weights to sum to 1")
     router_noise_std: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise on router logits")
     noise_anneal_steps: int = Field(
-        default=0, ge=0, description="optimizer steps over which the noise std falls linearly to 0 (0: constant)"
+        default=0,
+        ge=0,
+        description="optimizer steps over which the noise std falls linearly to 0 (0: constant)",
     )
     straight_through: bool = Field(
         default=False, description="top-1 only: weight 1 + p - p.detach() so the router gets a gradient"
@@ -47,7 +49,9 @@ class MoEConfig(StrictModel):
     lb_coef: float = Field(default=0.01, ge=0.0, description="weight of the load-balancing loss")
     z_coef: float = Field(default=0.001, ge=0.0, description="weight of the router z-loss")
     num_shared_experts: int = Field(default=0, ge=0, description="always-on experts (Qwen2-MoE style)")
-    shared_expert_hidden: int | None = Field(default=None, ge=1, description="hidden width of one shared expert")
+    shared_expert_hidden: int | None = Field(
+        default=None, ge=1, description="hidden width of one shared expert"
+    )
     shared_expert_gate: bool = Field(default=True, description="scale shared output by sigmoid(w·x)")
     num_ghost_experts: int = Field(
         default=0, ge=0, description="extra experts that stay out of routing until woken (alpha > 0)"
@@ -162,7 +166,9 @@ def list_presets() -> list[str]:
     return sorted(names)
 
 
-def load_model_config(name_or_path: str | os.PathLike[str], overrides: list[str] | None = None) -> ModelConfig:
+def load_model_config(
+    name_or_path: str | os.PathLike[str], overrides: list[str] | None = None
+) -> ModelConfig:
     """Load a preset by name (``tiny``) or a YAML file path, with optional ``key=value`` overrides.
 
     Raises :class:`~moeforge.config.ConfigError` naming the preset/file and the offending field.

@@ -44,7 +44,9 @@ def has_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ..
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
-def choose_backend(requested: Backend, x: torch.Tensor, counts: list[int], hidden: int | None = None) -> Backend:
+def choose_backend(
+    requested: Backend, x: torch.Tensor, counts: list[int], hidden: int | None = None
+) -> Backend:
     """Resolve ``auto`` (and an unavailable ``grouped_mm``) to a concrete backend for these group sizes."""
     dims = (x.shape[-1],) if hidden is None else (x.shape[-1], hidden)
     grouped_ok = has_grouped_mm(x.device, x.dtype, dims)

@@ -57,7 +57,9 @@ def _ghost_mode(model: MoETransformer) -> str:
                 "no per-expert output scale. Finish the ghost ramp (alpha 0 or 1 for every ghost) before export."
             )
     if len(modes) > 1:
-        raise ExportError("ghost experts are dormant in some layers and awake in others; HF formats need one count")
+        raise ExportError(
+            "ghost experts are dormant in some layers and awake in others; HF formats need one count"
+        )
     return modes.pop() if modes else "none"
 
 
@@ -137,7 +139,9 @@ def _hf_config(model: MoETransformer, layout: str, n_slots: int) -> dict[str, An
     }
 
 
-def to_hf_state_dict(model: MoETransformer, layout: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def to_hf_state_dict(
+    model: MoETransformer, layout: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Our weights under transformers' key names for ``layout``, and the matching ``config.json`` dict."""
     cfg = model.cfg
     layout = layout or hf_layout(cfg)
@@ -200,7 +204,9 @@ def to_hf_state_dict(model: MoETransformer, layout: str | None = None) -> tuple[
     return out, _hf_config(model, layout, n_slots)
 
 
-def export_hf(model: MoETransformer, out_dir: str | Path, layout: str | None = None, overwrite: bool = False) -> Path:
+def export_hf(
+    model: MoETransformer, out_dir: str | Path, layout: str | None = None, overwrite: bool = False
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that transformers loads; returns the directory.
 
     The directory is built under a temporary name and renamed into place, so a crash leaves no
@@ -231,12 +237,16 @@ def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
     }
     hd = c.get("head_dim")
     if hd is not None and hd != c["hidden_size"] // c["num_attention_heads"]:
-        raise ExportError(f"head_dim={hd} differs from hidden_size/num_attention_heads; moeforge cannot import it")
+        raise ExportError(
+            f"head_dim={hd} differs from hidden_size/num_attention_heads; moeforge cannot import it"
+        )
     if mt == "llama":
         return ModelConfig(**base, ffn_hidden=c["intermediate_size"])
     if mt == "mixtral":
         moe = MoEConfig(
-            num_experts=c["num_local_experts"], top_k=c["num_experts_per_tok"], expert_hidden=c["intermediate_size"]
+            num_experts=c["num_local_experts"],
+            top_k=c["num_experts_per_tok"],
+            expert_hidden=c["intermediate_size"],
         )
         return ModelConfig(**base, ffn_hidden=c["intermediate_size"], moe=moe)
     if mt == "qwen2_moe":

@@ -102,7 +102,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         t = k_BKTD.shape[2]
         end = self.length + t
         if end > self.max_len:

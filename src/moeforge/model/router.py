@@ -44,7 +44,9 @@ def load_balancing_loss(probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_acti
     n, k = indices_Nk.shape
     e = probs_NE.shape[-1]
     counts_E = torch.zeros(e, dtype=probs_NE.dtype, device=probs_NE.device)
-    counts_E.scatter_add_(0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device))
+    counts_E.scatter_add_(
+        0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device)
+    )
     f_E = counts_E / max(n * k, 1)
     p_E = probs_NE.mean(0)
     return n_active * (f_E * p_E).sum()
@@ -139,7 +141,9 @@ class Router(nn.Module):
             weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
 
         with torch.no_grad():
-            counts_E = torch.bincount(indices_Nk.reshape(-1), minlength=logits_NE.shape[-1]).to(logits_NE.dtype)
+            counts_E = torch.bincount(indices_Nk.reshape(-1), minlength=logits_NE.shape[-1]).to(
+                logits_NE.dtype
+            )
             if self.training and self.aux_free_bias_rate > 0.0:
                 self.load_since_step += counts_E
         return RouterOutput(

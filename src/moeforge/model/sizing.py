@@ -73,7 +73,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         experts_active = n_moe * moe.top_k * 3 * d * moe.expert_hidden
         if moe.num_shared_experts:
             assert moe.shared_expert_hidden is not None
-            per = 3 * d * moe.num_shared_experts * moe.shared_expert_hidden + (d if moe.shared_expert_gate else 0)
+            per = 3 * d * moe.num_shared_experts * moe.shared_expert_hidden + (
+                d if moe.shared_expert_gate else 0
+            )
             shared = n_moe * per
     common = embedding + head + attention + norms + dense_mlp + router + shared
     return ParamCount(
@@ -197,7 +199,7 @@ def summarize(cfg: ModelConfig, micro_batch: int = 1, seq_len: int | None = None
 
 
 def _round(x: float, multiple: int) -> int:
-    return max(multiple, int(round(x / multiple)) * multiple)
+    return max(multiple, round(x / multiple) * multiple)
 
 
 def mini_config(cfg: ModelConfig, target_params: float, vocab_size: int | None = None) -> ModelConfig:
@@ -253,7 +255,9 @@ def _scaled(
         moe = m.model_copy(
             update={
                 "expert_hidden": _round(m.expert_hidden * r, 8),
-                "shared_expert_hidden": None if m.shared_expert_hidden is None else _round(m.shared_expert_hidden * r, 8),
+                "shared_expert_hidden": None
+                if m.shared_expert_hidden is None
+                else _round(m.shared_expert_hidden * r, 8),
                 "layers": moe_layers,
             }
         )
