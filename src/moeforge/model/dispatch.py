@@ -14,7 +14,8 @@ Backends (all compute the same function; tests pin them against a per-token refe
   on padding but makes one call regardless of E; wins when groups are tiny and call overhead dominates.
 
 ``auto`` picks ``grouped_mm`` on CUDA, and on CPU the backend measured fastest for the group sizes at
-hand (see ``docs/PERFORMANCE.md``).
+hand: ``loop`` from 256 rows per expert, ``padded`` below 16, ``grouped_mm`` in between (see
+``docs/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ def choose_backend(
     active = sum(1 for c in counts if c)
     if active == 0:
         return "loop"
-    # Tiny groups: per-call overhead dominates; one bmm over a padded batch wins while padding is cheap.
-    if n / active < 16 and max(counts) * active <= 4 * n:
+    per_expert = n / active
+    # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (docs/PERFORMANCE.md):
+    # large groups: the chunked loop keeps activations in cache and wins by up to 1.4x;
+    # tiny groups: per-call overhead dominates and one bmm over a padded batch wins while padding is cheap;
+    # in between, torch's grouped_mm kernel.
+    if per_expert >= 256:
+        return "loop"
+    if per_expert < 16 and max(counts) * active <= 4 * n:
         return "padded"
     return "grouped_mm" if grouped_ok else "loop"
 
@@ -116,16 +123,26 @@ class _LoopSwiGLU(torch.autograd.Function):
         gy_ND = gy_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
         want_w13, want_w2 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        gw13 = torch.zeros_like(w13_EDG) if want_w13 else None
-        gw2 = torch.zeros_like(w2_EFD) if want_w2 else None
+        # Weight grads are written, not accumulated, by each expert's first chunk: no zero-fill pass over
+        # E·D·3F floats; only experts that received no rows are zeroed.
+        gw13 = torch.empty_like(w13_EDG) if want_w13 else None
+        gw2 = torch.empty_like(w2_EFD) if want_w2 else None
+        seen: set[int] = set()
         for e, s, t in ctx.chunks:
             gy = gy_ND[s:t]
             gh, a = _silu_mul_backward(h_NG[s:t], gy @ w2_EFD[e].t())
             torch.mm(gh, w13_EDG[e].t(), out=gx_ND[s:t])
+            first = e not in seen
+            seen.add(e)
             if gw13 is not None:
-                gw13[e].addmm_(x_ND[s:t].t(), gh)
+                torch.mm(x_ND[s:t].t(), gh, out=gw13[e]) if first else gw13[e].addmm_(x_ND[s:t].t(), gh)
             if gw2 is not None:
-                gw2[e].addmm_(a.t(), gy)
+                torch.mm(a.t(), gy, out=gw2[e]) if first else gw2[e].addmm_(a.t(), gy)
+        idle = [e for e in range(w13_EDG.shape[0]) if e not in seen]
+        if idle:
+            for g in (gw13, gw2):
+                if g is not None:
+                    g[idle] = 0.0
         return gx_ND, gw13, gw2, None
 
 
