@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from moeforge import __version__
+from moeforge.cli import data as data_cli
 from moeforge.cli import model as model_cli
 from moeforge.config import ConfigError
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 
 err_console = Console(stderr=True)

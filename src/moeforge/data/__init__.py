@@ -1,0 +1,1 @@
+"""The data pipeline: sources → records (the dataset contract) → cleaned, deduplicated, split shards."""
