@@ -122,7 +122,7 @@ def test_meta_rejects_bad_values_with_field_names():
         _meta(split="dev")
     with pytest.raises(ValidationError, match="source_sha256"):
         Provenance(source_sha256="not-a-hash")
-    with pytest.raises(ValidationError, match="unexpected|extra"):
+    with pytest.raises(ValidationError, match=r"unexpected|extra"):
         RecordMeta.model_validate({**_meta().model_dump(), "colour": "red"})
 
 

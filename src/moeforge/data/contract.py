@@ -154,8 +154,7 @@ def record_json_schema() -> dict[str, Any]:
     schema = Record.model_json_schema()
     schema["$id"] = f"urn:moeforge:record:v{CONTRACT_VERSION}"
     schema["description"] = (
-        "One moeforge dataset record (contract v%d). The id must equal the content hash described in "
-        "docs/DATASET_CONTRACT.md; JSON Schema cannot express that check, `moeforge data verify` does."
-        % CONTRACT_VERSION
+        f"One moeforge dataset record (contract v{CONTRACT_VERSION}). The id must equal the content hash "
+        "described in docs/DATASET_CONTRACT.md; JSON Schema cannot express that check."
     )
     return schema
