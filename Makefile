@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-REAL_DATA ?= $(abspath ../shared/data)
+MOEFORGE_REAL_DATA ?= $(abspath ../shared/data)
 
 .PHONY: setup test test-fast lint format bench demo clean
 
@@ -12,13 +12,15 @@ setup: $(STAMP)
 # Re-install only when the dependency list changes; a second `make setup` is a no-op.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(PYTHON) is not Python 3.11"; exit 1; }
+	@# a venv left by another Python version is rebuilt, not reused
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 test: setup
-	MOEFORGE_REAL_DATA=$(REAL_DATA) $(PY) -m pytest -q
+	MOEFORGE_REAL_DATA=$(MOEFORGE_REAL_DATA) $(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not realdata"

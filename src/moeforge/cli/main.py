@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moeforge import __version__
 from moeforge.cli import data as data_cli
@@ -53,6 +54,6 @@ def main() -> None:
     """Run the CLI; user errors become one red line and exit code 2."""
     try:
         app()
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+    except (ConfigError, ValueError, OSError) as exc:
+        err_console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True, highlight=False)
         sys.exit(2)

@@ -38,9 +38,9 @@ def info(
         [], "--set", help="Override a field, e.g. --set moe.top_k=1 (repeatable)."
     ),
     seq_len: int | None = typer.Option(
-        None, help="Sequence length for FLOPs and memory (default: max_seq_len)."
+        None, min=1, help="Sequence length for FLOPs and memory (default: max_seq_len)."
     ),
-    micro_batch: int = typer.Option(1, help="Micro-batch size for the activation-memory estimate."),
+    micro_batch: int = typer.Option(1, min=1, help="Micro-batch size for the activation-memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Exact parameter counts, FLOPs per token, memory and the GPUs needed to train MODEL."""

@@ -174,13 +174,15 @@ def load_model_config(
     Raises :class:`~moeforge.config.ConfigError` naming the preset/file and the offending field.
     """
     path = Path(name_or_path)
-    if not path.suffix:
+    if not path.is_file():  # a preset name, even one with a dot in it (oracle-0.5b)
         for d in preset_dirs():
             candidate = d / f"{name_or_path}.yaml"
             if candidate.is_file():
                 path = candidate
                 break
         else:
+            if path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
+                return load_yaml_config(ModelConfig, path, overrides)  # names the file and what is wrong
             raise ConfigError(
                 f"unknown model preset {str(name_or_path)!r}; known presets: {', '.join(list_presets())} "
                 "(or pass a path to a YAML file)"

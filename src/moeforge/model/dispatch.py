@@ -202,6 +202,20 @@ def grouped_swiglu(
     ``counts_E`` (int64, ``[E]``) gives the group sizes; rows must already be sorted by expert.
     Differentiable with respect to ``x`` and both weight tensors.
     """
+    dev = x_ND.device.type
+    if torch.is_autocast_enabled(dev):
+        # Our kernels write into preallocated buffers (out= is outside autocast's reach) and run their own
+        # backward (outside autocast): cast inputs once here, then run with autocast off, so forward and
+        # backward see one dtype.
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _grouped_swiglu(x_ND.to(dt), w13_EDG.to(dt), w2_EFD.to(dt), counts_E, backend)
+    return _grouped_swiglu(x_ND, w13_EDG, w2_EFD, counts_E, backend)
+
+
+def _grouped_swiglu(
+    x_ND: torch.Tensor, w13_EDG: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor, backend: Backend
+) -> torch.Tensor:
     counts = counts_E.tolist()
     chosen = choose_backend(backend, x_ND, counts, w2_EFD.shape[1])
     if x_ND.shape[0] == 0:

@@ -95,6 +95,9 @@ class MoELayer(nn.Module):
         )
         self.w13 = nn.Parameter(torch.empty(slots, d_model, 2 * cfg.expert_hidden))
         self.w2 = nn.Parameter(torch.empty(slots, cfg.expert_hidden, d_model))
+        # standalone default; MoETransformer.reset_parameters re-draws with its documented scaled init
+        nn.init.normal_(self.w13, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
         self.register_buffer("ghost_alpha", torch.zeros(cfg.num_ghost_experts))
         self.shared: SwiGLU | None = None
         self.shared_gate: nn.Linear | None = None
@@ -127,7 +130,13 @@ class MoELayer(nn.Module):
             scale_E = torch.cat([ghost_alpha.new_ones(self.num_experts), ghost_alpha]).to(weight_A.dtype)
             weight_A = weight_A * scale_E[r.indices.t().reshape(-1)[order_A]]
 
-        y_AD = grouped_swiglu(x_ND.index_select(0, token_A), self.w13, self.w2, counts_E, self.cfg.dispatch)
+        if x_ND.is_cuda and self.top_k > 1:
+            # index_select's backward scatters with atomics when a token appears k times; gathering from
+            # k copies makes every index unique, so the gradient sum is deterministic on GPU too.
+            x_AD = x_ND.repeat(self.top_k, 1).index_select(0, order_A)
+        else:
+            x_AD = x_ND.index_select(0, token_A)
+        y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch)
         y_AD = y_AD * weight_A[:, None]
         # Put each result back in its assignment slot (a permutation: deterministic, no atomics),
         # then sum a token's k slots; dropped slots stay zero.

@@ -95,7 +95,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Forward and training FLOPs per token at ``seq_len`` (default ``max_seq_len``)."""
-    s = seq_len or cfg.max_seq_len
+    s = cfg.max_seq_len if seq_len is None else seq_len
+    if s < 1:
+        raise ValueError(f"seq_len must be at least 1 (got {s})")
     p = count_params(cfg)
     matmul = p.active - p.embedding - p.norms + (p.embedding if cfg.tie_embeddings else 0)
     dense = 2.0 * matmul
@@ -120,13 +122,13 @@ class MemoryEstimate:
     min_gpus_80gb: int
 
 
-def _activation_elems_per_token(cfg: ModelConfig) -> float:
-    """Elements saved for backward per token, summed over layers (flash attention: no score matrix)."""
+def _activation_elems_per_layer(cfg: ModelConfig) -> list[float]:
+    """Elements saved for backward per token, per layer (flash attention: no score matrix)."""
     d, kvd = cfg.d_model, cfg.kv_heads * cfg.head_dim
     attn = 2 * d + (d + 2 * kvd) + d + 2 * cfg.n_heads  # norm in/out, q k v, attn out, softmax stats
-    total = 0.0
+    out = []
     for i in range(cfg.n_layers):
-        total += attn
+        total = float(attn)
         if cfg.is_moe_layer(i):
             m: MoEConfig = cfg.moe  # type: ignore[assignment]
             slots = m.num_experts + m.num_ghost_experts
@@ -136,7 +138,8 @@ def _activation_elems_per_token(cfg: ModelConfig) -> float:
                 total += 3 * m.num_shared_experts * (m.shared_expert_hidden or 0)
         else:
             total += 2 * d + 3 * cfg.ffn_hidden
-    return total
+        out.append(total)
+    return out
 
 
 def memory_estimate(
@@ -149,7 +152,9 @@ def memory_estimate(
     checkpointing (one layer input per layer + one layer recomputed) and the logits; usable memory is
     ``GPU_USABLE`` of 80 GB.
     """
-    s = seq_len or cfg.max_seq_len
+    s = cfg.max_seq_len if seq_len is None else seq_len
+    if s < 1 or micro_batch < 1:
+        raise ValueError(f"seq_len and micro_batch must be at least 1 (got {s}, {micro_batch})")
     dt = dtype or cfg.dtype
     act_bytes = 2 if dt == "bfloat16" else 4
     p = count_params(cfg)
@@ -158,8 +163,9 @@ def memory_estimate(
     optimizer = p.total * (12 if dt == "bfloat16" else 8)
     tokens = micro_batch * s
     logits = tokens * cfg.vocab_size * 4
-    act = tokens * _activation_elems_per_token(cfg) * act_bytes + logits
-    per_layer_max = _activation_elems_per_token(cfg) / cfg.n_layers
+    per_layer = _activation_elems_per_layer(cfg)
+    act = tokens * sum(per_layer) * act_bytes + logits
+    per_layer_max = max(per_layer)
     act_ckpt = tokens * act_bytes * (cfg.n_layers * cfg.d_model + per_layer_max) + logits
     state = weights + grads + optimizer
     budget = GPU_BYTES * GPU_USABLE - act_ckpt
