@@ -238,3 +238,34 @@ def test_capacity_factor_export_warns_that_it_is_dropless(
 def test_import_refuses_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"no config\.json"):
         import_hf(tmp_path)
+
+
+def test_import_refuses_rope_scaling_and_stray_weights(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from moeforge.model.config import load_model_config
+    from moeforge.model.hf import ExportError, export_hf, import_hf
+    from moeforge.model.transformer import MoETransformer
+
+    out = tmp_path / "export"
+    export_hf(MoETransformer(load_model_config("tiny")), out)
+    cfg_file = out / "config.json"
+    original = cfg_file.read_text()
+    cfg = json.loads(original)
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0}
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="RoPE scaling 'llama3'"):
+        import_hf(out)
+    cfg_file.write_text(original)
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(128)
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"q_proj\.bias"):
+        import_hf(out)
+    del weights["model.layers.0.self_attn.q_proj.bias"]
+    del weights["model.norm.weight"]
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"'model\.norm\.weight' is missing"):
+        import_hf(out)

@@ -219,7 +219,28 @@ def export_hf(
     return Path(out_dir)
 
 
+def _refuse_unsupported(c: dict[str, Any]) -> None:
+    """Raise ExportError for config features whose math moeforge's model does not implement."""
+    problems = []
+    rope = c.get("rope_scaling") or {}
+    rope_type = (c.get("rope_parameters") or {}).get(
+        "rope_type", rope.get("rope_type", rope.get("type", "default"))
+    )
+    if rope_type not in (None, "default"):
+        problems.append(f"RoPE scaling {rope_type!r}")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {c['hidden_act']!r} (only silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            problems.append(f"{key}=true")
+    if c.get("use_sliding_window") or (c.get("model_type") == "mixtral" and c.get("sliding_window")):
+        problems.append(f"sliding-window attention (window {c.get('sliding_window')})")
+    if problems:
+        raise ExportError("cannot import: moeforge does not implement " + ", ".join(problems))
+
+
 def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
+    _refuse_unsupported(c)
     mt = c.get("model_type")
     theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     base: dict[str, Any] = {
@@ -297,7 +318,7 @@ def import_hf(path: str | Path) -> MoETransformer:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))
-    sd = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in sd.items()}
+    sd = _TrackedDict({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in sd.items()}, path)
     names = ("w1", "w3", "w2") if c["model_type"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     with torch.device("meta"):
         model = MoETransformer(cfg)
@@ -337,4 +358,31 @@ def import_hf(path: str | Path) -> MoETransformer:
         model.norm.weight.copy_(sd["model.norm.weight"])
         if not cfg.tie_embeddings:
             model.lm_head.weight.copy_(sd["lm_head.weight"])
+    unused = sd.unused()
+    if cfg.tie_embeddings:
+        unused.discard("lm_head.weight")  # some exporters write the tied head anyway
+    if cfg.moe is not None and cfg.moe.num_shared_experts == 0:  # gate of Qwen2-MoE's width-0 shared expert
+        unused = {k for k in unused if not k.endswith("shared_expert_gate.weight")}
+    if unused:
+        shown = ", ".join(sorted(unused)[:5])
+        raise ExportError(f"{path}: {len(unused)} weights moeforge's model has no place for (e.g. {shown})")
     return model
+
+
+class _TrackedDict(dict):
+    """A state dict that records which keys were read and names the file when one is missing."""
+
+    def __init__(self, data: dict[str, torch.Tensor], path: Path) -> None:
+        super().__init__(data)
+        self.path = path
+        self.used: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if not super().__contains__(key):
+            raise ExportError(f"{self.path}: weight {key!r} is missing from the safetensors files")
+        self.used.add(key)
+        return super().__getitem__(key)
+
+    def unused(self) -> set[str]:
+        """Keys never read, ignoring empty tensors (Qwen2-MoE's width-0 shared expert carries nothing)."""
+        return {k for k in set(self.keys()) - self.used if dict.__getitem__(self, k).numel() > 0}
