@@ -25,7 +25,7 @@ import json
 import lzma
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -70,7 +70,6 @@ class Quarantined:
     raw: str = ""
     line: int | None = None
     offset: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
