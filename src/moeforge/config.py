@@ -65,19 +65,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key.path=value`` override applied (nested dicts are created)."""
+    """Return a copy of ``data`` with each ``key.path=value`` override applied.
+
+    Missing sections are created; a numeric part indexes a list (``sources.0.path=...``).
+    """
     out: dict[str, Any] = _deep_copy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
+        node: Any = out
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"override {text!r}: {part!r} is not an index of that list (0..{len(node) - 1})"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {path[depth - 1]!r} is a value, not a section")
+            if last:
+                node[part] = value
+                break
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
             node = child
-        node[path[-1]] = value
     return out
 
 

@@ -1,16 +1,27 @@
-"""`moeforge data …`: the dataset contract and, as the pipeline lands, run / verify / report."""
+"""`moeforge data …`: run a recipe, verify a run, print the record schema."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from moeforge.data.contract import record_json_schema
 from moeforge.io import atomic_write_json
 
-app = typer.Typer(help="Datasets: the record contract (schema).", no_args_is_help=True)
+app = typer.Typer(
+    help="Datasets: run a recipe, verify the result, print the record schema.", no_args_is_help=True
+)
+console = Console()
+
+EXIT_GATES_FAILED = 1
+EXIT_QUARANTINED = 3
 
 
 @app.command("schema")
@@ -24,3 +35,101 @@ def schema(
     else:
         atomic_write_json(out, s)
         typer.echo(f"wrote {out}")
+
+
+def _gate_table(gates: list[dict]) -> Table:
+    table = Table(title="gates")
+    table.add_column("gate")
+    table.add_column("verdict")
+    table.add_column("evidence", overflow="fold")
+    colours = {"pass": "green", "FAIL": "bold red", "skip": "yellow"}
+    for g in gates:
+        v = g["verdict"]
+        table.add_row(g["gate"], f"[{colours[v]}]{v}[/]", escape(g["evidence"]))
+    return table
+
+
+@app.command("run")
+def run(
+    recipe_path: Path = typer.Argument(
+        ..., metavar="RECIPE", help="Recipe YAML, e.g. configs/data/demo.yaml."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory; an unfinished run there is resumed."),
+    workers: int = typer.Option(2, "--workers", "-w", min=1, help="Processes for the per-file tasks."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a recipe value: key.path=value (repeatable)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Discard a run of a different recipe in --out."),
+) -> None:
+    """Run a data recipe: read, clean, label, scrub, dedup, split, write records + manifest, run the gates.
+
+    Exit codes: 0 all gates pass; 3 all gates pass but some input was quarantined (see
+    OUT/quarantine/quarantine.jsonl); 1 a gate failed; 2 a usage or recipe error.
+    """
+    from moeforge.data.pipeline import run_pipeline
+    from moeforge.data.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as bar:  # fmt: skip
+        ids: dict[str, int] = {}
+        labels = {"map": "read/clean/label tasks", "write": "dedup + split + write"}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in ids:
+                ids[stage] = bar.add_task(labels.get(stage, stage), total=total)
+            bar.update(ids[stage], completed=done, total=total)
+
+        result = run_pipeline(recipe, out, workers=workers, progress=progress, force=force)
+    stages = Table(title=f"{recipe.name}: per-stage accounting")
+    for col in ("stage", "in", "out", "dropped", "quarantined"):
+        stages.add_column(col, justify="left" if col in ("stage", "dropped") else "right")
+    for s in result.stages:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(s.dropped.items())) or "0"
+        stages.add_row(s.stage, str(s.inputs), str(s.out), escape(dropped), str(s.quarantined))
+    console.print(stages)
+    records = result.manifest["records"]
+    console.print(
+        f"records: train {records['train']}, valid {records['valid']}, test {records['test']} → {escape(str(out))}"
+        f"  (tasks run {result.tasks_run}, resumed {result.tasks_skipped})"
+    )
+    console.print(_gate_table(result.manifest["gates"]))
+    if not result.gates_passed:
+        console.print("[bold red]a gate failed[/]: the dataset breaks its contract (see the table)")
+        raise typer.Exit(EXIT_GATES_FAILED)
+    if result.quarantined:
+        console.print(
+            f"[yellow]completed with {result.quarantined} quarantined input(s)[/]: "
+            f"{escape(str(out / 'quarantine' / 'quarantine.jsonl'))}"
+        )
+        raise typer.Exit(EXIT_QUARANTINED)
+
+
+@app.command("verify")
+def verify(
+    run_dir: Path = typer.Argument(
+        ..., metavar="DIR", help="A run directory written by `moeforge data run`."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the gate results as JSON."),
+) -> None:
+    """Re-check a dataset against its contract from the files alone; exit 1 when any gate fails.
+
+    Gates: schema, accounting, coverage, leakage, split_ratios, lang_balance, pii_residue, provenance, hash.
+    """
+    from moeforge.data.gates import run_gates
+    from moeforge.data.manifest import load_manifest
+    from moeforge.data.recipe import Recipe
+
+    manifest = load_manifest(run_dir)
+    recipe = Recipe.model_validate(manifest["recipe"])
+    gates = [g.to_json() for g in run_gates(run_dir, manifest, recipe)]
+    passed = all(g["passed"] for g in gates)
+    if as_json:
+        sys.stdout.write(json.dumps({"passed": passed, "gates": gates}, indent=2) + "\n")
+    else:
+        console.print(_gate_table(gates))
+        console.print("[green]all gates pass[/]" if passed else "[bold red]verification failed[/]")
+    if not passed:
+        raise typer.Exit(EXIT_GATES_FAILED)

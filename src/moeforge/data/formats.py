@@ -11,12 +11,19 @@
 - ``text``: a TXT item, or the ``text_field`` of an object.
 - ``code``: like ``text``; the language, from the file extension, goes to ``meta.extra["language"]``.
 
+A recipe can attach an identity (:class:`IdentityConfig`): a system turn per language (e.g. the Oracle
+``<|oracle_sys|>…<|author|>…`` prompt) on every chat without one, and an assistant intro (e.g.
+``<|oracle_intro|>…``) before the first assistant reply of a seeded fraction of chats. The choice per
+record depends only on its id and the seed, so it is the same in every run and every worker; what was
+added is recorded in ``meta.extra["identity"]``.
+
 A malformed item never raises: :func:`to_record` returns a :class:`Quarantined` naming the file, line,
 field and what was expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any, Literal
@@ -27,7 +34,14 @@ from moeforge.config import StrictModel
 from moeforge.data.contract import Message, Provenance, Record, RecordMeta, SourceRef
 from moeforge.data.sources import Quarantined, RawItem
 
-__all__ = ["DEFAULT_ROLE_MAP", "FormatConfig", "strip_calculator_annotations", "to_record"]
+__all__ = [
+    "DEFAULT_ROLE_MAP",
+    "FormatConfig",
+    "IdentityConfig",
+    "apply_identity",
+    "strip_calculator_annotations",
+    "to_record",
+]
 
 DEFAULT_ROLE_MAP = {
     "system": "system",
@@ -175,3 +189,48 @@ def to_record(item: RawItem, cfg: FormatConfig, source_sha256: str) -> Record | 
         return Quarantined(
             uri=item.uri, line=item.line, offset=item.offset, error=f"{cfg.kind}: {exc}", raw=raw[:2000]
         )
+
+
+class IdentityConfig(StrictModel):
+    """System prompt per language and a seeded assistant intro, for chat records."""
+
+    system_prompts: dict[str, str] = Field(
+        default_factory=dict, description="language → system turn; key '*' applies to any language"
+    )
+    intros: dict[str, str] = Field(default_factory=dict, description="language → assistant intro; '*' = any")
+    intro_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="share of chats given the intro")
+    seed: int = 0
+
+
+def _pick(table: dict[str, str], lang: str | None) -> str | None:
+    return table.get(lang or "", table.get("*"))
+
+
+def apply_identity(record: Record, cfg: IdentityConfig) -> Record:
+    """Add the identity system turn and (for a seeded fraction) the intro; text records pass through."""
+    if record.messages is None:
+        return record
+    messages = list(record.messages)
+    added: dict[str, bool] = {}
+    system = _pick(cfg.system_prompts, record.meta.lang)
+    if system and messages[0].role != "system":
+        messages.insert(0, Message(role="system", content=system))
+        added["system"] = True
+    intro = _pick(cfg.intros, record.meta.lang)
+    if intro and cfg.intro_fraction > 0:
+        digest = hashlib.sha256(f"{cfg.seed}:{record.id}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 < cfg.intro_fraction:
+            i = next(i for i, m in enumerate(messages) if m.role == "assistant")
+            messages[i] = Message(role="assistant", content=f"{intro}\n{messages[i].content}")
+            added["intro"] = True
+    if not added:
+        return record
+    meta = record.meta.model_copy(
+        update={
+            "extra": {**record.meta.extra, "identity": added},
+            "provenance": record.meta.provenance.model_copy(
+                update={"steps": [*record.meta.provenance.steps, "identity"]}
+            ),
+        }
+    )
+    return Record.create(meta=meta, messages=messages)

@@ -54,6 +54,9 @@ def iban_ok(iban: str) -> bool:
 
 
 def _ip_ok(text: str) -> bool:
+    # "::", "::1" and "fe80::1"-style short forms are grammar notation or loopback, not personal data
+    if sum(1 for g in text.split(":") if g) < 3:
+        return False
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -66,41 +69,64 @@ def _phone_ok(text: str) -> bool:
 
 
 # Order matters: secrets and e-mails first (they contain digits and dots the later patterns would nibble).
-_PATTERNS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None]] = [
-    ("secret", re.compile(r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z]+ )*PRIVATE KEY-----", re.S), None),
-    ("secret", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), None),
-    ("secret", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*"), None),
-    ("secret", re.compile(r"\b(?:sk|pk|rk)[-_](?:live|test|proj)?[-_]?[A-Za-z0-9]{20,}\b"), None),
-    ("secret", re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}\b"), None),
-    ("secret", re.compile(r"\bxox[abpr]-[A-Za-z0-9-]{10,}\b"), None),
-    ("secret", re.compile(r"\bAIza[0-9A-Za-z\-_]{35}\b"), None),
-    ("email", re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"), None),
-    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_ok),
-    ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), lambda m: luhn_ok(re.sub(r"\D", "", m))),
-    ("ssn", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None),
-    ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None),
-    ("ip", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip_ok),
-    ("phone", re.compile(r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}(?![\w=])"), _phone_ok),
-    ("phone", re.compile(r"(?<![\w$=<-])(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}(?![\w=>-])"), _phone_ok),
+# Each pattern has a cheap trigger: a substring (or, for "digit", any digit) the text must contain
+# for the pattern to match at all, so most texts skip most regexes.
+_PATTERNS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None, tuple[str, ...]]] = [
+    ("secret", re.compile(r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z]+ )*PRIVATE KEY-----", re.S), None, ("PRIVATE KEY",)),
+    ("secret", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), None, ("AKIA", "ASIA")),
+    ("secret", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*"), None, ("lower:bearer",)),
+    ("secret", re.compile(r"\b(?:sk|pk|rk)[-_](?:live|test|proj)?[-_]?[A-Za-z0-9]{20,}\b"), None, ("sk-", "sk_", "pk-", "pk_", "rk-", "rk_")),
+    ("secret", re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}\b"), None, ("gh",)),
+    ("secret", re.compile(r"\bxox[abpr]-[A-Za-z0-9-]{10,}\b"), None, ("xox",)),
+    ("secret", re.compile(r"\bAIza[0-9A-Za-z\-_]{35}\b"), None, ("AIza",)),
+    ("email", re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"), None, ("@",)),
+    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_ok, ("digit",)),
+    ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), lambda m: luhn_ok(re.sub(r"\D", "", m)), ("digit",)),
+    ("ssn", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None, ("-",)),
+    ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None, (".",)),
+    ("ip", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip_ok, ("::", ":0", ":1", ":2", ":3", ":4", ":5", ":6", ":7", ":8", ":9", ":a", ":b", ":c", ":d", ":e", ":f", ":A", ":B", ":C", ":D", ":E", ":F")),
+    ("phone", re.compile(r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}(?![\w=])"), _phone_ok, ("+",)),
+    ("phone", re.compile(r"(?<![\w$=<-])(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}(?![\w=>-])"), _phone_ok, ("digit",)),
 ]  # fmt: skip
+_DIGIT_RUN = re.compile(r"\d{3}")
 
 
 class PiiConfig(StrictModel):
     """Which PII types to scrub and when a record needs a human look."""
 
+    enabled: bool = True
     types: list[str] = Field(default_factory=lambda: list(PII_TYPES), description=f"subset of {PII_TYPES}")
     review_density: float = Field(
         default=5.0,
         ge=0.0,
         description="placeholders per 1,000 characters above which pii_status=requires_review",
     )
+    hold_for_review: bool = Field(
+        default=True,
+        description="keep requires_review records out of every split (they go to DIR/review/ for a human)",
+    )
 
 
 def scrub_text(text: str, types: tuple[str, ...] | list[str] = PII_TYPES) -> tuple[str, Counter[str]]:
     """Replace every detected span with ``<|type|>``; return the new text and counts per type."""
     counts: Counter[str] = Counter()
-    for kind, pattern, check in _PATTERNS:
+    has_digits = _DIGIT_RUN.search(text) is not None  # every digit-based pattern needs 3 digits in a row
+    lowered: str | None = None
+    for kind, pattern, check, triggers in _PATTERNS:
         if kind not in types:
+            continue
+        hit = False
+        for t in triggers:
+            if t == "digit":
+                hit = has_digits
+            elif t.startswith("lower:"):
+                lowered = text.lower() if lowered is None else lowered
+                hit = t[6:] in lowered
+            else:
+                hit = t in text
+            if hit:
+                break
+        if not hit:
             continue
 
         def repl(m: re.Match[str], kind: str = kind, check: Callable[[str], bool] | None = check) -> str:

@@ -1,0 +1,297 @@
+"""Gates: checks a finished run must pass; ``moeforge data verify DIR`` runs them again from the files.
+
+One streaming pass reads every output record (memory: 16 bytes per record for the leakage check) and
+feeds all record-level gates; the others read the manifest and the files' bytes.
+
+==============  ==========================================================================================
+schema          every output line is a valid Record (including id = content hash)
+accounting      per stage in = out + dropped + quarantined; each stage's in is the previous stage's out;
+                the files hold exactly the records the manifest and the last stage say
+coverage        every family of the recipe has records in the output
+leakage         no id twice (so none in two splits); held-out families only in test; a duplicate cluster
+                in one split only; ``meta.split`` matches the directory
+split_ratios    over the non-held-out pool: train share and valid/test shares within the recipe's bounds
+lang_balance    per configured language, its share of train records within bounds
+pii_residue     the PII detectors find nothing of the scrubbed types in the outputs
+provenance      every record names its source, its source sha256 is a manifest input, and its recipe hash
+                is the manifest's
+hash            every file's sha256 matches the manifest and no unlisted file sits among the outputs
+==============  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from moeforge.data.contract import Record
+from moeforge.data.pii import scrub_text
+from moeforge.data.recipe import Recipe
+from moeforge.data.split import SPLITS
+from moeforge.data.store import iter_lines
+from moeforge.io import sha256_file
+
+__all__ = ["GATES", "GateResult", "run_gates"]
+
+GATES = (
+    "schema", "accounting", "coverage", "leakage", "split_ratios", "lang_balance", "pii_residue", "provenance",
+    "hash",
+)  # fmt: skip
+_EXAMPLES = 3
+
+
+@dataclass
+class GateResult:
+    gate: str
+    passed: bool
+    evidence: str
+    skipped: bool = False
+
+    @property
+    def verdict(self) -> str:
+        return "skip" if self.skipped else ("pass" if self.passed else "FAIL")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gate": self.gate, "verdict": self.verdict, "passed": self.passed, "evidence": self.evidence}
+
+
+@dataclass
+class _Scan:
+    records: Counter[str]
+    schema_errors: list[str]
+    n_schema_errors: int
+    ids: dict[str, np.ndarray]
+    clusters: dict[str, set[str]]
+    holdout_outside_test: list[str]
+    split_mismatch: list[str]
+    families: Counter[str]
+    pool: Counter[str]
+    train_langs: Counter[str]
+    pii_hits: Counter[str]
+    pii_examples: list[str]
+    provenance_errors: list[str]
+    n_provenance_errors: int
+
+
+def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
+    holdout = set(recipe.split.holdout_families)
+    input_shas = {i["sha256"] for i in manifest["inputs"]}
+    scrubbed = [t for t in recipe.pii.types] if recipe.pii.enabled else []
+    s = _Scan(
+        Counter(), [], 0, {}, defaultdict(set), [], [], Counter(), Counter(), Counter(), Counter(), [], [], 0
+    )
+    for split in SPLITS:
+        prefixes: list[bytes] = []
+        for shard in manifest["outputs"].get(split, []):
+            path = root / shard["path"]
+            if not path.exists():
+                continue  # the hash gate reports it
+            for line_no, line in iter_lines(path):
+                where = f"{shard['path']}:{line_no}"
+                try:
+                    rec = Record.model_validate_json(line)
+                except ValidationError as exc:
+                    s.n_schema_errors += 1
+                    if len(s.schema_errors) < _EXAMPLES:
+                        s.schema_errors.append(f"{where}: {exc.errors()[0]['msg']}")
+                    continue
+                s.records[split] += 1
+                meta = rec.meta
+                prefixes.append(bytes.fromhex(rec.id[7:39]))
+                if meta.cluster:
+                    s.clusters[meta.cluster].add(split)
+                if meta.family in holdout and split != "test" and len(s.holdout_outside_test) < _EXAMPLES:
+                    s.holdout_outside_test.append(f"{where} ({meta.family})")
+                if meta.split != split and len(s.split_mismatch) < _EXAMPLES:
+                    s.split_mismatch.append(f"{where}: meta.split={meta.split}")
+                s.families[meta.family] += 1
+                if meta.family not in holdout:
+                    s.pool[split] += 1
+                if split == "train":
+                    s.train_langs[meta.lang or "und"] += 1
+                if scrubbed:
+                    texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
+                    for t in texts:
+                        _, hits = scrub_text(t, scrubbed)
+                        if hits:
+                            s.pii_hits.update(hits)
+                            if len(s.pii_examples) < _EXAMPLES:
+                                s.pii_examples.append(f"{where}: {dict(hits)}")
+                problem = None
+                if meta.provenance.source_sha256 not in input_shas:
+                    problem = "source sha256 is not a manifest input"
+                elif meta.provenance.recipe_hash != manifest["recipe_sha256"]:
+                    problem = "recipe hash differs from the manifest's"
+                if problem:
+                    s.n_provenance_errors += 1
+                    if len(s.provenance_errors) < _EXAMPLES:
+                        s.provenance_errors.append(f"{where}: {problem}")
+        s.ids[split] = np.frombuffer(b"".join(prefixes), dtype="V16") if prefixes else np.empty(0, "V16")
+    return s
+
+
+def _fmt(examples: list[str], n: int) -> str:
+    more = f" (+{n - len(examples)} more)" if n > len(examples) else ""
+    return "; ".join(examples) + more
+
+
+def _accounting(manifest: dict[str, Any], scan: _Scan) -> GateResult:
+    problems = []
+    prev_out = None
+    for st in manifest["stages"]:
+        dropped = sum(st["dropped"].values())
+        if st["in"] != st["out"] + dropped + st["quarantined"]:
+            problems.append(
+                f"{st['stage']}: in {st['in']} != out {st['out']} + dropped {dropped} + quarantined {st['quarantined']}"
+            )
+        if prev_out is not None and st["in"] != prev_out:
+            problems.append(f"{st['stage']}: in {st['in']} != previous stage's out {prev_out}")
+        prev_out = st["out"]
+    total = sum(scan.records.values())
+    if prev_out is not None and total + scan.n_schema_errors != prev_out:
+        problems.append(f"outputs hold {total + scan.n_schema_errors} records, last stage says {prev_out}")
+    for split, n in manifest["records"].items():
+        if scan.records[split] + 0 != n and not scan.n_schema_errors:
+            problems.append(f"{split}: files hold {scan.records[split]} records, manifest says {n}")
+    quarantined = sum(st["quarantined"] for st in manifest["stages"])
+    if manifest["quarantine"]["records"] != quarantined:
+        problems.append(
+            f"quarantine file has {manifest['quarantine']['records']} entries, stages say {quarantined}"
+        )
+    first = manifest["stages"][0] if manifest["stages"] else {"in": 0}
+    if problems:
+        return GateResult("accounting", False, "; ".join(problems))
+    return GateResult(
+        "accounting",
+        True,
+        f"{first['in']} inputs = {total} records out + dropped + {quarantined} quarantined, per stage",
+    )
+
+
+def _ratios(recipe: Recipe, scan: _Scan) -> GateResult:
+    pool = sum(scan.pool.values())
+    if pool == 0:
+        return GateResult("split_ratios", False, "no records outside held-out families")
+    shares = {s: scan.pool[s] / pool for s in SPLITS}
+    problems = []
+    lo, hi = recipe.gates.train_ratio
+    if recipe.split.train > 0 and not lo <= shares["train"] <= hi:
+        problems.append(f"train {shares['train']:.3f} outside [{lo}, {hi}]")
+    lo, hi = recipe.gates.eval_ratio
+    for s in ("valid", "test"):
+        ratio = getattr(recipe.split, s)
+        if ratio > 0 and not lo <= shares[s] <= hi:
+            problems.append(f"{s} {shares[s]:.3f} outside [{lo}, {hi}]")
+        if ratio == 0 and scan.pool[s]:
+            problems.append(f"{s} has {scan.pool[s]} pool records but its ratio is 0")
+    evidence = ", ".join(f"{s} {scan.pool[s]} ({shares[s]:.3f})" for s in SPLITS) + f" of {pool}"
+    return GateResult("split_ratios", not problems, "; ".join(problems) or evidence)
+
+
+def _lang_balance(recipe: Recipe, scan: _Scan) -> GateResult:
+    bounds = recipe.gates.language_shares
+    if not bounds:
+        return GateResult("lang_balance", True, "no language bounds configured", skipped=True)
+    total = sum(scan.train_langs.values())
+    problems, parts = [], []
+    for lang, (lo, hi) in sorted(bounds.items()):
+        share = scan.train_langs[lang] / total if total else 0.0
+        parts.append(f"{lang} {share:.3f} in [{lo}, {hi}]")
+        if not lo <= share <= hi:
+            problems.append(f"{lang} {share:.3f} outside [{lo}, {hi}]")
+    return GateResult(
+        "lang_balance", not problems, "; ".join(problems) or ", ".join(parts) + f" of {total} train"
+    )
+
+
+def _leakage(recipe: Recipe, scan: _Scan) -> GateResult:
+    all_ids = np.concatenate([scan.ids[s] for s in SPLITS])
+    problems = []
+    if len(all_ids):
+        srt = np.sort(all_ids.view([("a", ">u8"), ("b", ">u8")]), order=("a", "b"))
+        dups = int((srt[1:] == srt[:-1]).sum())
+        if dups:
+            problems.append(f"{dups} id(s) occur more than once across splits")
+    crossing = [c for c, splits in scan.clusters.items() if len(splits) > 1]
+    if crossing:
+        problems.append(f"{len(crossing)} duplicate cluster(s) span splits, e.g. {crossing[0]}")
+    if scan.holdout_outside_test:
+        problems.append("held-out family outside test: " + "; ".join(scan.holdout_outside_test))
+    if scan.split_mismatch:
+        problems.append("meta.split differs from the directory: " + "; ".join(scan.split_mismatch))
+    holdout = recipe.split.holdout_families
+    evidence = f"{len(all_ids)} unique ids, {len(scan.clusters)} clusters each in one split" + (
+        f"; held-out {holdout} only in test" if holdout else ""
+    )
+    return GateResult("leakage", not problems, "; ".join(problems) or evidence)
+
+
+def _hashes(root: Path, manifest: dict[str, Any]) -> GateResult:
+    files = [f for infos in manifest["outputs"].values() for f in infos] + list(manifest["review"])
+    files.append(manifest["quarantine"])
+    problems = []
+    for f in files:
+        path = root / f["path"]
+        if not path.exists():
+            problems.append(f"{f['path']}: missing")
+        elif sha256_file(path) != f["sha256"]:
+            problems.append(f"{f['path']}: sha256 differs from the manifest (file changed after the run)")
+    listed = {f["path"] for f in files}
+    for sub in ("records", "review", "quarantine"):
+        for p in sorted((root / sub).rglob("*")) if (root / sub).exists() else []:
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and rel not in listed:
+                problems.append(f"{rel}: not in the manifest")
+    return GateResult(
+        "hash", not problems, "; ".join(problems[:5]) or f"{len(files)} files match their sha256"
+    )
+
+
+def run_gates(root: str | Path, manifest: dict[str, Any], recipe: Recipe | None = None) -> list[GateResult]:
+    """Run every gate on the run directory ``root``; never raises for a bad dataset, only reports."""
+    root = Path(root)
+    recipe = recipe or Recipe.model_validate(manifest["recipe"])
+    scan = _scan(root, manifest, recipe)
+    total = sum(scan.records.values())
+    missing = sorted(set(recipe.families()) - set(scan.families))
+    pii = sum(scan.pii_hits.values())
+    return [
+        GateResult(
+            "schema",
+            scan.n_schema_errors == 0,
+            _fmt(scan.schema_errors, scan.n_schema_errors)
+            if scan.n_schema_errors
+            else f"{total} records valid",
+        ),
+        _accounting(manifest, scan),
+        GateResult(
+            "coverage",
+            not missing,
+            f"no records of {missing}"
+            if missing
+            else f"{len(scan.families)} families: "
+            + ", ".join(f"{f} {n}" for f, n in sorted(scan.families.items())),
+        ),
+        _leakage(recipe, scan),
+        _ratios(recipe, scan),
+        _lang_balance(recipe, scan),
+        GateResult(
+            "pii_residue",
+            pii == 0,
+            f"{pii} hit(s): " + _fmt(scan.pii_examples, pii) if pii else "no PII of the scrubbed types",
+            skipped=not recipe.pii.enabled,
+        ),
+        GateResult(
+            "provenance",
+            scan.n_provenance_errors == 0,
+            _fmt(scan.provenance_errors, scan.n_provenance_errors)
+            if scan.n_provenance_errors
+            else f"{total} records trace to {len(manifest['inputs'])} inputs",
+        ),
+        _hashes(root, manifest),
+    ]

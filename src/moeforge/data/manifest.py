@@ -1,0 +1,100 @@
+"""``manifest.json``: everything needed to audit a dataset run, written last (it marks a finished run).
+
+Fields: the format and contract versions, the moeforge version, the resolved recipe and its sha256,
+every input (uri, size, sha256, source, task), every output shard per split (path relative to the run
+directory, records, bytes, sha256), the review and quarantine files, record counts per split and per
+split × family × lang × domain, per-stage accounting (``in = out + dropped + quarantined``) and the gate
+results. Nothing in it depends on the clock or the machine, so a resumed run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moeforge import __version__
+from moeforge.data.contract import CONTRACT_VERSION
+from moeforge.data.store import ShardInfo
+
+if TYPE_CHECKING:
+    from moeforge.data.recipe import Recipe
+    from moeforge.data.stages import StageCount
+
+__all__ = ["MANIFEST_FORMAT", "ManifestError", "build_manifest", "load_manifest"]
+
+MANIFEST_FORMAT = "moeforge.dataset/v1"
+
+
+class ManifestError(ValueError):
+    """A run directory has no readable manifest."""
+
+
+def _shard(info: ShardInfo, root: Path) -> dict[str, Any]:
+    return {
+        "path": info.path.relative_to(root).as_posix(),
+        "records": info.records,
+        "bytes": info.bytes,
+        "sha256": info.sha256,
+    }
+
+
+def build_manifest(
+    recipe: Recipe,
+    recipe_sha: str,
+    task_stats: list[dict[str, Any]],
+    stages: list[StageCount],
+    outputs: dict[str, list[ShardInfo]],
+    review: list[ShardInfo],
+    quarantine: dict[str, Any],
+    table: Counter[tuple[str, str, str, str]],
+    root: Path,
+) -> dict[str, Any]:
+    inputs = [
+        {
+            "source": st["source"],
+            "task": st["task"],
+            "uri": i["uri"],
+            "size": i["size"],
+            "sha256": i["sha256"],
+        }
+        for st in task_stats
+        for i in st["inputs"]
+    ]
+    return {
+        "format": MANIFEST_FORMAT,
+        "contract_version": CONTRACT_VERSION,
+        "moeforge_version": __version__,
+        "name": recipe.name,
+        "recipe_sha256": recipe_sha,
+        "recipe": recipe.resolved(),
+        "inputs": inputs,
+        "outputs": {split: [_shard(i, root) for i in infos] for split, infos in outputs.items()},
+        "review": [_shard(i, root) for i in review],
+        "quarantine": quarantine,
+        "records": {split: sum(i.records for i in infos) for split, infos in outputs.items()},
+        "counts": [
+            {"split": s, "family": f, "lang": lang, "domain": d, "records": n}
+            for (s, f, lang, d), n in sorted(table.items())
+        ],
+        "stages": [s.to_json() for s in stages],
+    }
+
+
+def load_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``run_dir/manifest.json`` with errors a user can act on."""
+    path = Path(run_dir) / "manifest.json"
+    if not Path(run_dir).is_dir():
+        raise ManifestError(f"{run_dir}: no such directory")
+    if not path.exists():
+        raise ManifestError(
+            f"{path}: missing; {run_dir} is not a finished `moeforge data run` output (run it, or resume it)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path}: not a moeforge dataset manifest (format {MANIFEST_FORMAT} expected)")
+    return data
