@@ -37,6 +37,8 @@ bench: setup
 	$(PY) benchmarks/moe_layer.py
 
 demo: setup
+	$(VENV)/bin/moeforge data run configs/data/demo.yaml --out runs/demo
+	$(VENV)/bin/moeforge data verify runs/demo
 	$(VENV)/bin/moeforge model info tiny
 	$(VENV)/bin/moeforge model info oracle-850b
 
