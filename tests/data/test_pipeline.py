@@ -313,3 +313,25 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_outputs(tmp_path: Path
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed 0" not in resumed.stdout
     assert _snapshot(out) == _snapshot(ref)
+
+
+def test_a_file_added_to_an_input_directory_is_read_on_the_next_run(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert sum(run_pipeline(_recipe(corpus), out).manifest["records"].values()) == 400
+    _write_qa(corpus / "part4.jsonl", 5000, 25)
+    again = run_pipeline(_recipe(corpus), out)
+    assert sum(again.manifest["records"].values()) == 425
+    assert again.gates_passed
+
+
+def test_an_input_that_vanishes_mid_plan_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "in.jsonl"
+    _write_qa(src, 0, 100)
+    import moeforge.data.stages as stages
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(src))
+
+    monkeypatch.setattr(stages, "sha256_file", boom)
+    with pytest.raises(PipelineError, match=r"task s00-t00000 reading .*in\.jsonl failed: FileNotFoundError"):
+        run_pipeline(_recipe(src), tmp_path / "run")

@@ -127,6 +127,8 @@ def _task_done(work: Path, task: Task) -> bool:
         stats = json.loads(stats_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    if [i["uri"] for i in stats.get("inputs", [])] != [i.uri for i in task.inputs]:
+        return False  # the plan changed (files added or removed): this task id now means other files
     for info in stats.get("inputs", []):
         mtime = info.get("mtime_ns")
         if mtime is None:
@@ -144,6 +146,16 @@ def _task_done(work: Path, task: Task) -> bool:
     return True
 
 
+def _task_error(task: Task, exc: BaseException) -> PipelineError:
+    log.debug("task %s failed", task.task_id, exc_info=exc)
+    first = task.inputs[0].uri if task.inputs else "?"
+    more = f" (+{len(task.inputs) - 1} more files)" if len(task.inputs) > 1 else ""
+    return PipelineError(
+        f"task {task.task_id} reading {first}{more} failed: {type(exc).__name__}: {exc}. "
+        "Finished tasks are kept; fix the cause and run the same command again to resume (-v shows the traceback)"
+    )
+
+
 def _run_tasks(
     tasks: list[Task], recipe: Recipe, work: Path, sha: str, workers: int, progress: Progress | None
 ) -> None:
@@ -153,7 +165,10 @@ def _run_tasks(
         progress("map", 0, total)
     if workers <= 1 or total <= 1:
         for n, t in enumerate(tasks, 1):
-            run_map_task(t, data, str(work), sha)
+            try:
+                run_map_task(t, data, str(work), sha)
+            except Exception as exc:
+                raise _task_error(t, exc) from exc
             if progress:
                 progress("map", n, total)
         return
@@ -171,7 +186,7 @@ def _run_tasks(
                 if exc is not None:
                     for p in pending:
                         p.cancel()
-                    raise RuntimeError(f"task {futures[f].task_id} failed: {exc}") from exc
+                    raise _task_error(futures[f], exc) from exc
                 done_count += 1
                 if progress:
                     progress("map", done_count, total)

@@ -120,13 +120,13 @@ def find_exact_duplicates(
         starts = np.nonzero(first)[0]
         sizes = np.diff(np.append(starts, len(order)))
         groups += int((sizes > 1).sum())
+        tasks, idx = rows["t"], k["idx"]
         losers = order[~first]
-        for t, i in zip(rows["t"][losers].tolist(), k["idx"][losers].tolist(), strict=True):
-            keep[t][i] = 0
         winners = order[starts[sizes > 1]]
-        for t, i, s in zip(
-            rows["t"][winners].tolist(), k["idx"][winners].tolist(), sizes[sizes > 1].tolist(), strict=True
-        ):
-            copies[t][i] = s
+        for t in np.unique(tasks[losers]).tolist():
+            keep[t][idx[losers][tasks[losers] == t]] = 0
+        for t in np.unique(tasks[winners]).tolist():
+            sel = tasks[winners] == t
+            copies[t][idx[winners][sel]] = sizes[sizes > 1][sel]
     log.info("exact dedup: %d records, %d buckets, %d duplicate groups", total, 1 << bits, groups)
     return DedupResult(keep=keep, copies=copies, buckets=1 << bits, groups_with_duplicates=groups)
