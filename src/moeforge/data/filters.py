@@ -37,6 +37,15 @@ _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 _BLANKS = re.compile(r"\n{3,}")
 _WORD = re.compile(r"\S+")
 _STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+# the same counts as per-word Python loops, in C: a word with no letter (only digits, "_" and symbols),
+# and a stop word once the punctuation .,!?;:"'() around it is stripped (case-insensitive)
+# (``\w`` also matches numeric symbols such as ½ or ², which are not letters: they are listed with \d)
+_NO_LETTER_WORD = re.compile(
+    r"(?<!\S)(?:[\d_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f\u2460-\u24ff\u2776-\u2793]|[^\w\s])+(?!\S)"
+)
+_STOP_WORD = re.compile(
+    r"(?<!\S)[.,!?;:\"'()]*(?:" + "|".join(sorted(_STOP_WORDS)) + r")[.,!?;:\"'()]*(?!\S)", re.IGNORECASE
+)
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "·")
 _C4_POLICY = (
     "terms of use",
@@ -109,10 +118,10 @@ def gopher_quality(
     words = _WORD.findall(text)
     n = len(words)
     lines = [ln for ln in text.split("\n") if ln.strip()]
-    mean_len = sum(len(w) for w in words) / n if n else 0.0
+    mean_len = len("".join(words)) / n if n else 0.0
     symbols = text.count("#") + text.count("...") + text.count("…")
-    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
-    stops = sum(1 for w in words if w.lower().strip(".,!?;:\"'()") in _STOP_WORDS)
+    alpha = n - len(_NO_LETTER_WORD.findall(text))
+    stops = len(_STOP_WORD.findall(text))
     bullets = sum(1 for ln in lines if ln.lstrip().startswith(_BULLETS))
     ellipsis = sum(1 for ln in lines if ln.rstrip().endswith(("...", "…")))
     scores = {
@@ -153,7 +162,7 @@ def _dup_fractions(parts: list[str]) -> tuple[float, float]:
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return list(zip(*(words[i:] for i in range(n)), strict=False))
 
 
 def gopher_repetition(text: str, cfg: FilterConfig) -> tuple[str | None, dict[str, float]]:
@@ -177,7 +186,7 @@ def gopher_repetition(text: str, cfg: FilterConfig) -> tuple[str | None, dict[st
     if para_chars > cfg.max_dup_para_char_ratio:
         return "gopher_repetition:dup_paragraph_chars", scores
     words = _WORD.findall(text.lower())
-    total_chars = sum(len(w) for w in words) or 1
+    total_chars = len("".join(words)) or 1
     for n, limit in sorted(cfg.top_ngram_max_char_ratio.items()):
         grams = _ngrams(words, n)
         if not grams:
@@ -187,17 +196,27 @@ def gopher_repetition(text: str, cfg: FilterConfig) -> tuple[str | None, dict[st
         scores[f"top_{n}gram_char_ratio"] = ratio
         if count > 1 and ratio > limit:
             return f"gopher_repetition:top_{n}gram", scores
+    lens = [len(w) for w in words]
+    repeats = True
     for n, limit in sorted(cfg.dup_ngram_max_char_ratio.items()):
-        grams = _ngrams(words, n)
+        grams = _ngrams(words, n) if repeats else []
         if not grams:
+            if not repeats:  # no repeated shorter n-gram, so no repeated longer one either
+                scores[f"dup_{n}gram_char_ratio"] = 0.0
             continue
         counts = Counter(grams)
-        covered = [False] * len(words)
+        if len(counts) == len(grams):
+            repeats = False
+            scores[f"dup_{n}gram_char_ratio"] = 0.0
+            continue
+        covered_chars = 0
+        covered_until = 0
         for i, g in enumerate(grams):
             if counts[g] > 1:
-                for j in range(i, i + n):
-                    covered[j] = True
-        ratio = sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total_chars
+                start = max(i, covered_until)
+                covered_until = i + n
+                covered_chars += sum(lens[start:covered_until])
+        ratio = covered_chars / total_chars
         scores[f"dup_{n}gram_char_ratio"] = ratio
         if ratio > limit:
             return f"gopher_repetition:dup_{n}gram", scores

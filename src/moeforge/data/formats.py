@@ -217,11 +217,12 @@ def apply_identity(record: Record, cfg: IdentityConfig) -> Record:
         messages.insert(0, Message(role="system", content=system))
         added["system"] = True
     intro = _pick(cfg.intros, record.meta.lang)
-    if intro and cfg.intro_fraction > 0:
+    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), None)
+    if intro and cfg.intro_fraction > 0 and first_reply is not None:
         digest = hashlib.sha256(f"{cfg.seed}:{record.id}".encode()).digest()
         if int.from_bytes(digest[:8], "big") / 2**64 < cfg.intro_fraction:
-            i = next(i for i, m in enumerate(messages) if m.role == "assistant")
-            messages[i] = Message(role="assistant", content=f"{intro}\n{messages[i].content}")
+            content = f"{intro}\n{messages[first_reply].content}"
+            messages[first_reply] = Message(role="assistant", content=content)
             added["intro"] = True
     if not added:
         return record

@@ -22,11 +22,13 @@ hash            every file's sha256 matches the manifest and no unlisted file si
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zstandard
 from pydantic import ValidationError
 
 from moeforge.data.contract import Record
@@ -76,6 +78,7 @@ class _Scan:
     pii_examples: list[str]
     provenance_errors: list[str]
     n_provenance_errors: int
+    unlabelled: int = 0
 
 
 def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
@@ -91,7 +94,7 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
             path = root / shard["path"]
             if not path.exists():
                 continue  # the hash gate reports it
-            for line_no, line in iter_lines(path):
+            for line_no, line in _safe_lines(path, shard["path"], s):
                 where = f"{shard['path']}:{line_no}"
                 try:
                     rec = Record.model_validate_json(line)
@@ -114,6 +117,8 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                     s.pool[split] += 1
                 if split == "train":
                     s.train_langs[meta.lang or "und"] += 1
+                if meta.lang is None and meta.domain not in recipe.langid.skip_domains:
+                    s.unlabelled += 1
                 if scrubbed:
                     texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
                     for t in texts:
@@ -133,6 +138,16 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                         s.provenance_errors.append(f"{where}: {problem}")
         s.ids[split] = np.frombuffer(b"".join(prefixes), dtype="V16") if prefixes else np.empty(0, "V16")
     return s
+
+
+def _safe_lines(path: Path, rel: str, s: _Scan) -> Iterator[tuple[int, str]]:
+    """The shard's lines; a corrupt or undecodable file counts as a schema error instead of raising."""
+    try:
+        yield from iter_lines(path)
+    except (zstandard.ZstdError, UnicodeDecodeError, OSError, EOFError) as exc:
+        s.n_schema_errors += 1
+        if len(s.schema_errors) < _EXAMPLES:
+            s.schema_errors.append(f"{rel}: unreadable ({type(exc).__name__}: {exc})")
 
 
 def _fmt(examples: list[str], n: int) -> str:
@@ -195,10 +210,14 @@ def _ratios(recipe: Recipe, scan: _Scan) -> GateResult:
 
 def _lang_balance(recipe: Recipe, scan: _Scan) -> GateResult:
     bounds = recipe.gates.language_shares
+    problems, parts = [], []
+    if recipe.gates.require_lang and scan.unlabelled:
+        problems.append(f"{scan.unlabelled} record(s) have no language label (gates.require_lang)")
     if not bounds:
+        if problems:
+            return GateResult("lang_balance", False, "; ".join(problems))
         return GateResult("lang_balance", True, "no language bounds configured", skipped=True)
     total = sum(scan.train_langs.values())
-    problems, parts = [], []
     for lang, (lo, hi) in sorted(bounds.items()):
         share = scan.train_langs[lang] / total if total else 0.0
         parts.append(f"{lang} {share:.3f} in [{lo}, {hi}]")

@@ -80,15 +80,17 @@ def _load(src: HfSource) -> Any:
     else:
         if src.split is None:
             raise SourceError(f"hf source {src.name!r}: set split (e.g. split: train) for a hub dataset")
-        if _offline():
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            ds.config.HF_HUB_OFFLINE = True
+        offline = _offline()
+        saved = ds.config.HF_HUB_OFFLINE
+        ds.config.HF_HUB_OFFLINE = saved or offline
         try:
             data = ds.load_dataset(src.name, src.config, split=src.split)
         except Exception as exc:  # datasets raises many types for "not available offline"
-            if ds.config.HF_HUB_OFFLINE:
+            if offline:
                 raise SourceError(_advice(src)) from exc
             raise SourceError(f"hf source {src.name!r}: cannot load ({exc})") from exc
+        finally:
+            ds.config.HF_HUB_OFFLINE = saved
     if isinstance(data, ds.DatasetDict):
         if src.split is None:
             if len(data) != 1:
@@ -99,6 +101,11 @@ def _load(src: HfSource) -> Any:
         if src.split not in data:
             raise SourceError(f"hf source {src.path}: no split {src.split!r} (has {sorted(data)})")
         return data[src.split]
+    if src.split is not None and src.path is not None:
+        raise SourceError(
+            f"hf source {src.path}: holds a single dataset with no splits; remove `split: {src.split}` "
+            "(the split of our records is decided by the recipe's split section)"
+        )
     return data
 
 

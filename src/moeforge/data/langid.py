@@ -13,6 +13,7 @@ whose label is not in ``keep`` is dropped as ``langid:not_kept``; one below ``mi
 
 from __future__ import annotations
 
+import copy
 import logging
 from functools import lru_cache
 from typing import Any
@@ -58,15 +59,18 @@ def known_languages() -> tuple[str, ...]:
     return tuple(sorted(_identifier(()).labels))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)
 def _identifier(candidates: tuple[str, ...]) -> Any:
+    """The model (loaded once per process, ~1 s); a candidate set gets a shallow copy restricted to it."""
+    if candidates:
+        ident = copy.copy(_identifier(()))  # set_languages rebinds the class tables; the DFA is shared
+        ident.set_languages(list(candidates))
+        return ident
     try:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError as exc:  # pragma: no cover - py3langid is a core dependency
         raise RuntimeError("language ID needs py3langid; reinstall moeforge (make setup)") from exc
     ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    if candidates:
-        ident.set_languages(list(candidates))
     log.debug("loaded py3langid model (%d languages)", len(ident.labels))
     return ident
 

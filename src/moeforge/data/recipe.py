@@ -53,9 +53,10 @@ def expand_vars(text: str) -> str:
         value = os.environ.get(name)
         if value:
             return value
-        if default is not None:
+        if default is not None:  # like the shell's ${VAR:-default}: unset or empty takes the default
             return default
-        raise ConfigError(f"{text!r}: environment variable {name} is not set and has no ${{{name}:-default}}")
+        state = "is empty" if value == "" else "is not set"
+        raise ConfigError(f"{text!r}: environment variable {name} {state} and has no ${{{name}:-default}}")
 
     return _VAR.sub(repl, text)
 
@@ -172,6 +173,14 @@ class GateConfig(StrictModel):
     def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0.0 <= v[0] <= v[1] <= 1.0:
             raise ValueError(f"bounds must satisfy 0 <= low <= high <= 1 (got {list(v)})")
+        return v
+
+    @field_validator("language_shares")
+    @classmethod
+    def _share_bounds(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for lang, (lo, hi) in v.items():
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{lang}: bounds must satisfy 0 <= low <= high <= 1 (got {[lo, hi]})")
         return v
 
 

@@ -79,6 +79,10 @@ def find_exact_duplicates(
     key_files: list[Path], policy: str = "keep_first", memory_mb: int = 256
 ) -> DedupResult:
     """Find duplicate groups across tasks; see the module docstring for the rules and memory bound."""
+    if policy not in ("keep_first", "keep_longest", "keep_best_quality"):
+        raise ValueError(
+            f"unknown dedup policy {policy!r}; use keep_first, keep_longest or keep_best_quality"
+        )
     arrays = [np.load(f, mmap_mode="r", allow_pickle=False) for f in key_files]
     total = sum(len(a) for a in arrays)
     budget = max(memory_mb, 1) * 2**20
