@@ -1,7 +1,8 @@
-"""Language identification: ISO 639-1 code + confidence per record, offline.
+"""Language identification: language code + confidence per record, offline.
 
-The model is py3langid's (a naive-Bayes byte n-gram classifier over 97 languages, shipped inside the
-pip package as a NumPy archive, loaded without pickle). Its probabilities are normalized
+The model is py3langid's (a naive-Bayes byte n-gram classifier with 140 labels — ISO 639-1 codes, plus
+ISO 639-3 codes where no two-letter code exists, e.g. ``pcm`` — shipped inside the pip package as a
+NumPy archive, loaded without pickle). Its probabilities are normalized
 (``norm_probs=True``), so ``lang_confidence`` is a probability in [0, 1]. The choice against lingua,
 with the figures measured on ``../shared/data``, is in docs/PERFORMANCE.md.
 
