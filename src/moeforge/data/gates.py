@@ -11,7 +11,9 @@ coverage        every family of the recipe has records in the output
 leakage         no id twice (so none in two splits); held-out families only in test; a duplicate cluster
                 in one split only; ``meta.split`` matches the directory
 split_ratios    over the non-held-out pool: train share and valid/test shares within the recipe's bounds
-lang_balance    per configured language, its share of train records within bounds
+lang_balance    per configured language, its share of train (approximate tokens × mix weight, or
+                records) within bounds
+mixture         when mixing ran, each group's achieved share of train within ``gates.mix_tolerance``
 pii_residue     the PII detectors find nothing of the scrubbed types in the outputs
 provenance      every record names its source, its source sha256 is a manifest input, and its recipe hash
                 is the manifest's
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import zstandard
 from pydantic import ValidationError
 
 from moeforge.data.contract import Record
+from moeforge.data.mix import approx_tokens
 from moeforge.data.pii import scrub_text
 from moeforge.data.recipe import Recipe
 from moeforge.data.split import SPLITS
@@ -41,8 +44,8 @@ from moeforge.io import sha256_file
 __all__ = ["GATES", "GateResult", "run_gates"]
 
 GATES = (
-    "schema", "accounting", "coverage", "leakage", "split_ratios", "lang_balance", "pii_residue", "provenance",
-    "hash",
+    "schema", "accounting", "coverage", "leakage", "split_ratios", "lang_balance", "mixture", "pii_residue",
+    "provenance", "hash",
 )  # fmt: skip
 _EXAMPLES = 3
 
@@ -79,6 +82,7 @@ class _Scan:
     provenance_errors: list[str]
     n_provenance_errors: int
     unlabelled: int = 0
+    train_mix: Counter[str] = field(default_factory=Counter)
 
 
 def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
@@ -116,7 +120,15 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                 if meta.family not in holdout:
                     s.pool[split] += 1
                 if split == "train":
-                    s.train_langs[meta.lang or "und"] += 1
+                    repeat = int(meta.extra.get("mix_repeat", 1))
+                    texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
+                    size = approx_tokens(texts) * repeat
+                    lang_size = size if recipe.gates.language_unit == "tokens" else 1
+                    s.train_langs[meta.lang or "und"] += lang_size
+                    if recipe.mix.enabled:
+                        by = recipe.mix.by
+                        group = (meta.lang or "und") if by == "lang" else getattr(meta, by)
+                        s.train_mix[group] += size if recipe.mix.unit == "tokens" else repeat
                 if meta.lang is None and meta.domain not in recipe.langid.skip_domains:
                     s.unlabelled += 1
                 if scrubbed:
@@ -188,11 +200,20 @@ def _accounting(manifest: dict[str, Any], scan: _Scan) -> GateResult:
     )
 
 
-def _ratios(recipe: Recipe, scan: _Scan) -> GateResult:
-    pool = sum(scan.pool.values())
+def _ratios(recipe: Recipe, scan: _Scan, manifest: dict[str, Any]) -> GateResult:
+    counts: dict[str, int] = {s: scan.pool[s] for s in SPLITS}
+    note = ""
+    if recipe.mix.enabled:  # mixing down-samples train on purpose: judge the assignment before it
+        counts = {s: int(manifest.get("split_pool", {}).get(s, 0)) for s in SPLITS}
+        note = " (before mixing, from the manifest)"
+        if counts["valid"] != scan.pool["valid"] or counts["test"] != scan.pool["test"]:
+            return GateResult(
+                "split_ratios", False, "valid/test in the files differ from the manifest's split_pool"
+            )
+    pool = sum(counts.values())
     if pool == 0:
         return GateResult("split_ratios", False, "no records outside held-out families")
-    shares = {s: scan.pool[s] / pool for s in SPLITS}
+    shares = {s: counts[s] / pool for s in SPLITS}
     problems = []
     lo, hi = recipe.gates.train_ratio
     if recipe.split.train > 0 and not lo <= shares["train"] <= hi:
@@ -202,9 +223,9 @@ def _ratios(recipe: Recipe, scan: _Scan) -> GateResult:
         ratio = getattr(recipe.split, s)
         if ratio > 0 and not lo <= shares[s] <= hi:
             problems.append(f"{s} {shares[s]:.3f} outside [{lo}, {hi}]")
-        if ratio == 0 and scan.pool[s]:
-            problems.append(f"{s} has {scan.pool[s]} pool records but its ratio is 0")
-    evidence = ", ".join(f"{s} {scan.pool[s]} ({shares[s]:.3f})" for s in SPLITS) + f" of {pool}"
+        if ratio == 0 and counts[s]:
+            problems.append(f"{s} has {counts[s]} pool records but its ratio is 0")
+    evidence = ", ".join(f"{s} {counts[s]} ({shares[s]:.3f})" for s in SPLITS) + f" of {pool}{note}"
     return GateResult("split_ratios", not problems, "; ".join(problems) or evidence)
 
 
@@ -223,9 +244,25 @@ def _lang_balance(recipe: Recipe, scan: _Scan) -> GateResult:
         parts.append(f"{lang} {share:.3f} in [{lo}, {hi}]")
         if not lo <= share <= hi:
             problems.append(f"{lang} {share:.3f} outside [{lo}, {hi}]")
-    return GateResult(
-        "lang_balance", not problems, "; ".join(problems) or ", ".join(parts) + f" of {total} train"
-    )
+    unit = "approx tokens" if recipe.gates.language_unit == "tokens" else "records"
+    evidence = ", ".join(parts) + f" of {total} train {unit}"
+    return GateResult("lang_balance", not problems, "; ".join(problems) or evidence)
+
+
+def _mixture(recipe: Recipe, scan: _Scan) -> GateResult:
+    mix = recipe.mix
+    if not mix.enabled:
+        return GateResult("mixture", True, "mixing not configured", skipped=True)
+    total = sum(scan.train_mix.values())
+    tol = recipe.gates.mix_tolerance
+    problems, parts = [], []
+    for group in sorted(set(mix.target) | set(scan.train_mix)):
+        share = scan.train_mix[group] / total if total else 0.0
+        target = mix.target.get(group, 0.0)
+        parts.append(f"{group} {share:.3f} (target {target:g})")
+        if abs(share - target) > tol:
+            problems.append(f"{group} {share:.3f} vs target {target:g} (tolerance {tol:g})")
+    return GateResult("mixture", not problems, "; ".join(problems) or f"{mix.by}: " + ", ".join(parts))
 
 
 def _leakage(recipe: Recipe, scan: _Scan) -> GateResult:
@@ -297,8 +334,9 @@ def run_gates(root: str | Path, manifest: dict[str, Any], recipe: Recipe | None 
             + ", ".join(f"{f} {n}" for f, n in sorted(scan.families.items())),
         ),
         _leakage(recipe, scan),
-        _ratios(recipe, scan),
+        _ratios(recipe, scan, manifest),
         _lang_balance(recipe, scan),
+        _mixture(recipe, scan),
         GateResult(
             "pii_residue",
             pii == 0,

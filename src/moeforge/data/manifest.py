@@ -2,15 +2,14 @@
 
 Fields: the format and contract versions, the moeforge version, the resolved recipe and its sha256,
 every input (uri, size, sha256, source, task), every output shard per split (path relative to the run
-directory, records, bytes, sha256), the review and quarantine files, record counts per split and per
-split × family × lang × domain, per-stage accounting (``in = out + dropped + quarantined``) and the gate
+directory, records, bytes, sha256), the review and quarantine files, record counts per split and records
+and approximate tokens per split × family × lang × domain, the achieved mixture when mixing ran, per-stage accounting (``in = out + dropped + quarantined``) and the gate
 results. Nothing in it depends on the clock or the machine, so a resumed run writes the same bytes.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from moeforge.data.store import ShardInfo
 
 if TYPE_CHECKING:
     from moeforge.data.recipe import Recipe
+    from moeforge.data.reduce import ReduceResult
     from moeforge.data.stages import StageCount
 
 __all__ = ["MANIFEST_FORMAT", "ManifestError", "build_manifest", "load_manifest"]
@@ -45,12 +45,10 @@ def build_manifest(
     recipe_sha: str,
     task_stats: list[dict[str, Any]],
     stages: list[StageCount],
-    outputs: dict[str, list[ShardInfo]],
-    review: list[ShardInfo],
-    quarantine: dict[str, Any],
-    table: Counter[tuple[str, str, str, str]],
+    red: ReduceResult,
     root: Path,
 ) -> dict[str, Any]:
+    outputs, table = red.outputs, red.table
     inputs = [
         {
             "source": st["source"],
@@ -71,14 +69,24 @@ def build_manifest(
         "recipe": recipe.resolved(),
         "inputs": inputs,
         "outputs": {split: [_shard(i, root) for i in infos] for split, infos in outputs.items()},
-        "review": [_shard(i, root) for i in review],
-        "quarantine": quarantine,
+        "review": [_shard(i, root) for i in red.review],
+        "quarantine": red.quarantine,
         "records": {split: sum(i.records for i in infos) for split, infos in outputs.items()},
+        "token_unit": "approx_words",
         "counts": [
-            {"split": s, "family": f, "lang": lang, "domain": d, "records": n}
+            {
+                "split": s,
+                "family": f,
+                "lang": lang,
+                "domain": d,
+                "records": n,
+                "tokens": red.tokens[(s, f, lang, d)],
+            }
             for (s, f, lang, d), n in sorted(table.items())
         ],
         "stages": [s.to_json() for s in stages],
+        "split_pool": red.split_pool,
+        **({"mixture": red.mixture} if red.mixture is not None else {}),
     }
 
 

@@ -14,8 +14,8 @@ Resume: tasks whose directory is complete and whose input files are unchanged (s
 skipped; the reduce always runs again. Every step is deterministic, so a run killed at any point and
 started again ends with the same bytes as a run that was never interrupted.
 
-The reduce is: exact dedup over all task outputs (moeforge.data.dedup.exact), split sizes checked
-(moeforge.data.split), then every surviving record rewritten into its split with ``meta.split`` set.
+The reduce (moeforge.data.reduce) is: exact dedup over all task outputs, split sizes checked, the
+train split mixed to its targets, then every surviving record rewritten into its split.
 """
 
 from __future__ import annotations
@@ -35,17 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from moeforge.data.dedup.exact import SPLIT_CODES, DedupResult, find_exact_duplicates
 from moeforge.data.gates import GateResult, run_gates
 from moeforge.data.manifest import build_manifest
 from moeforge.data.plan import Task, plan_tasks
 from moeforge.data.recipe import Recipe, recipe_hash
-from moeforge.data.split import SPLITS, check_split_sizes
+from moeforge.data.reduce import reduce_tasks
 from moeforge.data.stages import MAP_STAGES, StageCount, run_map_task, task_dir
-from moeforge.data.store import ShardInfo, ShardWriter, iter_lines
-from moeforge.io import atomic_directory, atomic_write_json
+from moeforge.io import atomic_write_json
 
 __all__ = ["PipelineError", "RunResult", "run_pipeline"]
 
@@ -221,27 +217,16 @@ def run_pipeline(
             for k, v in st["seconds"].items():
                 seconds[k] += v
         t1 = time.perf_counter()
-        dedup = _dedup(recipe, work, tasks)
-        kept = int(sum(k.sum() for k in dedup.keep))
-        total_records = sum(st["records"] for st in stats)
-        dedup_count = StageCount("dedup", total_records, kept, Counter({"dedup:exact": total_records - kept}))
-        if dedup_count.dropped["dedup:exact"] == 0:
-            dedup_count.dropped.clear()
+        map_out = stages["identity"].out
+        red = reduce_tasks(recipe, out_dir, work, tasks, map_out, progress)
         t2 = time.perf_counter()
-        split_counts, pool = _split_counts(recipe, work, tasks, dedup)
-        check_split_sizes(split_counts, pool, recipe.split)
-        outputs, review, quarantine, table = _write(recipe, out_dir, work, tasks, dedup, progress)
-        t3 = time.perf_counter()
-        split_count = StageCount("split", kept, kept)
-        all_stages = [*stages.values(), dedup_count, split_count]
-        manifest = build_manifest(recipe, sha, stats, all_stages, outputs, review, quarantine, table, out_dir)
+        all_stages = [*stages.values(), *red.stages]
+        manifest = build_manifest(recipe, sha, stats, all_stages, red, out_dir)
         gates = run_gates(out_dir, manifest, recipe)
         manifest["gates"] = [g.to_json() for g in gates]
         atomic_write_json(out_dir / "manifest.json", manifest)
-        t4 = time.perf_counter()
-        seconds.update(
-            {"map_wall": t_map, "dedup": t2 - t1, "write": t3 - t2, "gates": t4 - t3, "total": t4 - t_start}
-        )
+        t3 = time.perf_counter()
+        seconds.update({"map_wall": t_map, "reduce": t2 - t1, "gates": t3 - t2, "total": t3 - t_start})
         atomic_write_json(
             out_dir / "timings.json",
             {
@@ -253,88 +238,3 @@ def run_pipeline(
         return RunResult(
             out_dir, manifest, all_stages, gates, len(pending), len(tasks) - len(pending), dict(seconds)
         )
-
-
-def _dedup(recipe: Recipe, work: Path, tasks: list[Task]) -> DedupResult:
-    key_files = [task_dir(work, t) / "keys.npy" for t in tasks]
-    if recipe.dedup.enabled:
-        return find_exact_duplicates(key_files, recipe.dedup.policy, recipe.dedup.memory_mb)
-    sizes = [len(np.load(f, mmap_mode="r")) for f in key_files]
-    return DedupResult(
-        [np.ones(n, dtype=np.uint8) for n in sizes], [np.ones(n, dtype=np.int32) for n in sizes], 1, 0
-    )
-
-
-def _split_counts(
-    recipe: Recipe, work: Path, tasks: list[Task], dedup: DedupResult
-) -> tuple[dict[str, int], int]:
-    counts = dict.fromkeys(SPLITS, 0)
-    pool = 0
-    for t, keep in zip(tasks, dedup.keep, strict=True):
-        keys = np.load(task_dir(work, t) / "keys.npy", mmap_mode="r")
-        mask = keep.astype(bool)
-        for name, code in SPLIT_CODES.items():
-            counts[name] += int(((keys["split"] == code) & mask).sum())
-        pool += int((mask & (keys["holdout"] == 0)).sum())
-    return counts, pool
-
-
-def _write(
-    recipe: Recipe, out: Path, work: Path, tasks: list[Task], dedup: DedupResult, progress: Progress | None
-) -> tuple[dict[str, list[ShardInfo]], list[ShardInfo], dict[str, Any], Counter[tuple[str, str, str, str]]]:
-    """Rewrite surviving records into their splits; gather review and quarantine files."""
-    names = {v: k for k, v in SPLIT_CODES.items()}
-    table: Counter[tuple[str, str, str, str]] = Counter()
-    level = recipe.output.zstd_level
-    with atomic_directory(out / "records", overwrite=True) as tmp:
-        writers = {s: ShardWriter(tmp / s, recipe.output.shard_records, level) for s in SPLITS}
-        for n, (t, keep, copies) in enumerate(zip(tasks, dedup.keep, dedup.copies, strict=True), 1):
-            tdir = task_dir(work, t)
-            keys = np.load(tdir / "keys.npy", mmap_mode="r")
-            rec_file = tdir / "records.jsonl.zst"
-            if rec_file.exists():
-                for i, (_, line) in enumerate(iter_lines(rec_file)):
-                    if not keep[i]:
-                        continue
-                    obj = json.loads(line)
-                    split = names[int(keys["split"][i])]
-                    meta = obj["meta"]
-                    meta["split"] = split
-                    meta["provenance"]["steps"] += ["dedup", "split"]
-                    if copies[i] > 1:
-                        meta["extra"]["exact_copies"] = int(copies[i])
-                    table[(split, meta["family"], meta.get("lang") or "und", meta["domain"])] += 1
-                    writers[split].write_json(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
-            if progress:
-                progress("write", n, len(tasks))
-        outputs = {s: w.close() for s, w in writers.items()}
-    outputs = {s: [_moved(i, tmp, out / "records") for i in infos] for s, infos in outputs.items()}
-    with atomic_directory(out / "review", overwrite=True) as tmp:
-        rw = ShardWriter(tmp, recipe.output.shard_records, level)
-        for t in tasks:
-            f = task_dir(work, t) / "review.jsonl.zst"
-            if f.exists():
-                for _, line in iter_lines(f):
-                    rw.write_json(line)
-        review = [_moved(i, tmp, out / "review") for i in rw.close()]
-    with atomic_directory(out / "quarantine", overwrite=True) as tmp:
-        n_q = 0
-        with open(tmp / "quarantine.jsonl", "wb") as qout:
-            for t in tasks:
-                data = (task_dir(work, t) / "quarantine.jsonl").read_bytes()
-                n_q += data.count(b"\n")
-                qout.write(data)
-    qpath = out / "quarantine" / "quarantine.jsonl"
-    from moeforge.io import sha256_file
-
-    quarantine = {
-        "path": "quarantine/quarantine.jsonl",
-        "records": n_q,
-        "bytes": qpath.stat().st_size,
-        "sha256": sha256_file(qpath),
-    }
-    return outputs, review, quarantine, table
-
-
-def _moved(info: ShardInfo, tmp: Path, final: Path) -> ShardInfo:
-    return ShardInfo(final / info.path.relative_to(tmp), info.records, info.bytes, info.sha256)

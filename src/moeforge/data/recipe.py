@@ -25,6 +25,7 @@ from moeforge.config import ConfigError, StrictModel, apply_overrides, read_yaml
 from moeforge.data.filters import FilterConfig
 from moeforge.data.formats import FormatConfig, IdentityConfig
 from moeforge.data.langid import LangIdConfig
+from moeforge.data.mix import MixConfig
 from moeforge.data.pii import PiiConfig
 from moeforge.data.sources import Format, TxtMode
 
@@ -166,6 +167,12 @@ class GateConfig(StrictModel):
         default_factory=dict,
         description="per language, the allowed share of train records, e.g. ru: [0.3, 0.6]",
     )
+    language_unit: Literal["tokens", "records"] = Field(
+        default="tokens", description="language shares in approximate tokens (× mix weight) or in records"
+    )
+    mix_tolerance: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="allowed |achieved − target| share per mixing group"
+    )
     require_lang: bool = Field(default=False, description="fail when a record has no language label")
 
     @field_validator("train_ratio", "eval_ratio")
@@ -202,6 +209,7 @@ class Recipe(StrictModel):
     identity: IdentityConfig | None = None
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

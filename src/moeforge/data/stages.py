@@ -14,12 +14,14 @@ Task directory layout::
     review.jsonl.zst    records held for PII review (pii_status=requires_review)
     quarantine.jsonl    malformed input: uri, line/offset, stage, error, raw
     keys.npy            one dedup key per surviving record (see moeforge.data.dedup.exact)
+    facts.json          per surviving record: approximate tokens and the mixing group
     stats.json          inputs (uri, size, sha256), stage counts, timings
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -35,6 +37,7 @@ from moeforge.data.dedup.exact import SPLIT_CODES, id_words, make_keys
 from moeforge.data.filters import apply_filters
 from moeforge.data.formats import apply_identity, to_record
 from moeforge.data.langid import apply_langid
+from moeforge.data.mix import approx_tokens
 from moeforge.data.pii import scrub_record
 from moeforge.data.plan import InputFile, Task, iter_task_items, word_problem_items
 from moeforge.data.recipe import Recipe
@@ -111,6 +114,12 @@ def _input_info(src_builtin: str | None, inp: InputFile, recipe: Recipe, si: int
     return {"uri": inp.uri, "size": st.st_size, "sha256": sha256_file(inp.path), "mtime_ns": st.st_mtime_ns}
 
 
+def _group(record: Record, by: str) -> str:
+    if by == "lang":
+        return record.meta.lang or "und"
+    return record.meta.domain if by == "domain" else record.meta.family
+
+
 def _quality(record: Record) -> float:
     return float(record.meta.lang_confidence or 1.0) * float(
         record.meta.quality.get("alpha_words_ratio", 1.0)
@@ -131,6 +140,9 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
     lengths: list[int] = []
     quality: list[float] = []
     splits: list[int] = []
+    tokens: list[int] = []
+    group_codes: list[int] = []
+    group_table: dict[str, int] = {}
     inputs = []
     out = task_dir(Path(work), task)
     with atomic_directory(out, overwrite=True) as tmp:
@@ -186,12 +198,23 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
                     quality.append(_quality(rec))
                     unit = rec.meta.cluster or rec.id
                     splits.append(SPLIT_CODES[assign_split(unit, recipe.split, holdout)])
+                    texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
+                    tokens.append(approx_tokens(texts))
+                    group = _group(rec, recipe.mix.by)
+                    group_codes.append(group_table.setdefault(group, len(group_table)))
         for name in ("records", "review"):  # ShardWriter names shards <prefix>-00000.jsonl.zst
             part = tmp / f"{name}-00000.jsonl.zst"
             if part.exists():
                 part.rename(tmp / f"{name}.jsonl.zst")
         keys = make_keys(digests, lengths, quality, [holdout] * len(digests), splits)
         np.save(tmp / "keys.npy", keys, allow_pickle=False)
+        facts = {
+            "tokens": tokens,
+            "group_by": recipe.mix.by,
+            "groups": list(group_table),
+            "group": group_codes,
+        }
+        (tmp / "facts.json").write_text(json.dumps(facts, separators=(",", ":")), encoding="utf-8")
         stats = {
             "task": task.task_id,
             "source": src.label,

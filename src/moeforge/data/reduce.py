@@ -1,0 +1,218 @@
+"""The global ("reduce") steps over all task outputs: exact dedup → split check → mixing → write.
+
+Every step decides from small per-record arrays that the map tasks wrote (``keys.npy``: content hash,
+length, quality, holdout, split; ``facts.json``: approximate tokens and the mixing group), so only the
+final write reads the records themselves, once, in task order. Records are then rewritten into
+``records/{split}/`` with ``meta.split`` set and the reduce steps appended to their provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeforge.data.dedup.exact import SPLIT_CODES, DedupResult, find_exact_duplicates
+from moeforge.data.mix import MixPlan, plan_mixture
+from moeforge.data.plan import Task
+from moeforge.data.recipe import Recipe
+from moeforge.data.split import SPLITS, check_split_sizes
+from moeforge.data.stages import StageCount, task_dir
+from moeforge.data.store import ShardInfo, ShardWriter, iter_lines
+from moeforge.io import atomic_directory, sha256_file
+
+__all__ = ["ReduceResult", "reduce_tasks"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+_NAMES = {v: k for k, v in SPLIT_CODES.items()}
+
+
+@dataclass
+class ReduceResult:
+    stages: list[StageCount]
+    outputs: dict[str, list[ShardInfo]]
+    review: list[ShardInfo]
+    quarantine: dict[str, Any]
+    table: Counter[tuple[str, str, str, str]]
+    tokens: Counter[tuple[str, str, str, str]]
+    mixture: dict[str, Any] | None
+    split_pool: dict[str, int]
+
+
+def _load_keys(work: Path, tasks: list[Task]) -> list[np.ndarray]:
+    return [np.load(task_dir(work, t) / "keys.npy", mmap_mode="r") for t in tasks]
+
+
+def _load_facts(work: Path, tasks: list[Task]) -> list[dict[str, Any]]:
+    return [json.loads((task_dir(work, t) / "facts.json").read_text(encoding="utf-8")) for t in tasks]
+
+
+def _exact(recipe: Recipe, work: Path, tasks: list[Task], keys: list[np.ndarray]) -> DedupResult:
+    if recipe.dedup.enabled:
+        files = [task_dir(work, t) / "keys.npy" for t in tasks]
+        return find_exact_duplicates(files, recipe.dedup.policy, recipe.dedup.memory_mb)
+    return DedupResult(
+        [np.ones(len(k), np.uint8) for k in keys], [np.ones(len(k), np.int32) for k in keys], 1, 0
+    )
+
+
+def _split_sizes(recipe: Recipe, keys: list[np.ndarray], keep: list[np.ndarray]) -> dict[str, int]:
+    """Check the split sizes; return the non-held-out pool per split (before mixing)."""
+    counts = dict.fromkeys(SPLITS, 0)
+    pool = dict.fromkeys(SPLITS, 0)
+    for k, m in zip(keys, keep, strict=True):
+        mask = m.astype(bool)
+        for name, code in SPLIT_CODES.items():
+            counts[name] += int(((k["split"] == code) & mask).sum())
+            pool[name] += int(((k["split"] == code) & mask & (k["holdout"] == 0)).sum())
+    check_split_sizes(counts, sum(pool.values()), recipe.split)
+    return pool
+
+
+def _mix(
+    recipe: Recipe, keys: list[np.ndarray], keep: list[np.ndarray], facts: list[dict[str, Any]]
+) -> tuple[list[np.ndarray], MixPlan | None]:
+    """Per task, a weight per record (0 = dropped by mixing); only train records are mixed."""
+    weights = [m.astype(np.int32) for m in keep]
+    if not recipe.mix.enabled:
+        return weights, None
+    where: list[tuple[int, int]] = []
+    groups: list[str] = []
+    sizes: list[int] = []
+    ids: list[str] = []
+    for t, (k, m, f) in enumerate(zip(keys, keep, facts, strict=True)):
+        table = f["groups"]
+        for i in np.nonzero(m.astype(bool) & (k["split"] == SPLIT_CODES["train"]))[0].tolist():
+            where.append((t, i))
+            groups.append(table[f["group"][i]])
+            sizes.append(f["tokens"][i] if recipe.mix.unit == "tokens" else 1)
+            ids.append(bytes(k["h"][i].astype(">u8").tobytes()).hex())
+    plan = plan_mixture(groups, np.asarray(sizes, dtype=np.int64), ids, recipe.mix)
+    for (t, i), w in zip(where, plan.weights.tolist(), strict=True):
+        weights[t][i] = w
+    return weights, plan
+
+
+def reduce_tasks(
+    recipe: Recipe, out: Path, work: Path, tasks: list[Task], map_out: int, progress: Progress | None
+) -> ReduceResult:
+    """Run the reduce steps and write the dataset files (see the module docstring)."""
+    keys = _load_keys(work, tasks)
+    facts = _load_facts(work, tasks)
+    dedup = _exact(recipe, work, tasks, keys)
+    kept = int(sum(int(k.sum()) for k in dedup.keep))
+    stages = [
+        StageCount("dedup", map_out, kept, Counter({"dedup:exact": map_out - kept} if map_out > kept else {}))
+    ]
+    pool = _split_sizes(recipe, keys, dedup.keep)
+    weights, plan = _mix(recipe, keys, dedup.keep, facts)
+    stages.append(StageCount("split", kept, kept))
+    if recipe.mix.enabled:
+        mixed = int(sum(int((w > 0).sum()) for w in weights))
+        stages.append(
+            StageCount("mix", kept, mixed, Counter({"mix:downsampled": kept - mixed} if kept > mixed else {}))
+        )
+    outputs, table, tokens = _write_records(
+        recipe, out, work, tasks, keys, facts, weights, dedup.copies, progress
+    )
+    review = _write_review(recipe, out, work, tasks)
+    quarantine = _write_quarantine(out, work, tasks)
+    mixture = None
+    if plan is not None:
+        mixture = {
+            "by": recipe.mix.by,
+            "unit": recipe.mix.unit,
+            "token_unit": "approx_words",
+            "target": dict(sorted(recipe.mix.target.items())),
+            "available": plan.shares("available"),
+            "achieved": plan.shares("achieved"),
+            "factors": plan.factors,
+        }
+    return ReduceResult(stages, outputs, review, quarantine, table, tokens, mixture, pool)
+
+
+def _write_records(
+    recipe: Recipe,
+    out: Path,
+    work: Path,
+    tasks: list[Task],
+    keys: list[np.ndarray],
+    facts: list[dict[str, Any]],
+    weights: list[np.ndarray],
+    copies: list[np.ndarray],
+    progress: Progress | None,
+) -> tuple[
+    dict[str, list[ShardInfo]], Counter[tuple[str, str, str, str]], Counter[tuple[str, str, str, str]]
+]:
+    table: Counter[tuple[str, str, str, str]] = Counter()
+    tokens: Counter[tuple[str, str, str, str]] = Counter()
+    steps = ["dedup", "split", *(["mix"] if recipe.mix.enabled else [])]
+    with atomic_directory(out / "records", overwrite=True) as tmp:
+        writers = {
+            s: ShardWriter(tmp / s, recipe.output.shard_records, recipe.output.zstd_level) for s in SPLITS
+        }
+        for n, (t, k, f, w, c) in enumerate(zip(tasks, keys, facts, weights, copies, strict=True), 1):
+            rec_file = task_dir(work, t) / "records.jsonl.zst"
+            if rec_file.exists():
+                for i, (_, line) in enumerate(iter_lines(rec_file)):
+                    if not w[i]:
+                        continue
+                    obj = json.loads(line)
+                    split = _NAMES[int(k["split"][i])]
+                    meta = obj["meta"]
+                    meta["split"] = split
+                    meta["provenance"]["steps"] += steps
+                    if c[i] > 1:
+                        meta["extra"]["exact_copies"] = int(c[i])
+                    if w[i] > 1:
+                        meta["extra"]["mix_repeat"] = int(w[i])
+                    cell = (split, meta["family"], meta.get("lang") or "und", meta["domain"])
+                    table[cell] += 1
+                    tokens[cell] += int(f["tokens"][i]) * int(w[i])
+                    writers[split].write_json(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+            if progress:
+                progress("write", n, len(tasks))
+        infos = {s: w.close() for s, w in writers.items()}
+    return {s: [_moved(i, tmp, out / "records") for i in v] for s, v in infos.items()}, table, tokens
+
+
+def _write_review(recipe: Recipe, out: Path, work: Path, tasks: list[Task]) -> list[ShardInfo]:
+    with atomic_directory(out / "review", overwrite=True) as tmp:
+        rw = ShardWriter(tmp, recipe.output.shard_records, recipe.output.zstd_level)
+        for t in tasks:
+            f = task_dir(work, t) / "review.jsonl.zst"
+            if f.exists():
+                for _, line in iter_lines(f):
+                    rw.write_json(line)
+        infos = rw.close()
+    return [_moved(i, tmp, out / "review") for i in infos]
+
+
+def _write_quarantine(out: Path, work: Path, tasks: list[Task]) -> dict[str, Any]:
+    n = 0
+    with (
+        atomic_directory(out / "quarantine", overwrite=True) as tmp,
+        open(tmp / "quarantine.jsonl", "wb") as qout,
+    ):
+        for t in tasks:
+            data = (task_dir(work, t) / "quarantine.jsonl").read_bytes()
+            n += data.count(b"\n")
+            qout.write(data)
+    path = out / "quarantine" / "quarantine.jsonl"
+    return {
+        "path": "quarantine/quarantine.jsonl",
+        "records": n,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def _moved(info: ShardInfo, tmp: Path, final: Path) -> ShardInfo:
+    return ShardInfo(final / info.path.relative_to(tmp), info.records, info.bytes, info.sha256)

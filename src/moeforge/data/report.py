@@ -1,0 +1,765 @@
+"""``report.html``: one self-contained page that shows what a data run produced and what it removed.
+
+``moeforge data report DIR`` (or :func:`write_report`) reads ``DIR/manifest.json`` and makes one streaming
+pass over the output shards it lists, then writes ``DIR/report.html``:
+
+- records, ≈tokens and characters per split × family × lang × domain (tokens are whitespace-separated
+  words until a tokenizer exists, and the page says so);
+- characters per record, a histogram per split (power-of-two bins);
+- per-stage accounting and the drops per reason per stage (``manifest["stages"]``);
+- PII placeholders per type (``meta.pii``) and records per ``pii_status``;
+- the language-ID confidence histogram (``meta.lang_confidence``);
+- exact-duplicate cluster sizes (``meta.extra.exact_copies``) and near-duplicate cluster sizes
+  (``manifest["near_dedup"]["cluster_sizes"]``);
+- decontamination hits per benchmark (``manifest["decontamination"]["benchmarks"]``);
+- mixture target vs achieved shares (``manifest["mixture"]``);
+- the gate table (``manifest["gates"]``) and the first records of each split.
+
+A section whose data is absent from the run says "not run" instead of disappearing. Charts are inline SVG
+drawn here, so the page needs no script, no network and no other file; a Content-Security-Policy forbids
+scripts and every external load, and every string that comes from the data is HTML-escaped (record text
+can hold ``<script>``). Memory stays flat: histograms have fixed bins and the tables are keyed by
+categories, never by record. The bytes depend only on the run directory (no clock, no machine data).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from moeforge.data.manifest import load_manifest
+from moeforge.data.split import SPLITS
+from moeforge.data.store import iter_lines
+from moeforge.io import atomic_write_text
+
+__all__ = ["REPORT_NAME", "build_report", "write_report"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+NOT_RUN = "not run"
+TOKENS_NOTE = "≈tokens are whitespace-separated words (an approximation until a tokenizer exists)"
+
+# Characters per record: bin 0 is [0, 16), bin i is [2^(i+3), 2^(i+4)), the last bin is ≥ 2^20.
+_LENGTH_BINS = 18
+_CONF_BINS = 20
+_CHART_ROWS = 30  # categorical charts show the largest rows; the tables list all of them
+_SAMPLES = 6  # families shown per split: the first record of each
+_SAMPLE_CHARS = 400
+_EXAMPLES = 5  # problems and decontamination examples listed
+_SPLIT_COLOURS = {"train": "#4c78a8", "valid": "#f58518", "test": "#54a24b"}
+_PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#bab0ac")
+_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+
+Key = tuple[str, str, str, str]  # split, family, lang, domain
+
+
+# ---------------------------------------------------------------------------------------------- the scan
+
+
+@dataclass
+class _Scan:
+    """Everything the report needs from the records; sized by categories and bins, not by records."""
+
+    records: Counter[Key] = field(default_factory=Counter)
+    words: Counter[Key] = field(default_factory=Counter)
+    chars: Counter[Key] = field(default_factory=Counter)
+    lengths: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * _LENGTH_BINS for s in SPLITS})
+    longest: Counter[str] = field(default_factory=Counter)
+    confidence: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * _CONF_BINS for s in SPLITS})
+    unlabelled: Counter[str] = field(default_factory=Counter)
+    pii: Counter[str] = field(default_factory=Counter)
+    pii_status: Counter[str] = field(default_factory=Counter)
+    exact_copies: Counter[int] = field(default_factory=Counter)
+    samples: dict[str, dict[str, str]] = field(default_factory=lambda: {s: {} for s in SPLITS})
+    problems: list[str] = field(default_factory=list)
+    n_problems: int = 0
+
+    def problem(self, message: str) -> None:
+        self.n_problems += 1
+        if len(self.problems) < _EXAMPLES:
+            self.problems.append(message)
+
+
+def _length_bin(n: int) -> int:
+    return 0 if n < 16 else min(n.bit_length() - 4, _LENGTH_BINS - 1)
+
+
+def _contents(obj: Mapping[str, Any]) -> list[str]:
+    if obj.get("text") is not None:
+        return [str(obj["text"])]
+    return [str(m.get("content", "")) for m in obj.get("messages") or [] if isinstance(m, dict)]
+
+
+def _sample(obj: Mapping[str, Any]) -> str:
+    if obj.get("text") is not None:
+        s = str(obj["text"])
+    else:
+        s = "\n".join(
+            f"{m.get('role', '?')}: {m.get('content', '')}"
+            for m in obj.get("messages") or []
+            if isinstance(m, dict)
+        )
+    return s if len(s) <= _SAMPLE_CHARS else s[:_SAMPLE_CHARS] + " …"
+
+
+def _add(scan: _Scan, split: str, obj: Mapping[str, Any]) -> None:
+    meta = obj["meta"]
+    key = (split, str(meta["family"]), str(meta.get("lang") or "und"), str(meta["domain"]))
+    contents = _contents(obj)
+    n_chars = sum(len(c) for c in contents)
+    scan.records[key] += 1
+    scan.words[key] += sum(len(c.split()) for c in contents)
+    scan.chars[key] += n_chars
+    scan.lengths[split][_length_bin(n_chars)] += 1
+    scan.longest[split] = max(scan.longest[split], n_chars)
+    conf = meta.get("lang_confidence")
+    if conf is None:
+        scan.unlabelled[split] += 1
+    else:
+        scan.confidence[split][min(max(int(float(conf) * _CONF_BINS), 0), _CONF_BINS - 1)] += 1
+    for kind, n in (meta.get("pii") or {}).items():
+        scan.pii[str(kind)] += int(n)
+    scan.pii_status[str(meta.get("pii_status") or "none")] += 1
+    copies = (meta.get("extra") or {}).get("exact_copies")
+    if copies is not None and int(copies) > 1:
+        scan.exact_copies[int(copies)] += 1
+    if key[1] not in scan.samples[split] and len(scan.samples[split]) < _SAMPLES:
+        scan.samples[split][key[1]] = _sample(obj)
+
+
+def _lines(path: Path, rel: str, scan: _Scan) -> Iterator[tuple[int, str]]:
+    try:
+        yield from iter_lines(path)
+    except (zstandard.ZstdError, UnicodeDecodeError, OSError, EOFError) as exc:
+        scan.problem(f"{rel}: unreadable ({type(exc).__name__}: {exc})")
+
+
+def _scan(run_dir: Path, manifest: Mapping[str, Any]) -> _Scan:
+    """One streaming pass over every output shard the manifest lists, in split and shard order."""
+    scan = _Scan()
+    outputs = manifest.get("outputs") or {}
+    for split in SPLITS:
+        for shard in outputs.get(split, []):
+            rel = str(shard["path"])
+            path = run_dir / rel
+            if not path.is_file():
+                scan.problem(f"{rel}: missing (listed in the manifest)")
+                continue
+            for line_no, line in _lines(path, rel, scan):
+                try:
+                    _add(scan, split, json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                    scan.problem(f"{rel}:{line_no}: not a contract record ({type(exc).__name__}: {exc})")
+    log.info("report: scanned %d records in %s", sum(scan.records.values()), run_dir)
+    return scan
+
+
+# -------------------------------------------------------------------------------------------- formatting
+
+
+def _e(value: object) -> str:
+    """HTML-escape anything that came from the data (quotes too: it may land in an attribute)."""
+    return html.escape(str(value), quote=True)
+
+
+def _n(x: float) -> str:
+    """An SVG coordinate: one decimal, stable across runs."""
+    return f"{x:.1f}"
+
+
+def _int(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def _share(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def _kib(n: int) -> str:
+    """A power-of-two bin edge: 512, 1K, 64K, 1M."""
+    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1 << 10 else str(n)
+
+
+def _not_run(why: str) -> str:
+    return f'<p class="not-run"><strong>{NOT_RUN}</strong>: {_e(why)}</p>'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+    """An HTML table; cells are already-escaped HTML, columns in ``numeric`` are right-aligned."""
+    head = "".join(f"<th{' class=num' if i in numeric else ''}>{_e(h)}</th>" for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{' class=num' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ------------------------------------------------------------------------------------------------ charts
+
+
+def _legend(series: Sequence[str], colours: Sequence[str], x0: float) -> list[str]:
+    out, x = [], x0
+    for name, colour in zip(series, colours, strict=True):
+        out.append(f'<rect x="{_n(x)}" y="4" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{_n(x + 14)}" y="13">{_e(name)}</text>')
+        x += 24 + 7 * len(name)
+    return out
+
+
+def _hbar_chart(
+    rows: Sequence[tuple[str, Sequence[float]]],
+    series: Sequence[str],
+    label: str,
+    *,
+    stacked: bool = True,
+    fmt: Callable[[float], str] = _int,
+    colours: Sequence[str] | None = None,
+) -> str:
+    """Horizontal bars, one row per ``(name, value per series)``: stacked segments, or one thin bar per
+    series (``stacked=False``). Hovering a bar shows its exact value (an SVG ``<title>``)."""
+    colours = list(colours or _PALETTE[: len(series)])
+    label_w = min(max((len(name) for name, _ in rows), default=4) * 7 + 14, 280)
+    max_chars = (label_w - 14) // 7
+    bar_w, value_w = 460.0, 110
+    legend_h = 20 if len(series) > 1 else 0
+    row_h = 22 if stacked else 6 + 13 * len(series)
+    width, height = label_w + int(bar_w) + value_w, legend_h + row_h * len(rows) + 6
+    vmax = max((sum(v) if stacked else max(v, default=0) for _, v in rows), default=0) or 1
+    out = [
+        f'<svg class="chart" role="img" aria-label="{_e(label)}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">'
+    ]
+    if legend_h:
+        out += _legend(series, colours, label_w)
+    for i, (name, values) in enumerate(rows):
+        y = legend_h + i * row_h
+        shown = name if len(name) <= max_chars else name[: max_chars - 1] + "…"
+        out.append(
+            f'<text x="{label_w - 6}" y="{_n(y + row_h / 2 + 4)}" text-anchor="end">{_e(shown)}'
+            f"<title>{_e(name)}</title></text>"
+        )
+        if stacked:
+            x = float(label_w)
+            for s, v, colour in zip(series, values, colours, strict=True):
+                w = v / vmax * bar_w
+                if w > 0:
+                    out.append(
+                        f'<rect class="bar" x="{_n(x)}" y="{_n(y + 3)}" width="{_n(max(w, 1))}" '
+                        f'height="{row_h - 6}" fill="{colour}"><title>{_e(name)} · {_e(s)}: {fmt(v)}</title></rect>'
+                    )
+                x += w
+            out.append(f'<text x="{_n(x + 5)}" y="{_n(y + row_h / 2 + 4)}">{fmt(sum(values))}</text>')
+        else:
+            for j, (s, v, colour) in enumerate(zip(series, values, colours, strict=True)):
+                w, by = v / vmax * bar_w, y + 3 + 13 * j
+                if w > 0:
+                    out.append(
+                        f'<rect class="bar" x="{label_w}" y="{by}" width="{_n(max(w, 1))}" height="11" '
+                        f'fill="{colour}"><title>{_e(name)} · {_e(s)}: {fmt(v)}</title></rect>'
+                    )
+                out.append(f'<text x="{_n(label_w + w + 5)}" y="{by + 10}" class="small">{fmt(v)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _vhist(
+    bins: Sequence[str],
+    series: Sequence[str],
+    counts: Sequence[Sequence[int]],
+    label: str,
+    *,
+    every: int = 1,
+    colours: Sequence[str] | None = None,
+) -> str:
+    """A vertical histogram: ``counts[s][b]`` records of series ``s`` in bin ``b``, stacked; a label under
+    every ``every``-th bin."""
+    colours = list(colours or _PALETTE[: len(series)])
+    bw, plot_h, left, top = 24, 150, 56, 24
+    width, height = left + bw * len(bins) + 10, top + plot_h + 34
+    totals = [sum(c[b] for c in counts) for b in range(len(bins))]
+    vmax = max(totals, default=0) or 1
+    out = [
+        f'<svg class="chart" role="img" aria-label="{_e(label)}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">'
+    ]
+    if len(series) > 1:
+        out += _legend(series, colours, left)
+    for frac in (0.0, 0.5, 1.0):
+        y = top + plot_h * (1 - frac)
+        out.append(f'<line class="grid" x1="{left}" x2="{width - 10}" y1="{_n(y)}" y2="{_n(y)}"/>')
+        out.append(
+            f'<text x="{left - 4}" y="{_n(y + 4)}" text-anchor="end" class="small">{_int(vmax * frac)}</text>'
+        )
+    for b, name in enumerate(bins):
+        x, y = left + b * bw, float(top + plot_h)
+        for s, c, colour in zip(series, counts, colours, strict=True):
+            h = c[b] / vmax * plot_h
+            if h > 0:
+                y -= h
+                out.append(
+                    f'<rect class="bar" x="{x + 2}" y="{_n(y)}" width="{bw - 4}" height="{_n(max(h, 1))}" '
+                    f'fill="{colour}"><title>{_e(name)} · {_e(s)}: {_int(c[b])}</title></rect>'
+                )
+        if b % every == 0:
+            out.append(
+                f'<text x="{_n(x + bw / 2)}" y="{top + plot_h + 14}" text-anchor="middle" class="small">'
+                f"{_e(name)}</text>"
+            )
+    out.append(f'<text x="{left}" y="{height - 4}" class="small">{_e(label)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
+    records = manifest.get("records") or {}
+    total = sum(int(v) for v in records.values())
+    review = sum(int(r.get("records", 0)) for r in manifest.get("review") or [])
+    quarantined = int((manifest.get("quarantine") or {}).get("records", 0))
+    inputs = manifest.get("inputs") or []
+    gates = manifest.get("gates") or []
+    failed = [g.get("gate") for g in gates if g.get("verdict") == "FAIL"]
+    recipe = manifest.get("recipe") or {}
+    facts = [
+        ("run", _e(manifest.get("name", "?"))),
+        ("description", _e(recipe.get("description") or "—")),
+        ("format", f"{_e(manifest.get('format'))}, contract v{_e(manifest.get('contract_version'))}"),
+        ("moeforge", _e(manifest.get("moeforge_version", "?"))),
+        ("recipe sha256", f"<code>{_e(manifest.get('recipe_sha256', '?'))}</code>"),
+        ("inputs", f"{_int(len(inputs))} files, {_int(sum(int(i.get('size') or 0) for i in inputs))} bytes"),
+        (
+            "records",
+            f"{_int(total)}: " + ", ".join(f"{_e(s)} {_int(records.get(s, 0))}" for s in SPLITS),
+        ),
+        ("held for PII review", _int(review)),
+        ("quarantined", _int(quarantined)),
+        (
+            "gates",
+            NOT_RUN
+            if not gates
+            else (f'<span class="FAIL">{len(failed)} failed</span>: {_e(", ".join(map(str, failed)))}')
+            if failed
+            else '<span class="pass">all pass</span>',
+        ),
+    ]
+    body = "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+    expected = Counter(
+        {
+            (c["split"], c["family"], c["lang"], c["domain"]): int(c["records"])
+            for c in manifest.get("counts") or []
+        }
+    )
+    warnings = []
+    if scan.n_problems:
+        more = (
+            f" (+{scan.n_problems - len(scan.problems)} more)" if scan.n_problems > len(scan.problems) else ""
+        )
+        warnings.append("records the report could not read: " + "; ".join(map(_e, scan.problems)) + more)
+    if +expected != +scan.records:
+        warnings.append(
+            "the files hold different counts per split × family × lang × domain than manifest.json says; "
+            "run <code>moeforge data verify</code> on this directory"
+        )
+    body += "".join(f'<p class="warn">{w}</p>' for w in warnings)
+    return _section("overview", "Overview", body)
+
+
+def _counts(scan: _Scan) -> str:
+    if not scan.records:
+        return _section(
+            "counts", "Records and ≈tokens per split × family × lang × domain", "<p>no records</p>"
+        )
+    groups = sorted({k[1:] for k in scan.records})
+
+    def rows(c: Counter[Key]) -> list[tuple[str, list[float]]]:
+        r = [(" / ".join(g), [float(c[(s, *g)]) for s in SPLITS]) for g in groups]
+        return sorted(r, key=lambda t: (-sum(t[1]), t[0]))[:_CHART_ROWS]
+
+    colours = [_SPLIT_COLOURS[s] for s in SPLITS]
+    more = f" (the {_CHART_ROWS} largest of {len(groups)})" if len(groups) > _CHART_ROWS else ""
+    body = (
+        f'<p class="note">{_e(TOKENS_NOTE)}. Rows are family / lang / domain{more}; '
+        '"und": no language label.</p><div class="row">'
+        f"<figure><figcaption>records</figcaption>"
+        f"{_hbar_chart(rows(scan.records), SPLITS, 'records per family / lang / domain', colours=colours)}"
+        "</figure><figure><figcaption>≈tokens (whitespace words)</figcaption>"
+        f"{_hbar_chart(rows(scan.words), SPLITS, '≈tokens per family / lang / domain', colours=colours)}"
+        "</figure></div>"
+    )
+    table = [
+        [_e(x) for x in k] + [_int(scan.records[k]), _int(scan.words[k]), _int(scan.chars[k])]
+        for k in sorted(scan.records, key=lambda k: (SPLITS.index(k[0]), k[1:]))
+    ]
+    table.append(
+        ["<strong>total</strong>", "", "", ""]
+        + [f"<strong>{_int(sum(c.values()))}</strong>" for c in (scan.records, scan.words, scan.chars)]
+    )
+    body += _table(
+        ["split", "family", "lang", "domain", "records", "≈tokens (words)", "characters"], table, (4, 5, 6)
+    )
+    return _section("counts", "Records and ≈tokens per split × family × lang × domain", body)
+
+
+def _lengths(scan: _Scan) -> str:
+    labels = ["0"] + [_kib(1 << (i + 3)) for i in range(1, _LENGTH_BINS - 1)] + [f"{_kib(1 << 20)}+"]
+    charts, stats = [], []
+    for s in SPLITS:
+        n = sum(scan.lengths[s])
+        chars = sum(v for k, v in scan.chars.items() if k[0] == s)
+        charts.append(
+            f"<figure><figcaption>{_e(s)}: {_int(n)} records</figcaption>"
+            f"{_vhist(labels, [s], [scan.lengths[s]], f'characters per record ({s})', every=2, colours=[_SPLIT_COLOURS[s]])}"
+            "</figure>"
+        )
+        stats.append([_e(s), _int(n), _int(chars / n if n else 0), _int(scan.longest[s])])
+    body = (
+        '<p class="note">Bins are powers of two: the bar at 64 counts records of 64–127 characters '
+        "(all turns of a chat together).</p>"
+        f'<div class="row">{"".join(charts)}</div>'
+        + _table(["split", "records", "mean characters", "longest"], stats, (1, 2, 3))
+    )
+    return _section("lengths", "Characters per record", body)
+
+
+def _drops(manifest: Mapping[str, Any]) -> str:
+    stages = manifest.get("stages")
+    if not stages:
+        return _section(
+            "drops", "Drops per reason per stage", _not_run("the manifest has no stage accounting")
+        )
+    table = [
+        [
+            _e(st.get("stage")),
+            _int(st.get("in", 0)),
+            _int(st.get("out", 0)),
+            _e(", ".join(f"{r} {n:,}" for r, n in sorted((st.get("dropped") or {}).items())) or "0"),
+            _int(st.get("quarantined", 0)),
+        ]
+        for st in stages
+    ]
+    drops = [
+        (f"{st.get('stage')}: {reason}", [float(n)])
+        for st in stages
+        for reason, n in sorted((st.get("dropped") or {}).items())
+    ]
+    drops += [
+        (f"{st.get('stage')}: quarantined", [float(st["quarantined"])])
+        for st in stages
+        if st.get("quarantined")
+    ]
+    chart = (
+        _hbar_chart(drops, ["records"], "records dropped per stage and reason", colours=["#e45756"])
+        if drops
+        else "<p>no record was dropped or quarantined</p>"
+    )
+    body = chart + _table(["stage", "in", "out", "dropped (by reason)", "quarantined"], table, (1, 2, 4))
+    return _section("drops", "Drops per reason per stage", body)
+
+
+def _pii(manifest: Mapping[str, Any], scan: _Scan) -> str:
+    title = "PII placeholders per type"
+    if not ((manifest.get("recipe") or {}).get("pii") or {}).get("enabled", True):
+        return _section(
+            "pii", title, _not_run("PII scrubbing is disabled in the recipe (pii.enabled: false)")
+        )
+    review = sum(int(r.get("records", 0)) for r in manifest.get("review") or [])
+    rows = [(k, [float(v)]) for k, v in sorted(scan.pii.items(), key=lambda t: (-t[1], t[0]))]
+    chart = (
+        _hbar_chart(rows, ["placeholders"], "PII placeholders per type", colours=["#b279a2"])
+        if rows
+        else "<p>no PII found in the output records</p>"
+    )
+    status = ", ".join(f"{_e(k)} {_int(v)}" for k, v in sorted(scan.pii_status.items()))
+    body = (
+        f"{chart}<p>Output records per <code>pii_status</code>: {status or '—'}. "
+        f"Held out for review (<code>review/</code>, in no split): {_int(review)}.</p>"
+    )
+    return _section("pii", title, body)
+
+
+def _langid(manifest: Mapping[str, Any], scan: _Scan) -> str:
+    title = "Language-ID confidence"
+    if not ((manifest.get("recipe") or {}).get("langid") or {}).get("enabled", True):
+        return _section(
+            "langid", title, _not_run("language ID is disabled in the recipe (langid.enabled: false)")
+        )
+    labelled = sum(sum(scan.confidence[s]) for s in SPLITS)
+    if not labelled:
+        return _section("langid", title, _not_run("no output record has meta.lang_confidence"))
+    labels = [f"{i / _CONF_BINS:.2f}" for i in range(_CONF_BINS)]
+    chart = _vhist(
+        labels,
+        SPLITS,
+        [scan.confidence[s] for s in SPLITS],
+        "records per language-ID confidence (bins of 0.05)",
+        every=4,
+        colours=[_SPLIT_COLOURS[s] for s in SPLITS],
+    )
+    unl = sum(scan.unlabelled.values())
+    body = f"{chart}<p>{_int(labelled)} labelled records; {_int(unl)} without a label (e.g. code, skipped domains).</p>"
+    return _section("langid", title, body)
+
+
+def _size_bin(size: int) -> int:
+    """Cluster sizes 1, 2, 3–4, 5–8, 9–16, … → 0, 1, 2, 3, 4, …"""
+    return (size - 1).bit_length()
+
+
+def _size_label(b: int) -> str:
+    return str(b + 1) if b < 2 else f"{(1 << (b - 1)) + 1}–{1 << b}"
+
+
+def _cluster_chart(sizes: Mapping[int, int], label: str) -> str:
+    bins: Counter[int] = Counter()
+    for size, n in sizes.items():
+        bins[_size_bin(size)] += n
+    rows = [(_size_label(b), [float(bins[b])]) for b in sorted(bins)]
+    note = '<p class="note">Rows: cluster size (power-of-two bins); bars: number of clusters.</p>'
+    return note + _hbar_chart(rows, ["clusters"], label, colours=["#72b7b2"])
+
+
+def _exact_dedup(manifest: Mapping[str, Any], scan: _Scan) -> str:
+    title = "Exact duplicates: cluster sizes"
+    if not ((manifest.get("recipe") or {}).get("dedup") or {}).get("enabled", True):
+        return _section(
+            "exact-dedup", title, _not_run("exact dedup is disabled in the recipe (dedup.enabled: false)")
+        )
+    dropped = sum(
+        int(n)
+        for st in manifest.get("stages") or []
+        for r, n in (st.get("dropped") or {}).items()
+        if r == "dedup:exact"
+    )
+    if not scan.exact_copies:
+        return _section(
+            "exact-dedup",
+            title,
+            f"<p>no exact duplicates among the output records (dropped: {dropped:,})</p>",
+        )
+    clusters = sum(scan.exact_copies.values())
+    removed = sum((k - 1) * n for k, n in scan.exact_copies.items())
+    body = (
+        f"<p>{_int(clusters)} output records stand for more than one copy (<code>meta.extra.exact_copies</code>); "
+        f"largest cluster {_int(max(scan.exact_copies))}; copies removed behind them {_int(removed)} "
+        f"(the dedup stage dropped {_int(dropped)}).</p>"
+        + _cluster_chart(scan.exact_copies, "exact-duplicate clusters per size (copies)")
+    )
+    return _section("exact-dedup", title, body)
+
+
+def _near_dedup(manifest: Mapping[str, Any]) -> str:
+    title = "Near duplicates: cluster sizes"
+    sizes = (manifest.get("near_dedup") or {}).get("cluster_sizes")
+    if sizes is None:
+        return _section("near-dedup", title, _not_run("the manifest has no near_dedup.cluster_sizes"))
+    parsed = {int(k): int(v) for k, v in sizes.items()}
+    if not parsed:
+        return _section("near-dedup", title, "<p>no near-duplicate clusters</p>")
+    body = (
+        f"<p>{_int(sum(parsed.values()))} clusters, largest {_int(max(parsed))} documents.</p>"
+        + _cluster_chart(parsed, "near-duplicate clusters per size (documents)")
+        + _table(["cluster size", "clusters"], [[_int(k), _int(parsed[k])] for k in sorted(parsed)], (0, 1))
+    )
+    return _section("near-dedup", title, body)
+
+
+def _example(x: object) -> str:
+    s = x if isinstance(x, str) else json.dumps(x, ensure_ascii=False, sort_keys=True)
+    return _e(s if len(s) <= 200 else s[:200] + " …")
+
+
+def _decontamination(manifest: Mapping[str, Any]) -> str:
+    title = "Decontamination hits per benchmark"
+    benchmarks = (manifest.get("decontamination") or {}).get("benchmarks")
+    if benchmarks is None:
+        return _section("decontamination", title, _not_run("the manifest has no decontamination.benchmarks"))
+    if not benchmarks:
+        return _section("decontamination", title, "<p>no benchmarks were checked</p>")
+    names = sorted(benchmarks)
+    rows = [
+        (
+            name,
+            [
+                float(benchmarks[name].get("items_matched", 0)),
+                float(benchmarks[name].get("documents_affected", 0)),
+            ],
+        )
+        for name in names
+    ]
+    chart = _hbar_chart(rows, ["items matched", "documents affected"], title, stacked=False)
+    table = []
+    for name in names:
+        b = benchmarks[name]
+        items, matched = int(b.get("items", 0)), int(b.get("items_matched", 0))
+        examples = "".join(
+            f"<li><code>{_example(x)}</code></li>" for x in list(b.get("examples") or [])[:_EXAMPLES]
+        )
+        table.append(
+            [
+                _e(name),
+                _int(items),
+                f"{_int(matched)} ({_share(matched / items) if items else '—'})",
+                _int(b.get("documents_affected", 0)),
+                f"<ul>{examples}</ul>" if examples else "—",
+            ]
+        )
+    body = chart + _table(
+        ["benchmark", "items", "items matched", "documents affected", "examples"], table, (1, 2, 3)
+    )
+    return _section("decontamination", title, body)
+
+
+def _mixture(manifest: Mapping[str, Any]) -> str:
+    title = "Mixture: target vs achieved"
+    mix = manifest.get("mixture")
+    if mix is None:
+        return _section("mixture", title, _not_run("the manifest has no mixture"))
+    by = str(mix.get("by", "group"))
+    # "available" (the shares before mixing) is optional: shown between the two when the manifest has it
+    series = [s for s in ("target", "available", "achieved") if s in mix]
+    shares = {s: mix.get(s) or {} for s in series}
+    keys = sorted(set().union(*shares.values()))
+    rows = [(k, [float(shares[s].get(k, 0.0)) for s in series]) for k in keys]
+    colours = [{"target": "#9d755d", "available": "#bab0ac", "achieved": "#4c78a8"}[s] for s in series]
+    chart = _hbar_chart(rows, series, f"share per {by}", stacked=False, fmt=_share, colours=colours)
+    table = []
+    for k in keys:
+        t, a = float(shares.get("target", {}).get(k, 0.0)), float(shares.get("achieved", {}).get(k, 0.0))
+        table.append(
+            [_e(k), *(_share(float(shares[s].get(k, 0.0))) for s in series), f"{(a - t) * 100:+.1f} pp"]
+        )
+    unit = f", counted in {_e(mix['unit'])}" if mix.get("unit") else ""
+    body = (
+        f"<p>Shares of train by <code>{_e(by)}</code>{unit}.</p>"
+        + chart
+        + _table([by, *series, "achieved − target"], table, tuple(range(1, len(series) + 2)))
+    )
+    return _section("mixture", title, body)
+
+
+def _gates(manifest: Mapping[str, Any]) -> str:
+    gates = manifest.get("gates")
+    if not gates:
+        return _section("gates", "Gates", _not_run("the manifest has no gate results"))
+    rows = [
+        [
+            _e(g.get("gate")),
+            f'<span class="{_e(g.get("verdict"))}">{_e(g.get("verdict"))}</span>',
+            _e(g.get("evidence")),
+        ]
+        for g in gates
+    ]
+    return _section("gates", "Gates", _table(["gate", "verdict", "evidence"], rows))
+
+
+def _samples(scan: _Scan) -> str:
+    parts = []
+    for s in SPLITS:
+        recs = "".join(
+            f'<p class="family">{_e(fam)}</p><pre>{_e(text)}</pre>'
+            for fam, text in sorted(scan.samples[s].items())
+        )
+        parts.append(f"<h3>{_e(s)}</h3>{recs or '<p>no records</p>'}")
+    note = (
+        f'<p class="note">The first record of each family in each split (at most {_SAMPLES} families per '
+        f"split), cut at {_SAMPLE_CHARS} characters.</p>"
+    )
+    return _section("samples", "Sample records", note + "".join(parts))
+
+
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0 auto;
+max-width:1180px;padding:16px 24px 48px}
+h1{font-size:22px;margin:8px 0}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+h3{font-size:15px}nav a{margin-right:12px}code,pre{font:12px ui-monospace,Menlo,Consolas,monospace}
+pre{background:#f6f6f6;border:1px solid #e4e4e4;padding:8px;white-space:pre-wrap;word-break:break-word;
+max-height:16em;overflow:auto;margin-top:2px}p.family{margin:10px 0 0;color:#555}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px}dt{color:#666}dd{margin:0}
+table{border-collapse:collapse;margin:12px 0;font-size:13px}th,td{border-bottom:1px solid #e4e4e4;
+padding:3px 10px;text-align:left;vertical-align:top}th{background:#f3f3f3}td.num,th.num{text-align:right}
+tbody tr:nth-child(even){background:#fafafa}ul{margin:0;padding-left:16px}
+.row{display:flex;flex-wrap:wrap;gap:8px 24px}figure{margin:8px 0}figcaption{font-weight:600;margin-bottom:4px}
+svg.chart{max-width:100%;height:auto}svg.chart text{font:12px system-ui,sans-serif;fill:#333}
+svg.chart text.small{font-size:10px;fill:#555}svg.chart line.grid{stroke:#e0e0e0}
+.note{color:#555}.not-run{color:#8a6d00;background:#fff8e1;border:1px solid #f0dc9a;padding:6px 10px}
+.warn{color:#8a1c1c;background:#fdecea;border:1px solid #f3b9b3;padding:6px 10px}
+.pass{color:#1e7b34;font-weight:600}.FAIL{color:#b00020;font-weight:700}.skip{color:#8a6d00}
+"""
+
+_NAV = (
+    ("overview", "overview"),
+    ("counts", "counts"),
+    ("lengths", "lengths"),
+    ("drops", "drops"),
+    ("pii", "PII"),
+    ("langid", "language ID"),
+    ("exact-dedup", "exact dups"),
+    ("near-dedup", "near dups"),
+    ("decontamination", "decontamination"),
+    ("mixture", "mixture"),
+    ("gates", "gates"),
+    ("samples", "samples"),
+)
+
+
+def build_report(run_dir: Path) -> str:
+    """The HTML of ``run_dir``'s report: one self-contained page (inline CSS and SVG, no script, nothing
+    loaded from elsewhere), the same bytes for the same run directory.
+
+    Raises :class:`moeforge.data.manifest.ManifestError` when ``run_dir`` has no readable manifest. Shards
+    that are missing or unreadable do not raise: the overview lists them (``moeforge data verify`` judges).
+    """
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    scan = _scan(run_dir, manifest)
+    name = _e(manifest.get("name", "?"))
+    sections = [
+        _overview(manifest, scan),
+        _counts(scan),
+        _lengths(scan),
+        _drops(manifest),
+        _pii(manifest, scan),
+        _langid(manifest, scan),
+        _exact_dedup(manifest, scan),
+        _near_dedup(manifest),
+        _decontamination(manifest),
+        _mixture(manifest),
+        _gates(manifest),
+        _samples(scan),
+    ]
+    nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in _NAV)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>moeforge data report: {name}</title><style>{_STYLE}</style></head>\n"
+        f"<body><h1>Dataset report: {name}</h1><nav>{nav}</nav>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path; errors as :func:`build_report`."""
+    text = build_report(run_dir)
+    path = atomic_write_text(Path(run_dir) / REPORT_NAME, text)
+    log.info("report: wrote %s (%d bytes)", path, len(text.encode("utf-8")))
+    return path
