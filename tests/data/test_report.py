@@ -115,6 +115,43 @@ def test_report_shows_the_runs_numbers(page: str, run_dir: Path) -> None:
     assert 'class="warn"' not in section(page, "overview")  # files and manifest agree
 
 
+def test_token_counts_match_the_manifest(page: str, run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    tokens = sum(c["tokens"] for c in manifest["counts"])
+    assert f"<strong>{tokens:,}</strong>" in section(page, "counts")
+
+
+def test_a_mixed_run_shows_target_available_and_achieved_shares(tmp_path: Path) -> None:
+    src_a, src_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    src_a.write_text(
+        "".join(json.dumps({"text": f"alpha document number {i} " * 3}) + "\n" for i in range(400))
+    )
+    src_b.write_text("".join(json.dumps({"text": f"beta text {i} " * 2}) + "\n" for i in range(200)))
+    recipe = Recipe.model_validate(
+        {
+            "name": "mix",
+            "sources": [
+                {"path": str(src_a), "kind": "text", "family": "fa", "domain": "prose"},
+                {"path": str(src_b), "kind": "text", "family": "fb", "domain": "code"},
+            ],
+            "langid": {"enabled": False},
+            "filters": {"quality_domains": []},
+            "split": {"min_eval_records": 3},
+            "mix": {"enabled": True, "by": "family", "target": {"fa": 0.4, "fb": 0.6}, "max_repeat": 3},
+            "gates": {"train_ratio": [0.5, 0.97], "eval_ratio": [0.01, 0.2]},
+        }
+    )
+    result = run_pipeline(recipe, tmp_path / "run", workers=1)
+    assert result.gates_passed, result.manifest["gates"]
+    page = build_report(tmp_path / "run")
+    mix = section(page, "mixture")
+    assert NOT_RUN not in mix and "<svg" in mix
+    assert "available" in mix and "factor" in mix and "40.0%" in mix and "60.0%" in mix
+    assert re.search(r"mix_repeat</code> &gt; 1\): [1-9]", mix)  # the scarce family was repeated
+    assert "<td>mix</td>" in section(page, "drops")
+    assert 'class="warn"' not in section(page, "overview")  # ≈tokens × repeats agree with the manifest
+
+
 def test_same_run_dir_gives_the_same_bytes(page: str, run_dir: Path) -> None:
     assert build_report(run_dir) == page
     path = write_report(run_dir)
@@ -144,7 +181,14 @@ def test_optional_sections_render_from_the_manifest(run_dir: Path, tmp_path: Pat
                     "documents_affected": 5,
                     "examples": [XSS, "q2"],
                 },
-                "humaneval": {"items": 164, "items_matched": 0, "documents_affected": 0, "examples": []},
+                "humaneval": {
+                    "items": 164,
+                    "items_matched": 1,
+                    "documents_affected": 2,
+                    "documents_dropped": 1,
+                    "documents_cut": 1,
+                    "examples": [{"item_id": "HumanEval/7", "ngram": "def f(x): <b>", "action": "cut"}],
+                },
             }
         },
         mixture={"by": "domain", "target": {"math": 0.7, "code": 0.3}, "achieved": {"math": 1.0}},
@@ -158,6 +202,7 @@ def test_optional_sections_render_from_the_manifest(run_dir: Path, tmp_path: Pat
     assert "33–64" in section(page, "near-dedup")  # the cluster of 40 falls in its power-of-two bin
     decon = section(page, "decontamination")
     assert "gsm8k" in decon and "humaneval" in decon and "&lt;script&gt;" in decon
+    assert "documents dropped" in decon and "item_id: HumanEval/7 · ngram: def f(x): &lt;b&gt;" in decon
     mix = section(page, "mixture")
     assert "70.0%" in mix and "100.0%" in mix and "-30.0 pp" in mix
 

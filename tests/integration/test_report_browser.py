@@ -59,8 +59,9 @@ class DevTools:
         self._log = open(log_path, "wb")  # noqa: SIM115 — closed in close()
         args = [
             binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-            f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-            "--mute-audio", "--hide-scrollbars", f"--window-size={WIDTH},1000", "about:blank",
+            f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check",
+            "--disable-extensions", "--mute-audio", "--hide-scrollbars", f"--window-size={WIDTH},1000",
+            "about:blank",
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args,
@@ -262,7 +263,10 @@ def test_report_renders_offline_without_console_errors(
             const charts = [...document.querySelectorAll('svg.chart')];
             return {
                 charts: charts.length,
-                laidOut: charts.filter(s => { const r = s.getBoundingClientRect(); return r.width > 50 && r.height > 10; }).length,
+                laidOut: charts.filter(s => {
+                    const r = s.getBoundingClientRect();
+                    return r.width > 50 && r.height > 10;
+                }).length,
                 bars: document.querySelectorAll('svg.chart rect.bar').length,
                 sections: [...document.querySelectorAll('section')].map(s => s.id),
                 notRun: [...document.querySelectorAll('.not-run')].length,
@@ -277,8 +281,8 @@ def test_report_renders_offline_without_console_errors(
     assert page["laidOut"] == page["charts"], "a chart has no size on the page"
     assert page["bars"] == source.count('class="bar"') > 0
     assert page["sections"] == [
-        "overview", "counts", "lengths", "drops", "pii", "langid", "exact-dedup", "near-dedup", "decontamination",
-        "mixture", "gates", "samples",
+        "overview", "counts", "lengths", "drops", "pii", "langid", "exact-dedup", "near-dedup",
+        "decontamination", "mixture", "gates", "samples",
     ]  # fmt: skip
     assert page["notRun"] == 0
     assert page["scripts"] == 0 and XSS in page["text"]  # the record's <script> shows as text, never runs

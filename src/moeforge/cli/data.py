@@ -83,6 +83,9 @@ def run(
             bar.update(ids[stage], completed=done, total=total)
 
         result = run_pipeline(recipe, out, workers=workers, progress=progress, force=force)
+    from moeforge.data.report import write_report
+
+    report_path = write_report(out)
     stages = Table(title=f"{recipe.name}: per-stage accounting")
     for col in ("stage", "in", "out", "dropped", "quarantined"):
         stages.add_column(col, justify="left" if col in ("stage", "dropped") else "right")
@@ -95,6 +98,7 @@ def run(
         f"records: train {records['train']}, valid {records['valid']}, test {records['test']} → {escape(str(out))}"
         f"  (tasks run {result.tasks_run}, resumed {result.tasks_skipped})"
     )
+    console.print(f"report: {escape(str(report_path))}")
     console.print(_gate_table(result.manifest["gates"]))
     if not result.gates_passed:
         console.print("[bold red]a gate failed[/]: the dataset breaks its contract (see the table)")
@@ -105,6 +109,19 @@ def run(
             f"{escape(str(out / 'quarantine' / 'quarantine.jsonl'))}"
         )
         raise typer.Exit(EXIT_QUARANTINED)
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(
+        ..., metavar="DIR", help="A run directory written by `moeforge data run`."
+    ),
+) -> None:
+    """Write DIR/report.html: one self-contained page (counts, lengths, drops, PII, language, dedup,
+    decontamination, mixture, gates) that opens offline in any browser."""
+    from moeforge.data.report import write_report
+
+    console.print(f"wrote {escape(str(write_report(run_dir)))}")
 
 
 @app.command("verify")

@@ -3,8 +3,9 @@
 ``moeforge data report DIR`` (or :func:`write_report`) reads ``DIR/manifest.json`` and makes one streaming
 pass over the output shards it lists, then writes ``DIR/report.html``:
 
-- records, ≈tokens and characters per split × family × lang × domain (tokens are whitespace-separated
-  words until a tokenizer exists, and the page says so);
+- records, ≈tokens, words and characters per split × family × lang × domain; ≈tokens are the contract's
+  approximation until a tokenizer exists (:func:`moeforge.data.mix.approx_tokens` ×
+  ``meta.extra.mix_repeat``, the numbers of ``manifest["counts"]``), and the page says so;
 - characters per record, a histogram per split (power-of-two bins);
 - per-stage accounting and the drops per reason per stage (``manifest["stages"]``);
 - PII placeholders per type (``meta.pii``) and records per ``pii_status``;
@@ -36,6 +37,7 @@ from typing import Any
 import zstandard
 
 from moeforge.data.manifest import load_manifest
+from moeforge.data.mix import approx_tokens
 from moeforge.data.split import SPLITS
 from moeforge.data.store import iter_lines
 from moeforge.io import atomic_write_text
@@ -46,7 +48,10 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 NOT_RUN = "not run"
-TOKENS_NOTE = "≈tokens are whitespace-separated words (an approximation until a tokenizer exists)"
+TOKENS_NOTE = (
+    "≈tokens: an approximation until a tokenizer exists, ceil(4/3 × whitespace words) + 1 per text or "
+    "turn, times meta.extra.mix_repeat (as manifest.json counts them)"
+)
 
 # Characters per record: bin 0 is [0, 16), bin i is [2^(i+3), 2^(i+4)), the last bin is ≥ 2^20.
 _LENGTH_BINS = 18
@@ -70,6 +75,7 @@ class _Scan:
     """Everything the report needs from the records; sized by categories and bins, not by records."""
 
     records: Counter[Key] = field(default_factory=Counter)
+    tokens: Counter[Key] = field(default_factory=Counter)
     words: Counter[Key] = field(default_factory=Counter)
     chars: Counter[Key] = field(default_factory=Counter)
     lengths: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * _LENGTH_BINS for s in SPLITS})
@@ -79,6 +85,8 @@ class _Scan:
     pii: Counter[str] = field(default_factory=Counter)
     pii_status: Counter[str] = field(default_factory=Counter)
     exact_copies: Counter[int] = field(default_factory=Counter)
+    repeated: int = 0  # records with meta.extra.mix_repeat > 1
+    extra_passes: int = 0  # Σ (mix_repeat − 1)
     samples: dict[str, dict[str, str]] = field(default_factory=lambda: {s: {} for s in SPLITS})
     problems: list[str] = field(default_factory=list)
     n_problems: int = 0
@@ -117,7 +125,13 @@ def _add(scan: _Scan, split: str, obj: Mapping[str, Any]) -> None:
     contents = _contents(obj)
     n_chars = sum(len(c) for c in contents)
     scan.records[key] += 1
+    extra = meta.get("extra") or {}
+    repeat = int(extra.get("mix_repeat", 1))
+    scan.tokens[key] += approx_tokens(contents) * repeat
     scan.words[key] += sum(len(c.split()) for c in contents)
+    if repeat > 1:
+        scan.repeated += 1
+        scan.extra_passes += repeat - 1
     scan.chars[key] += n_chars
     scan.lengths[split][_length_bin(n_chars)] += 1
     scan.longest[split] = max(scan.longest[split], n_chars)
@@ -129,7 +143,7 @@ def _add(scan: _Scan, split: str, obj: Mapping[str, Any]) -> None:
     for kind, n in (meta.get("pii") or {}).items():
         scan.pii[str(kind)] += int(n)
     scan.pii_status[str(meta.get("pii_status") or "none")] += 1
-    copies = (meta.get("extra") or {}).get("exact_copies")
+    copies = extra.get("exact_copies")
     if copies is not None and int(copies) > 1:
         scan.exact_copies[int(copies)] += 1
     if key[1] not in scan.samples[split] and len(scan.samples[split]) < _SAMPLES:
@@ -256,7 +270,8 @@ def _hbar_chart(
                 if w > 0:
                     out.append(
                         f'<rect class="bar" x="{_n(x)}" y="{_n(y + 3)}" width="{_n(max(w, 1))}" '
-                        f'height="{row_h - 6}" fill="{colour}"><title>{_e(name)} · {_e(s)}: {fmt(v)}</title></rect>'
+                        f'height="{row_h - 6}" fill="{colour}">'
+                        f"<title>{_e(name)} · {_e(s)}: {fmt(v)}</title></rect>"
                     )
                 x += w
             out.append(f'<text x="{_n(x + 5)}" y="{_n(y + row_h / 2 + 4)}">{fmt(sum(values))}</text>')
@@ -360,11 +375,10 @@ def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
         ),
     ]
     body = "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
-    expected = Counter(
-        {
-            (c["split"], c["family"], c["lang"], c["domain"]): int(c["records"])
-            for c in manifest.get("counts") or []
-        }
+    counts = manifest.get("counts") or []
+    expected = Counter({(c["split"], c["family"], c["lang"], c["domain"]): int(c["records"]) for c in counts})
+    expected_tokens = Counter(
+        {(c["split"], c["family"], c["lang"], c["domain"]): int(c["tokens"]) for c in counts if "tokens" in c}
     )
     warnings = []
     if scan.n_problems:
@@ -372,9 +386,11 @@ def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
             f" (+{scan.n_problems - len(scan.problems)} more)" if scan.n_problems > len(scan.problems) else ""
         )
         warnings.append("records the report could not read: " + "; ".join(map(_e, scan.problems)) + more)
-    if +expected != +scan.records:
+    tokens_differ = len(expected_tokens) == len(counts) and +expected_tokens != +scan.tokens
+    if +expected != +scan.records or tokens_differ:
         warnings.append(
-            "the files hold different counts per split × family × lang × domain than manifest.json says; "
+            "the files hold different records or ≈tokens per split × family × lang × domain than "
+            "manifest.json says; "
             "run <code>moeforge data verify</code> on this directory"
         )
     body += "".join(f'<p class="warn">{w}</p>' for w in warnings)
@@ -399,20 +415,25 @@ def _counts(scan: _Scan) -> str:
         '"und": no language label.</p><div class="row">'
         f"<figure><figcaption>records</figcaption>"
         f"{_hbar_chart(rows(scan.records), SPLITS, 'records per family / lang / domain', colours=colours)}"
-        "</figure><figure><figcaption>≈tokens (whitespace words)</figcaption>"
-        f"{_hbar_chart(rows(scan.words), SPLITS, '≈tokens per family / lang / domain', colours=colours)}"
+        "</figure><figure><figcaption>≈tokens</figcaption>"
+        f"{_hbar_chart(rows(scan.tokens), SPLITS, '≈tokens per family / lang / domain', colours=colours)}"
         "</figure></div>"
     )
     table = [
-        [_e(x) for x in k] + [_int(scan.records[k]), _int(scan.words[k]), _int(scan.chars[k])]
+        [_e(x) for x in k] + [_int(c[k]) for c in (scan.records, scan.tokens, scan.words, scan.chars)]
         for k in sorted(scan.records, key=lambda k: (SPLITS.index(k[0]), k[1:]))
     ]
     table.append(
         ["<strong>total</strong>", "", "", ""]
-        + [f"<strong>{_int(sum(c.values()))}</strong>" for c in (scan.records, scan.words, scan.chars)]
+        + [
+            f"<strong>{_int(sum(c.values()))}</strong>"
+            for c in (scan.records, scan.tokens, scan.words, scan.chars)
+        ]
     )
     body += _table(
-        ["split", "family", "lang", "domain", "records", "≈tokens (words)", "characters"], table, (4, 5, 6)
+        ["split", "family", "lang", "domain", "records", "≈tokens", "words", "characters"],
+        table,
+        (4, 5, 6, 7),
     )
     return _section("counts", "Records and ≈tokens per split × family × lang × domain", body)
 
@@ -425,8 +446,15 @@ def _lengths(scan: _Scan) -> str:
         chars = sum(v for k, v in scan.chars.items() if k[0] == s)
         charts.append(
             f"<figure><figcaption>{_e(s)}: {_int(n)} records</figcaption>"
-            f"{_vhist(labels, [s], [scan.lengths[s]], f'characters per record ({s})', every=2, colours=[_SPLIT_COLOURS[s]])}"
-            "</figure>"
+            + _vhist(
+                labels,
+                [s],
+                [scan.lengths[s]],
+                f"characters per record ({s})",
+                every=2,
+                colours=[_SPLIT_COLOURS[s]],
+            )
+            + "</figure>"
         )
         stats.append([_e(s), _int(n), _int(chars / n if n else 0), _int(scan.longest[s])])
     body = (
@@ -513,7 +541,7 @@ def _langid(manifest: Mapping[str, Any], scan: _Scan) -> str:
         colours=[_SPLIT_COLOURS[s] for s in SPLITS],
     )
     unl = sum(scan.unlabelled.values())
-    body = f"{chart}<p>{_int(labelled)} labelled records; {_int(unl)} without a label (e.g. code, skipped domains).</p>"
+    body = f"{chart}<p>{_int(labelled)} labelled records; {_int(unl)} without a label (e.g. code).</p>"
     return _section("langid", title, body)
 
 
@@ -556,7 +584,8 @@ def _exact_dedup(manifest: Mapping[str, Any], scan: _Scan) -> str:
     clusters = sum(scan.exact_copies.values())
     removed = sum((k - 1) * n for k, n in scan.exact_copies.items())
     body = (
-        f"<p>{_int(clusters)} output records stand for more than one copy (<code>meta.extra.exact_copies</code>); "
+        f"<p>{_int(clusters)} output records stand for more than one copy "
+        "(<code>meta.extra.exact_copies</code>); "
         f"largest cluster {_int(max(scan.exact_copies))}; copies removed behind them {_int(removed)} "
         f"(the dedup stage dropped {_int(dropped)}).</p>"
         + _cluster_chart(scan.exact_copies, "exact-duplicate clusters per size (copies)")
@@ -581,8 +610,12 @@ def _near_dedup(manifest: Mapping[str, Any]) -> str:
 
 
 def _example(x: object) -> str:
-    s = x if isinstance(x, str) else json.dumps(x, ensure_ascii=False, sort_keys=True)
-    return _e(s if len(s) <= 200 else s[:200] + " …")
+    """One decontamination example: a string, or a dict shown as ``key: value`` pairs; at most 240 chars."""
+    if isinstance(x, dict):
+        s = " · ".join(f"{k}: {v}" for k, v in sorted(x.items()))
+    else:
+        s = x if isinstance(x, str) else json.dumps(x, ensure_ascii=False, sort_keys=True)
+    return _e(s if len(s) <= 240 else s[:240] + " …")
 
 
 def _decontamination(manifest: Mapping[str, Any]) -> str:
@@ -593,17 +626,14 @@ def _decontamination(manifest: Mapping[str, Any]) -> str:
     if not benchmarks:
         return _section("decontamination", title, "<p>no benchmarks were checked</p>")
     names = sorted(benchmarks)
+    series = ["items matched", "documents affected"]
     rows = [
-        (
-            name,
-            [
-                float(benchmarks[name].get("items_matched", 0)),
-                float(benchmarks[name].get("documents_affected", 0)),
-            ],
-        )
-        for name in names
+        (n, [float(benchmarks[n].get("items_matched", 0)), float(benchmarks[n].get("documents_affected", 0))])
+        for n in names
     ]
-    chart = _hbar_chart(rows, ["items matched", "documents affected"], title, stacked=False)
+    chart = _hbar_chart(rows, series, title, stacked=False)
+    # dropped / cut split "affected" by what was done; shown when the manifest has them
+    actions = [a for a in ("documents_dropped", "documents_cut") if any(a in benchmarks[n] for n in names)]
     table = []
     for name in names:
         b = benchmarks[name]
@@ -617,16 +647,17 @@ def _decontamination(manifest: Mapping[str, Any]) -> str:
                 _int(items),
                 f"{_int(matched)} ({_share(matched / items) if items else '—'})",
                 _int(b.get("documents_affected", 0)),
+                *(_int(b[a]) if a in b else "—" for a in actions),
                 f"<ul>{examples}</ul>" if examples else "—",
             ]
         )
-    body = chart + _table(
-        ["benchmark", "items", "items matched", "documents affected", "examples"], table, (1, 2, 3)
-    )
+    headers = ["benchmark", "items", "items matched", "documents affected"]
+    headers += [a.replace("_", " ") for a in actions] + ["examples"]
+    body = chart + _table(headers, table, tuple(range(1, 4 + len(actions))))
     return _section("decontamination", title, body)
 
 
-def _mixture(manifest: Mapping[str, Any]) -> str:
+def _mixture(manifest: Mapping[str, Any], scan: _Scan) -> str:
     title = "Mixture: target vs achieved"
     mix = manifest.get("mixture")
     if mix is None:
@@ -635,6 +666,7 @@ def _mixture(manifest: Mapping[str, Any]) -> str:
     # "available" (the shares before mixing) is optional: shown between the two when the manifest has it
     series = [s for s in ("target", "available", "achieved") if s in mix]
     shares = {s: mix.get(s) or {} for s in series}
+    factors = mix.get("factors") or {}
     keys = sorted(set().union(*shares.values()))
     rows = [(k, [float(shares[s].get(k, 0.0)) for s in series]) for k in keys]
     colours = [{"target": "#9d755d", "available": "#bab0ac", "achieved": "#4c78a8"}[s] for s in series]
@@ -642,14 +674,22 @@ def _mixture(manifest: Mapping[str, Any]) -> str:
     table = []
     for k in keys:
         t, a = float(shares.get("target", {}).get(k, 0.0)), float(shares.get("achieved", {}).get(k, 0.0))
+        factor = f"{float(factors[k]):.3f}" if k in factors else "—"
         table.append(
-            [_e(k), *(_share(float(shares[s].get(k, 0.0))) for s in series), f"{(a - t) * 100:+.1f} pp"]
+            [
+                _e(k),
+                *(_share(float(shares[s].get(k, 0.0))) for s in series),
+                f"{(a - t) * 100:+.1f} pp",
+                factor,
+            ]
         )
     unit = f", counted in {_e(mix['unit'])}" if mix.get("unit") else ""
     body = (
-        f"<p>Shares of train by <code>{_e(by)}</code>{unit}.</p>"
+        f"<p>Shares of train by <code>{_e(by)}</code>{unit}. Records repeated by the mix "
+        f"(<code>meta.extra.mix_repeat</code> &gt; 1): {_int(scan.repeated)}, adding "
+        f"{_int(scan.extra_passes)} passes.</p>"
         + chart
-        + _table([by, *series, "achieved − target"], table, tuple(range(1, len(series) + 2)))
+        + _table([by, *series, "achieved − target", "factor"], table, tuple(range(1, len(series) + 3)))
     )
     return _section("mixture", title, body)
 
@@ -687,7 +727,8 @@ def _samples(scan: _Scan) -> str:
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0 auto;
 max-width:1180px;padding:16px 24px 48px}
-h1{font-size:22px;margin:8px 0}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+h1{font-size:22px;margin:8px 0}
+h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 h3{font-size:15px}nav a{margin-right:12px}code,pre{font:12px ui-monospace,Menlo,Consolas,monospace}
 pre{background:#f6f6f6;border:1px solid #e4e4e4;padding:8px;white-space:pre-wrap;word-break:break-word;
 max-height:16em;overflow:auto;margin-top:2px}p.family{margin:10px 0 0;color:#555}
@@ -695,7 +736,8 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px}dt{color:#666
 table{border-collapse:collapse;margin:12px 0;font-size:13px}th,td{border-bottom:1px solid #e4e4e4;
 padding:3px 10px;text-align:left;vertical-align:top}th{background:#f3f3f3}td.num,th.num{text-align:right}
 tbody tr:nth-child(even){background:#fafafa}ul{margin:0;padding-left:16px}
-.row{display:flex;flex-wrap:wrap;gap:8px 24px}figure{margin:8px 0}figcaption{font-weight:600;margin-bottom:4px}
+.row{display:flex;flex-wrap:wrap;gap:8px 24px}figure{margin:8px 0}
+figcaption{font-weight:600;margin-bottom:4px}
 svg.chart{max-width:100%;height:auto}svg.chart text{font:12px system-ui,sans-serif;fill:#333}
 svg.chart text.small{font-size:10px;fill:#555}svg.chart line.grid{stroke:#e0e0e0}
 .note{color:#555}.not-run{color:#8a6d00;background:#fff8e1;border:1px solid #f0dc9a;padding:6px 10px}
@@ -740,7 +782,7 @@ def build_report(run_dir: Path) -> str:
         _exact_dedup(manifest, scan),
         _near_dedup(manifest),
         _decontamination(manifest),
-        _mixture(manifest),
+        _mixture(manifest, scan),
         _gates(manifest),
         _samples(scan),
     ]
