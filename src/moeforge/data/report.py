@@ -17,19 +17,19 @@ pass over the output shards it lists, then writes ``DIR/report.html``:
 - the gate table (``manifest["gates"]``) and the first records of each split.
 
 A section whose data is absent from the run says "not run" instead of disappearing. Charts are inline SVG
-drawn here, so the page needs no script, no network and no other file; a Content-Security-Policy forbids
-scripts and every external load, and every string that comes from the data is HTML-escaped (record text
-can hold ``<script>``). Memory stays flat: histograms have fixed bins and the tables are keyed by
-categories, never by record. The bytes depend only on the run directory (no clock, no machine data).
+(drawn by :mod:`moeforge.data.report_html`), so the page needs no script, no network and no other file;
+a Content-Security-Policy forbids scripts and every external load, and every string that comes from the
+data is HTML-escaped (record text can hold ``<script>``). Memory stays flat: histograms have fixed bins
+and the tables are keyed by categories, never by record. The bytes depend only on the run directory (no
+clock, no machine data).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,19 @@ import zstandard
 
 from moeforge.data.manifest import load_manifest
 from moeforge.data.mix import approx_tokens
+from moeforge.data.report_html import (
+    CSP,
+    SPLIT_COLOURS,
+    STYLE,
+    escape,
+    fmt_int,
+    fmt_kib,
+    fmt_share,
+    hbar_chart,
+    html_table,
+    section,
+    vhist,
+)
 from moeforge.data.split import SPLITS
 from moeforge.data.store import iter_lines
 from moeforge.io import atomic_write_text
@@ -60,9 +73,6 @@ _CHART_ROWS = 30  # categorical charts show the largest rows; the tables list al
 _SAMPLES = 6  # families shown per split: the first record of each
 _SAMPLE_CHARS = 400
 _EXAMPLES = 5  # problems and decontamination examples listed
-_SPLIT_COLOURS = {"train": "#4c78a8", "valid": "#f58518", "test": "#54a24b"}
-_PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#9d755d", "#bab0ac")
-_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 
 Key = tuple[str, str, str, str]  # split, family, lang, domain
 
@@ -177,170 +187,11 @@ def _scan(run_dir: Path, manifest: Mapping[str, Any]) -> _Scan:
     return scan
 
 
-# -------------------------------------------------------------------------------------------- formatting
-
-
-def _e(value: object) -> str:
-    """HTML-escape anything that came from the data (quotes too: it may land in an attribute)."""
-    return html.escape(str(value), quote=True)
-
-
-def _n(x: float) -> str:
-    """An SVG coordinate: one decimal, stable across runs."""
-    return f"{x:.1f}"
-
-
-def _int(n: float) -> str:
-    return f"{int(n):,}"
-
-
-def _share(x: float) -> str:
-    return f"{x:.1%}"
-
-
-def _kib(n: int) -> str:
-    """A power-of-two bin edge: 512, 1K, 64K, 1M."""
-    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1 << 10 else str(n)
-
-
 def _not_run(why: str) -> str:
-    return f'<p class="not-run"><strong>{NOT_RUN}</strong>: {_e(why)}</p>'
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
-    """An HTML table; cells are already-escaped HTML, columns in ``numeric`` are right-aligned."""
-    head = "".join(f"<th{' class=num' if i in numeric else ''}>{_e(h)}</th>" for i, h in enumerate(headers))
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td{' class=num' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r))
-        + "</tr>"
-        for r in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-# ------------------------------------------------------------------------------------------------ charts
-
-
-def _legend(series: Sequence[str], colours: Sequence[str], x0: float) -> list[str]:
-    out, x = [], x0
-    for name, colour in zip(series, colours, strict=True):
-        out.append(f'<rect x="{_n(x)}" y="4" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{_n(x + 14)}" y="13">{_e(name)}</text>')
-        x += 24 + 7 * len(name)
-    return out
-
-
-def _hbar_chart(
-    rows: Sequence[tuple[str, Sequence[float]]],
-    series: Sequence[str],
-    label: str,
-    *,
-    stacked: bool = True,
-    fmt: Callable[[float], str] = _int,
-    colours: Sequence[str] | None = None,
-) -> str:
-    """Horizontal bars, one row per ``(name, value per series)``: stacked segments, or one thin bar per
-    series (``stacked=False``). Hovering a bar shows its exact value (an SVG ``<title>``)."""
-    colours = list(colours or _PALETTE[: len(series)])
-    label_w = min(max((len(name) for name, _ in rows), default=4) * 7 + 14, 280)
-    max_chars = (label_w - 14) // 7
-    bar_w, value_w = 460.0, 110
-    legend_h = 20 if len(series) > 1 else 0
-    row_h = 22 if stacked else 6 + 13 * len(series)
-    width, height = label_w + int(bar_w) + value_w, legend_h + row_h * len(rows) + 6
-    vmax = max((sum(v) if stacked else max(v, default=0) for _, v in rows), default=0) or 1
-    out = [
-        f'<svg class="chart" role="img" aria-label="{_e(label)}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">'
-    ]
-    if legend_h:
-        out += _legend(series, colours, label_w)
-    for i, (name, values) in enumerate(rows):
-        y = legend_h + i * row_h
-        shown = name if len(name) <= max_chars else name[: max_chars - 1] + "…"
-        out.append(
-            f'<text x="{label_w - 6}" y="{_n(y + row_h / 2 + 4)}" text-anchor="end">{_e(shown)}'
-            f"<title>{_e(name)}</title></text>"
-        )
-        if stacked:
-            x = float(label_w)
-            for s, v, colour in zip(series, values, colours, strict=True):
-                w = v / vmax * bar_w
-                if w > 0:
-                    out.append(
-                        f'<rect class="bar" x="{_n(x)}" y="{_n(y + 3)}" width="{_n(max(w, 1))}" '
-                        f'height="{row_h - 6}" fill="{colour}">'
-                        f"<title>{_e(name)} · {_e(s)}: {fmt(v)}</title></rect>"
-                    )
-                x += w
-            out.append(f'<text x="{_n(x + 5)}" y="{_n(y + row_h / 2 + 4)}">{fmt(sum(values))}</text>')
-        else:
-            for j, (s, v, colour) in enumerate(zip(series, values, colours, strict=True)):
-                w, by = v / vmax * bar_w, y + 3 + 13 * j
-                if w > 0:
-                    out.append(
-                        f'<rect class="bar" x="{label_w}" y="{by}" width="{_n(max(w, 1))}" height="11" '
-                        f'fill="{colour}"><title>{_e(name)} · {_e(s)}: {fmt(v)}</title></rect>'
-                    )
-                out.append(f'<text x="{_n(label_w + w + 5)}" y="{by + 10}" class="small">{fmt(v)}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _vhist(
-    bins: Sequence[str],
-    series: Sequence[str],
-    counts: Sequence[Sequence[int]],
-    label: str,
-    *,
-    every: int = 1,
-    colours: Sequence[str] | None = None,
-) -> str:
-    """A vertical histogram: ``counts[s][b]`` records of series ``s`` in bin ``b``, stacked; a label under
-    every ``every``-th bin."""
-    colours = list(colours or _PALETTE[: len(series)])
-    bw, plot_h, left, top = 24, 150, 56, 24
-    width, height = left + bw * len(bins) + 10, top + plot_h + 34
-    totals = [sum(c[b] for c in counts) for b in range(len(bins))]
-    vmax = max(totals, default=0) or 1
-    out = [
-        f'<svg class="chart" role="img" aria-label="{_e(label)}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">'
-    ]
-    if len(series) > 1:
-        out += _legend(series, colours, left)
-    for frac in (0.0, 0.5, 1.0):
-        y = top + plot_h * (1 - frac)
-        out.append(f'<line class="grid" x1="{left}" x2="{width - 10}" y1="{_n(y)}" y2="{_n(y)}"/>')
-        out.append(
-            f'<text x="{left - 4}" y="{_n(y + 4)}" text-anchor="end" class="small">{_int(vmax * frac)}</text>'
-        )
-    for b, name in enumerate(bins):
-        x, y = left + b * bw, float(top + plot_h)
-        for s, c, colour in zip(series, counts, colours, strict=True):
-            h = c[b] / vmax * plot_h
-            if h > 0:
-                y -= h
-                out.append(
-                    f'<rect class="bar" x="{x + 2}" y="{_n(y)}" width="{bw - 4}" height="{_n(max(h, 1))}" '
-                    f'fill="{colour}"><title>{_e(name)} · {_e(s)}: {_int(c[b])}</title></rect>'
-                )
-        if b % every == 0:
-            out.append(
-                f'<text x="{_n(x + bw / 2)}" y="{top + plot_h + 14}" text-anchor="middle" class="small">'
-                f"{_e(name)}</text>"
-            )
-    out.append(f'<text x="{left}" y="{height - 4}" class="small">{_e(label)}</text>')
-    out.append("</svg>")
-    return "".join(out)
+    return f'<p class="not-run"><strong>{NOT_RUN}</strong>: {escape(why)}</p>'
 
 
 # ---------------------------------------------------------------------------------------------- sections
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
 
 
 def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
@@ -353,28 +204,31 @@ def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
     failed = [g.get("gate") for g in gates if g.get("verdict") == "FAIL"]
     recipe = manifest.get("recipe") or {}
     facts = [
-        ("run", _e(manifest.get("name", "?"))),
-        ("description", _e(recipe.get("description") or "—")),
-        ("format", f"{_e(manifest.get('format'))}, contract v{_e(manifest.get('contract_version'))}"),
-        ("moeforge", _e(manifest.get("moeforge_version", "?"))),
-        ("recipe sha256", f"<code>{_e(manifest.get('recipe_sha256', '?'))}</code>"),
-        ("inputs", f"{_int(len(inputs))} files, {_int(sum(int(i.get('size') or 0) for i in inputs))} bytes"),
+        ("run", escape(manifest.get("name", "?"))),
+        ("description", escape(recipe.get("description") or "—")),
+        ("format", f"{escape(manifest.get('format'))}, contract v{escape(manifest.get('contract_version'))}"),
+        ("moeforge", escape(manifest.get("moeforge_version", "?"))),
+        ("recipe sha256", f"<code>{escape(manifest.get('recipe_sha256', '?'))}</code>"),
+        (
+            "inputs",
+            f"{fmt_int(len(inputs))} files, {fmt_int(sum(int(i.get('size') or 0) for i in inputs))} bytes",
+        ),
         (
             "records",
-            f"{_int(total)}: " + ", ".join(f"{_e(s)} {_int(records.get(s, 0))}" for s in SPLITS),
+            f"{fmt_int(total)}: " + ", ".join(f"{escape(s)} {fmt_int(records.get(s, 0))}" for s in SPLITS),
         ),
-        ("held for PII review", _int(review)),
-        ("quarantined", _int(quarantined)),
+        ("held for PII review", fmt_int(review)),
+        ("quarantined", fmt_int(quarantined)),
         (
             "gates",
             NOT_RUN
             if not gates
-            else (f'<span class="FAIL">{len(failed)} failed</span>: {_e(", ".join(map(str, failed)))}')
+            else (f'<span class="FAIL">{len(failed)} failed</span>: {escape(", ".join(map(str, failed)))}')
             if failed
             else '<span class="pass">all pass</span>',
         ),
     ]
-    body = "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+    body = "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
     counts = manifest.get("counts") or []
     expected = Counter({(c["split"], c["family"], c["lang"], c["domain"]): int(c["records"]) for c in counts})
     expected_tokens = Counter(
@@ -385,7 +239,7 @@ def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
         more = (
             f" (+{scan.n_problems - len(scan.problems)} more)" if scan.n_problems > len(scan.problems) else ""
         )
-        warnings.append("records the report could not read: " + "; ".join(map(_e, scan.problems)) + more)
+        warnings.append("records the report could not read: " + "; ".join(map(escape, scan.problems)) + more)
     tokens_differ = len(expected_tokens) == len(counts) and +expected_tokens != +scan.tokens
     if +expected != +scan.records or tokens_differ:
         warnings.append(
@@ -394,12 +248,12 @@ def _overview(manifest: Mapping[str, Any], scan: _Scan) -> str:
             "run <code>moeforge data verify</code> on this directory"
         )
     body += "".join(f'<p class="warn">{w}</p>' for w in warnings)
-    return _section("overview", "Overview", body)
+    return section("overview", "Overview", body)
 
 
 def _counts(scan: _Scan) -> str:
     if not scan.records:
-        return _section(
+        return section(
             "counts", "Records and ≈tokens per split × family × lang × domain", "<p>no records</p>"
         )
     groups = sorted({k[1:] for k in scan.records})
@@ -408,77 +262,77 @@ def _counts(scan: _Scan) -> str:
         r = [(" / ".join(g), [float(c[(s, *g)]) for s in SPLITS]) for g in groups]
         return sorted(r, key=lambda t: (-sum(t[1]), t[0]))[:_CHART_ROWS]
 
-    colours = [_SPLIT_COLOURS[s] for s in SPLITS]
+    colours = [SPLIT_COLOURS[s] for s in SPLITS]
     more = f" (the {_CHART_ROWS} largest of {len(groups)})" if len(groups) > _CHART_ROWS else ""
     body = (
-        f'<p class="note">{_e(TOKENS_NOTE)}. Rows are family / lang / domain{more}; '
+        f'<p class="note">{escape(TOKENS_NOTE)}. Rows are family / lang / domain{more}; '
         '"und": no language label.</p><div class="row">'
         f"<figure><figcaption>records</figcaption>"
-        f"{_hbar_chart(rows(scan.records), SPLITS, 'records per family / lang / domain', colours=colours)}"
+        f"{hbar_chart(rows(scan.records), SPLITS, 'records per family / lang / domain', colours=colours)}"
         "</figure><figure><figcaption>≈tokens</figcaption>"
-        f"{_hbar_chart(rows(scan.tokens), SPLITS, '≈tokens per family / lang / domain', colours=colours)}"
+        f"{hbar_chart(rows(scan.tokens), SPLITS, '≈tokens per family / lang / domain', colours=colours)}"
         "</figure></div>"
     )
     table = [
-        [_e(x) for x in k] + [_int(c[k]) for c in (scan.records, scan.tokens, scan.words, scan.chars)]
+        [escape(x) for x in k] + [fmt_int(c[k]) for c in (scan.records, scan.tokens, scan.words, scan.chars)]
         for k in sorted(scan.records, key=lambda k: (SPLITS.index(k[0]), k[1:]))
     ]
     table.append(
         ["<strong>total</strong>", "", "", ""]
         + [
-            f"<strong>{_int(sum(c.values()))}</strong>"
+            f"<strong>{fmt_int(sum(c.values()))}</strong>"
             for c in (scan.records, scan.tokens, scan.words, scan.chars)
         ]
     )
-    body += _table(
+    body += html_table(
         ["split", "family", "lang", "domain", "records", "≈tokens", "words", "characters"],
         table,
         (4, 5, 6, 7),
     )
-    return _section("counts", "Records and ≈tokens per split × family × lang × domain", body)
+    return section("counts", "Records and ≈tokens per split × family × lang × domain", body)
 
 
 def _lengths(scan: _Scan) -> str:
-    labels = ["0"] + [_kib(1 << (i + 3)) for i in range(1, _LENGTH_BINS - 1)] + [f"{_kib(1 << 20)}+"]
+    labels = ["0"] + [fmt_kib(1 << (i + 3)) for i in range(1, _LENGTH_BINS - 1)] + [f"{fmt_kib(1 << 20)}+"]
     charts, stats = [], []
     for s in SPLITS:
         n = sum(scan.lengths[s])
         chars = sum(v for k, v in scan.chars.items() if k[0] == s)
         charts.append(
-            f"<figure><figcaption>{_e(s)}: {_int(n)} records</figcaption>"
-            + _vhist(
+            f"<figure><figcaption>{escape(s)}: {fmt_int(n)} records</figcaption>"
+            + vhist(
                 labels,
                 [s],
                 [scan.lengths[s]],
                 f"characters per record ({s})",
                 every=2,
-                colours=[_SPLIT_COLOURS[s]],
+                colours=[SPLIT_COLOURS[s]],
             )
             + "</figure>"
         )
-        stats.append([_e(s), _int(n), _int(chars / n if n else 0), _int(scan.longest[s])])
+        stats.append([escape(s), fmt_int(n), fmt_int(chars / n if n else 0), fmt_int(scan.longest[s])])
     body = (
         '<p class="note">Bins are powers of two: the bar at 64 counts records of 64–127 characters '
         "(all turns of a chat together).</p>"
         f'<div class="row">{"".join(charts)}</div>'
-        + _table(["split", "records", "mean characters", "longest"], stats, (1, 2, 3))
+        + html_table(["split", "records", "mean characters", "longest"], stats, (1, 2, 3))
     )
-    return _section("lengths", "Characters per record", body)
+    return section("lengths", "Characters per record", body)
 
 
 def _drops(manifest: Mapping[str, Any]) -> str:
     stages = manifest.get("stages")
     if not stages:
-        return _section(
+        return section(
             "drops", "Drops per reason per stage", _not_run("the manifest has no stage accounting")
         )
     table = [
         [
-            _e(st.get("stage")),
-            _int(st.get("in", 0)),
-            _int(st.get("out", 0)),
-            _e(", ".join(f"{r} {n:,}" for r, n in sorted((st.get("dropped") or {}).items())) or "0"),
-            _int(st.get("quarantined", 0)),
+            escape(st.get("stage")),
+            fmt_int(st.get("in", 0)),
+            fmt_int(st.get("out", 0)),
+            escape(", ".join(f"{r} {n:,}" for r, n in sorted((st.get("dropped") or {}).items())) or "0"),
+            fmt_int(st.get("quarantined", 0)),
         ]
         for st in stages
     ]
@@ -493,56 +347,54 @@ def _drops(manifest: Mapping[str, Any]) -> str:
         if st.get("quarantined")
     ]
     chart = (
-        _hbar_chart(drops, ["records"], "records dropped per stage and reason", colours=["#e45756"])
+        hbar_chart(drops, ["records"], "records dropped per stage and reason", colours=["#e45756"])
         if drops
         else "<p>no record was dropped or quarantined</p>"
     )
-    body = chart + _table(["stage", "in", "out", "dropped (by reason)", "quarantined"], table, (1, 2, 4))
-    return _section("drops", "Drops per reason per stage", body)
+    body = chart + html_table(["stage", "in", "out", "dropped (by reason)", "quarantined"], table, (1, 2, 4))
+    return section("drops", "Drops per reason per stage", body)
 
 
 def _pii(manifest: Mapping[str, Any], scan: _Scan) -> str:
     title = "PII placeholders per type"
     if not ((manifest.get("recipe") or {}).get("pii") or {}).get("enabled", True):
-        return _section(
-            "pii", title, _not_run("PII scrubbing is disabled in the recipe (pii.enabled: false)")
-        )
+        return section("pii", title, _not_run("PII scrubbing is disabled in the recipe (pii.enabled: false)"))
     review = sum(int(r.get("records", 0)) for r in manifest.get("review") or [])
     rows = [(k, [float(v)]) for k, v in sorted(scan.pii.items(), key=lambda t: (-t[1], t[0]))]
     chart = (
-        _hbar_chart(rows, ["placeholders"], "PII placeholders per type", colours=["#b279a2"])
+        hbar_chart(rows, ["placeholders"], "PII placeholders per type", colours=["#b279a2"])
         if rows
         else "<p>no PII found in the output records</p>"
     )
-    status = ", ".join(f"{_e(k)} {_int(v)}" for k, v in sorted(scan.pii_status.items()))
+    status = ", ".join(f"{escape(k)} {fmt_int(v)}" for k, v in sorted(scan.pii_status.items()))
     body = (
         f"{chart}<p>Output records per <code>pii_status</code>: {status or '—'}. "
-        f"Held out for review (<code>review/</code>, in no split): {_int(review)}.</p>"
+        f"Held out for review (<code>review/</code>, in no split): {fmt_int(review)}.</p>"
     )
-    return _section("pii", title, body)
+    return section("pii", title, body)
 
 
 def _langid(manifest: Mapping[str, Any], scan: _Scan) -> str:
     title = "Language-ID confidence"
     if not ((manifest.get("recipe") or {}).get("langid") or {}).get("enabled", True):
-        return _section(
+        return section(
             "langid", title, _not_run("language ID is disabled in the recipe (langid.enabled: false)")
         )
     labelled = sum(sum(scan.confidence[s]) for s in SPLITS)
     if not labelled:
-        return _section("langid", title, _not_run("no output record has meta.lang_confidence"))
+        return section("langid", title, _not_run("no output record has meta.lang_confidence"))
     labels = [f"{i / _CONF_BINS:.2f}" for i in range(_CONF_BINS)]
-    chart = _vhist(
+    chart = vhist(
         labels,
         SPLITS,
         [scan.confidence[s] for s in SPLITS],
         "records per language-ID confidence (bins of 0.05)",
         every=4,
-        colours=[_SPLIT_COLOURS[s] for s in SPLITS],
+        colours=[SPLIT_COLOURS[s] for s in SPLITS],
     )
     unl = sum(scan.unlabelled.values())
-    body = f"{chart}<p>{_int(labelled)} labelled records; {_int(unl)} without a label (e.g. code).</p>"
-    return _section("langid", title, body)
+    body = f"{chart}<p>{fmt_int(labelled)} labelled records; {fmt_int(unl)} without a label (e.g. code).</p>"
+    return section("langid", title, body)
 
 
 def _size_bin(size: int) -> int:
@@ -560,13 +412,13 @@ def _cluster_chart(sizes: Mapping[int, int], label: str) -> str:
         bins[_size_bin(size)] += n
     rows = [(_size_label(b), [float(bins[b])]) for b in sorted(bins)]
     note = '<p class="note">Rows: cluster size (power-of-two bins); bars: number of clusters.</p>'
-    return note + _hbar_chart(rows, ["clusters"], label, colours=["#72b7b2"])
+    return note + hbar_chart(rows, ["clusters"], label, colours=["#72b7b2"])
 
 
 def _exact_dedup(manifest: Mapping[str, Any], scan: _Scan) -> str:
     title = "Exact duplicates: cluster sizes"
     if not ((manifest.get("recipe") or {}).get("dedup") or {}).get("enabled", True):
-        return _section(
+        return section(
             "exact-dedup", title, _not_run("exact dedup is disabled in the recipe (dedup.enabled: false)")
         )
     dropped = sum(
@@ -576,7 +428,7 @@ def _exact_dedup(manifest: Mapping[str, Any], scan: _Scan) -> str:
         if r == "dedup:exact"
     )
     if not scan.exact_copies:
-        return _section(
+        return section(
             "exact-dedup",
             title,
             f"<p>no exact duplicates among the output records (dropped: {dropped:,})</p>",
@@ -584,29 +436,31 @@ def _exact_dedup(manifest: Mapping[str, Any], scan: _Scan) -> str:
     clusters = sum(scan.exact_copies.values())
     removed = sum((k - 1) * n for k, n in scan.exact_copies.items())
     body = (
-        f"<p>{_int(clusters)} output records stand for more than one copy "
+        f"<p>{fmt_int(clusters)} output records stand for more than one copy "
         "(<code>meta.extra.exact_copies</code>); "
-        f"largest cluster {_int(max(scan.exact_copies))}; copies removed behind them {_int(removed)} "
-        f"(the dedup stage dropped {_int(dropped)}).</p>"
+        f"largest cluster {fmt_int(max(scan.exact_copies))}; copies removed behind them {fmt_int(removed)} "
+        f"(the dedup stage dropped {fmt_int(dropped)}).</p>"
         + _cluster_chart(scan.exact_copies, "exact-duplicate clusters per size (copies)")
     )
-    return _section("exact-dedup", title, body)
+    return section("exact-dedup", title, body)
 
 
 def _near_dedup(manifest: Mapping[str, Any]) -> str:
     title = "Near duplicates: cluster sizes"
     sizes = (manifest.get("near_dedup") or {}).get("cluster_sizes")
     if sizes is None:
-        return _section("near-dedup", title, _not_run("the manifest has no near_dedup.cluster_sizes"))
+        return section("near-dedup", title, _not_run("the manifest has no near_dedup.cluster_sizes"))
     parsed = {int(k): int(v) for k, v in sizes.items()}
     if not parsed:
-        return _section("near-dedup", title, "<p>no near-duplicate clusters</p>")
+        return section("near-dedup", title, "<p>no near-duplicate clusters</p>")
     body = (
-        f"<p>{_int(sum(parsed.values()))} clusters, largest {_int(max(parsed))} documents.</p>"
+        f"<p>{fmt_int(sum(parsed.values()))} clusters, largest {fmt_int(max(parsed))} documents.</p>"
         + _cluster_chart(parsed, "near-duplicate clusters per size (documents)")
-        + _table(["cluster size", "clusters"], [[_int(k), _int(parsed[k])] for k in sorted(parsed)], (0, 1))
+        + html_table(
+            ["cluster size", "clusters"], [[fmt_int(k), fmt_int(parsed[k])] for k in sorted(parsed)], (0, 1)
+        )
     )
-    return _section("near-dedup", title, body)
+    return section("near-dedup", title, body)
 
 
 def _example(x: object) -> str:
@@ -615,23 +469,23 @@ def _example(x: object) -> str:
         s = " · ".join(f"{k}: {v}" for k, v in sorted(x.items()))
     else:
         s = x if isinstance(x, str) else json.dumps(x, ensure_ascii=False, sort_keys=True)
-    return _e(s if len(s) <= 240 else s[:240] + " …")
+    return escape(s if len(s) <= 240 else s[:240] + " …")
 
 
 def _decontamination(manifest: Mapping[str, Any]) -> str:
     title = "Decontamination hits per benchmark"
     benchmarks = (manifest.get("decontamination") or {}).get("benchmarks")
     if benchmarks is None:
-        return _section("decontamination", title, _not_run("the manifest has no decontamination.benchmarks"))
+        return section("decontamination", title, _not_run("the manifest has no decontamination.benchmarks"))
     if not benchmarks:
-        return _section("decontamination", title, "<p>no benchmarks were checked</p>")
+        return section("decontamination", title, "<p>no benchmarks were checked</p>")
     names = sorted(benchmarks)
     series = ["items matched", "documents affected"]
     rows = [
         (n, [float(benchmarks[n].get("items_matched", 0)), float(benchmarks[n].get("documents_affected", 0))])
         for n in names
     ]
-    chart = _hbar_chart(rows, series, title, stacked=False)
+    chart = hbar_chart(rows, series, title, stacked=False)
     # dropped / cut split "affected" by what was done; shown when the manifest has them
     actions = [a for a in ("documents_dropped", "documents_cut") if any(a in benchmarks[n] for n in names)]
     table = []
@@ -643,25 +497,25 @@ def _decontamination(manifest: Mapping[str, Any]) -> str:
         )
         table.append(
             [
-                _e(name),
-                _int(items),
-                f"{_int(matched)} ({_share(matched / items) if items else '—'})",
-                _int(b.get("documents_affected", 0)),
-                *(_int(b[a]) if a in b else "—" for a in actions),
+                escape(name),
+                fmt_int(items),
+                f"{fmt_int(matched)} ({fmt_share(matched / items) if items else '—'})",
+                fmt_int(b.get("documents_affected", 0)),
+                *(fmt_int(b[a]) if a in b else "—" for a in actions),
                 f"<ul>{examples}</ul>" if examples else "—",
             ]
         )
     headers = ["benchmark", "items", "items matched", "documents affected"]
     headers += [a.replace("_", " ") for a in actions] + ["examples"]
-    body = chart + _table(headers, table, tuple(range(1, 4 + len(actions))))
-    return _section("decontamination", title, body)
+    body = chart + html_table(headers, table, tuple(range(1, 4 + len(actions))))
+    return section("decontamination", title, body)
 
 
 def _mixture(manifest: Mapping[str, Any], scan: _Scan) -> str:
     title = "Mixture: target vs achieved"
     mix = manifest.get("mixture")
     if mix is None:
-        return _section("mixture", title, _not_run("the manifest has no mixture"))
+        return section("mixture", title, _not_run("the manifest has no mixture"))
     by = str(mix.get("by", "group"))
     # "available" (the shares before mixing) is optional: shown between the two when the manifest has it
     series = [s for s in ("target", "available", "achieved") if s in mix]
@@ -670,80 +524,59 @@ def _mixture(manifest: Mapping[str, Any], scan: _Scan) -> str:
     keys = sorted(set().union(*shares.values()))
     rows = [(k, [float(shares[s].get(k, 0.0)) for s in series]) for k in keys]
     colours = [{"target": "#9d755d", "available": "#bab0ac", "achieved": "#4c78a8"}[s] for s in series]
-    chart = _hbar_chart(rows, series, f"share per {by}", stacked=False, fmt=_share, colours=colours)
+    chart = hbar_chart(rows, series, f"share per {by}", stacked=False, fmt=fmt_share, colours=colours)
     table = []
     for k in keys:
         t, a = float(shares.get("target", {}).get(k, 0.0)), float(shares.get("achieved", {}).get(k, 0.0))
         factor = f"{float(factors[k]):.3f}" if k in factors else "—"
         table.append(
             [
-                _e(k),
-                *(_share(float(shares[s].get(k, 0.0))) for s in series),
+                escape(k),
+                *(fmt_share(float(shares[s].get(k, 0.0))) for s in series),
                 f"{(a - t) * 100:+.1f} pp",
                 factor,
             ]
         )
-    unit = f", counted in {_e(mix['unit'])}" if mix.get("unit") else ""
+    unit = f", counted in {escape(mix['unit'])}" if mix.get("unit") else ""
     body = (
-        f"<p>Shares of train by <code>{_e(by)}</code>{unit}. Records repeated by the mix "
-        f"(<code>meta.extra.mix_repeat</code> &gt; 1): {_int(scan.repeated)}, adding "
-        f"{_int(scan.extra_passes)} passes.</p>"
+        f"<p>Shares of train by <code>{escape(by)}</code>{unit}. Records repeated by the mix "
+        f"(<code>meta.extra.mix_repeat</code> &gt; 1): {fmt_int(scan.repeated)}, adding "
+        f"{fmt_int(scan.extra_passes)} passes.</p>"
         + chart
-        + _table([by, *series, "achieved − target", "factor"], table, tuple(range(1, len(series) + 3)))
+        + html_table([by, *series, "achieved − target", "factor"], table, tuple(range(1, len(series) + 3)))
     )
-    return _section("mixture", title, body)
+    return section("mixture", title, body)
 
 
 def _gates(manifest: Mapping[str, Any]) -> str:
     gates = manifest.get("gates")
     if not gates:
-        return _section("gates", "Gates", _not_run("the manifest has no gate results"))
+        return section("gates", "Gates", _not_run("the manifest has no gate results"))
     rows = [
         [
-            _e(g.get("gate")),
-            f'<span class="{_e(g.get("verdict"))}">{_e(g.get("verdict"))}</span>',
-            _e(g.get("evidence")),
+            escape(g.get("gate")),
+            f'<span class="{escape(g.get("verdict"))}">{escape(g.get("verdict"))}</span>',
+            escape(g.get("evidence")),
         ]
         for g in gates
     ]
-    return _section("gates", "Gates", _table(["gate", "verdict", "evidence"], rows))
+    return section("gates", "Gates", html_table(["gate", "verdict", "evidence"], rows))
 
 
 def _samples(scan: _Scan) -> str:
     parts = []
     for s in SPLITS:
         recs = "".join(
-            f'<p class="family">{_e(fam)}</p><pre>{_e(text)}</pre>'
+            f'<p class="family">{escape(fam)}</p><pre>{escape(text)}</pre>'
             for fam, text in sorted(scan.samples[s].items())
         )
-        parts.append(f"<h3>{_e(s)}</h3>{recs or '<p>no records</p>'}")
+        parts.append(f"<h3>{escape(s)}</h3>{recs or '<p>no records</p>'}")
     note = (
         f'<p class="note">The first record of each family in each split (at most {_SAMPLES} families per '
         f"split), cut at {_SAMPLE_CHARS} characters.</p>"
     )
-    return _section("samples", "Sample records", note + "".join(parts))
+    return section("samples", "Sample records", note + "".join(parts))
 
-
-_STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0 auto;
-max-width:1180px;padding:16px 24px 48px}
-h1{font-size:22px;margin:8px 0}
-h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-h3{font-size:15px}nav a{margin-right:12px}code,pre{font:12px ui-monospace,Menlo,Consolas,monospace}
-pre{background:#f6f6f6;border:1px solid #e4e4e4;padding:8px;white-space:pre-wrap;word-break:break-word;
-max-height:16em;overflow:auto;margin-top:2px}p.family{margin:10px 0 0;color:#555}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px}dt{color:#666}dd{margin:0}
-table{border-collapse:collapse;margin:12px 0;font-size:13px}th,td{border-bottom:1px solid #e4e4e4;
-padding:3px 10px;text-align:left;vertical-align:top}th{background:#f3f3f3}td.num,th.num{text-align:right}
-tbody tr:nth-child(even){background:#fafafa}ul{margin:0;padding-left:16px}
-.row{display:flex;flex-wrap:wrap;gap:8px 24px}figure{margin:8px 0}
-figcaption{font-weight:600;margin-bottom:4px}
-svg.chart{max-width:100%;height:auto}svg.chart text{font:12px system-ui,sans-serif;fill:#333}
-svg.chart text.small{font-size:10px;fill:#555}svg.chart line.grid{stroke:#e0e0e0}
-.note{color:#555}.not-run{color:#8a6d00;background:#fff8e1;border:1px solid #f0dc9a;padding:6px 10px}
-.warn{color:#8a1c1c;background:#fdecea;border:1px solid #f3b9b3;padding:6px 10px}
-.pass{color:#1e7b34;font-weight:600}.FAIL{color:#b00020;font-weight:700}.skip{color:#8a6d00}
-"""
 
 _NAV = (
     ("overview", "overview"),
@@ -771,7 +604,7 @@ def build_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     scan = _scan(run_dir, manifest)
-    name = _e(manifest.get("name", "?"))
+    name = escape(manifest.get("name", "?"))
     sections = [
         _overview(manifest, scan),
         _counts(scan),
@@ -786,13 +619,13 @@ def build_report(run_dir: Path) -> str:
         _gates(manifest),
         _samples(scan),
     ]
-    nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in _NAV)
+    nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in _NAV)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>moeforge data report: {name}</title><style>{_STYLE}</style></head>\n"
+        f"<title>moeforge data report: {name}</title><style>{STYLE}</style></head>\n"
         f"<body><h1>Dataset report: {name}</h1><nav>{nav}</nav>\n"
         + "\n".join(sections)
         + "\n</body></html>\n"
