@@ -17,19 +17,29 @@ Changes of case, punctuation, accents or the amount and kind of whitespace there
 match; joining or splitting words does (``eggs.She`` is one word, ``eggs. She`` two). Scripts written
 without spaces (Chinese, Japanese, Thai) have no words to count and are not served by this method.
 
-**Matching.** A benchmark item (e.g. a GSM8K question + answer, fields joined by a newline) contributes
-every run of ``ngram`` consecutive words (default 13, as in GPT-3). An item with fewer words, but at
-least ``min_item_words`` (default 8, GPT-3's smallest n), contributes its whole word sequence, which then
-matches only as a whole; shorter items are not indexed (counted as ``items_too_short``). An n-gram found
-in more than ``max_item_frequency`` distinct items (boilerplate chains such as "… the answer is …") is
-left out of the index. A document matches an item where one of the item's n-grams occurs in it;
-overlapping or adjacent hits on the same item merge into one :class:`Match` spanning them.
+**Matching.** A benchmark item's text is its fields joined by newlines (GSM8K: question and answer, and
+the same again without the ``<<16-3-4=9>>`` calculator annotations, as most copies elsewhere print it).
+It contributes every run of ``ngram`` consecutive words (default 13, as in GPT-3). An item with fewer
+words, but at least ``min_item_words`` (default 8, GPT-3's smallest n), contributes its whole word
+sequence, which then matches only as a whole; shorter items are not indexed (counted as
+``items_too_short``). An n-gram found in more than ``max_item_frequency`` distinct items (boilerplate
+chains such as "… the answer is …") is left out of the index. A document matches an item where one of
+the item's n-grams occurs in it; overlapping or adjacent hits on the same item merge into one
+:class:`Match` spanning them.
 
-**Index.** One 64-bit hash per distinct n-gram (word hashes from the code points, combined
-polynomially, both passed through a 64-bit finalizer), kept sorted, with a bitmap of 16–32 bits per
-n-gram in front and the ids of the items holding it in CSR arrays: about 8 + (2 to 4) + 4 + 4·(items per
-n-gram) bytes per n-gram (``DecontamIndex.stats()`` gives the exact figure). Hash collisions are possible in
-principle (about |index| / 2⁶⁴ per document n-gram); everything is deterministic.
+**Index.** One 64-bit hash per distinct n-gram, kept sorted, with a bitmap of 16–32 bits per n-gram in
+front of it and the ids of the items holding each n-gram in CSR arrays: about 8 + (2 to 4) + 4 +
+4·(items per n-gram) bytes per n-gram (``DecontamIndex.stats()`` gives the figure; GSM8K test +
+HumanEval: 118 k n-grams, 2.2 MB). A word's hash is a polynomial over its code points, an n-gram's a
+polynomial over its words' hashes, each scrambled by an xor-shift-multiply step; all of it runs as
+array operations over a document's code points (an ASCII document takes a ``bytes.translate`` shortcut).
+Hash collisions are possible in principle (about |index| / 2⁶⁴ per document n-gram); nothing depends
+on the process, the clock or Python's hash seed.
+
+**Use.** A map task gets the index with :func:`cached_index` (built once per process), calls
+:func:`decontaminate` per record and counts outcomes in a :class:`DecontamReport`
+(``report.add(record, *decontaminate(record, index, cfg))``); task reports merge with
+:meth:`DecontamReport.merge`. :meth:`DecontamIndex.contains_any` is the cheap yes/no check for a gate.
 
 **Policies.** ``drop`` removes a document with any match (reason ``decontam:<benchmark>`` of its first
 match). ``cut`` (GPT-3 / NeMo Curator style) removes each matched span plus ``window`` characters on
@@ -48,6 +58,7 @@ import csv
 import gzip
 import json
 import logging
+import re
 import time
 import unicodedata
 import zlib
@@ -59,7 +70,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moeforge.config import StrictModel
 from moeforge.data.contract import Message, Record, RecordMeta
@@ -97,6 +108,7 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
     "math": (".json",),
 }
 TOO_MANY_PIECES = "too_many_pieces"
+_GSM8K_CALC = re.compile(r"<<[^<>\n]*>>")  # GSM8K's calculator annotations: "16 - 3 - 4 = <<16-3-4=9>>9"
 
 
 class BenchmarkError(ValueError):
@@ -110,13 +122,24 @@ class BenchmarkSpec(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="label used in drop reasons (decontam:<name>) and the report",
     )
-    path: str = Field(min_length=1, description="a file, or a directory searched for the format's files")
+    path: str = Field(
+        min_length=1,
+        description="a file, or a directory searched (recursively) for the format's files; ${VAR:-default} "
+        "expands as in other recipe paths",
+    )
     format: BenchmarkFormat
     fields: list[str] = Field(
         default_factory=list,
         description="fields joined (by newlines) into an item's text; required for jsonl, optional override "
         "for gsm8k (question, answer), humaneval (prompt, canonical_solution) and math (problem, solution)",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        from moeforge.data.recipe import expand_vars  # imported here: the recipe module imports this one
+
+        return expand_vars(v)
 
     @model_validator(mode="after")
     def _fields_fit_format(self) -> BenchmarkSpec:
@@ -187,7 +210,8 @@ class Match:
     """A stretch of a text that shares n-grams with one benchmark item.
 
     ``start_char``/``end_char`` delimit the matched words in the text given to :meth:`DecontamIndex.find`
-    (for chats: in turn ``turn``); ``ngram`` is the first matching n-gram, normalized."""
+    (for chats: in turn ``turn``), widened to whitespace so that punctuation attached to the first and
+    last word is included; ``ngram`` is the first matching n-gram, normalized."""
 
     benchmark: str
     item_id: str
@@ -212,27 +236,26 @@ class Match:
 # --- normalization ------------------------------------------------------------------------------------
 
 _U64 = np.uint64
-_M1 = _U64(0xFF51AFD7ED558CCD)  # 64-bit finalizer multipliers (MurmurHash3's fmix64)
-_M2 = _U64(0xC4CEB9FE1A85EC53)
+_M1 = _U64(0xBF58476D1CE4E5B9)  # an odd multiplier with good avalanche (SplitMix64's first)
 _POLY = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
 _POLY_INV = pow(_POLY, -1, 1 << 64)
 _LEN_TAG = 0xD6E8FEB86659FD93
-_SEP = 32  # the separator code point in normalized text
-_UNMAPPED = 255  # length marker of a code point not mapped yet (the longest mapping has 18 characters)
+_SEP = 32  # the separator in normalized text
+_MULTI = 0xFFFFFFFF  # ``single`` marker: the code point maps to several characters, or is not mapped yet
+_UNMAPPED = 255  # ``length`` marker of a code point not mapped yet (the longest mapping has 18 characters)
+_POWERS_CACHED = 1 << 21  # longer texts get their powers computed per call instead of cached
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """Avalanche every bit of a uint64 array into every other (in place; returns it)."""
-    x ^= x >> _U64(33)
+    """Scramble a uint64 array in place (a bijection: xor-shift, odd multiply, xor-shift); returns it."""
+    x ^= x >> _U64(31)
     x *= _M1
-    x ^= x >> _U64(33)
-    x *= _M2
-    x ^= x >> _U64(33)
+    x ^= x >> _U64(29)
     return x
 
 
 def _map_char(c: str) -> str:
-    """The normalized form of one code point: " " for whitespace, else its letters and digits (see module doc)."""
+    """The normalized form of one code point: " " for whitespace, else its letters and digits (module doc)."""
     if c.isspace():
         return " "
     folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", c).casefold())
@@ -240,11 +263,13 @@ def _map_char(c: str) -> str:
 
 
 class _CharTable:
-    """Code point → normalized characters, as arrays: ``length[cp]`` output characters starting at
-    ``chars[offset[cp]]``. Latin-1 is mapped up front, any other code point when a text first holds it
-    (mapping all 1.1 M code points would cost each process seconds)."""
+    """Code point → normalized characters, as arrays: ``single[cp]`` is the one character a code point
+    maps to (0: deleted, 32: separator, ``_MULTI``: see ``length[cp]`` characters at ``chars[offset[cp]]``).
+    Latin-1 is mapped up front, any other code point when a text first holds it (mapping all 1.1 M code
+    points would cost each process seconds)."""
 
     def __init__(self) -> None:
+        self.single = np.full(0x110000, _MULTI, dtype=np.uint32)
         self.length = np.full(0x110000, _UNMAPPED, dtype=np.uint8)
         self.offset = np.zeros(0x110000, dtype=np.int32)
         self._chars: list[int] = []
@@ -255,16 +280,29 @@ class _CharTable:
             out = _map_char(chr(cp))
             self.length[cp] = len(out)
             self.offset[cp] = len(self._chars)
+            self.single[cp] = 0 if not out else ord(out) if len(out) == 1 else _MULTI
             self._chars.extend(map(ord, out))
         self.chars = np.asarray(self._chars, dtype=np.uint32)
 
-    def lengths(self, cp: np.ndarray) -> np.ndarray:
-        """``length[cp]``, mapping first the code points never seen before."""
-        lengths = self.length[cp]
-        if int(lengths.max()) == _UNMAPPED:
-            self._fill(np.unique(cp[lengths == _UNMAPPED]).tolist())
-            lengths = self.length[cp]
-        return lengths
+    def normalize(self, cp: np.ndarray, spans: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(normalized code points with separators, the index in ``cp`` each came from — kept only with
+        ``spans`` or when some code point expands)."""
+        out = self.single[cp]
+        if int(out.max()) == _MULTI:
+            unmapped = self.length[cp] == _UNMAPPED
+            if unmapped.any():
+                self._fill(np.unique(cp[unmapped]).tolist())
+                out = self.single[cp]
+        if int(out.max()) != _MULTI:  # one character or none per code point: the common case
+            if not spans:
+                return out[out != 0], None
+            origin = out.nonzero()[0]
+            return out[origin], origin
+        counts = self.length[cp].astype(np.int64)  # ligatures, fractions, ß …: expand
+        origin = np.repeat(np.arange(cp.size), counts)
+        first_out = np.cumsum(counts) - counts
+        within = np.arange(origin.size) - first_out[origin]
+        return self.chars[self.offset[cp][origin] + within], origin
 
 
 @lru_cache(maxsize=1)
@@ -272,23 +310,61 @@ def _table() -> _CharTable:
     return _CharTable()
 
 
+class _Powers:
+    """``_POLY_INV**i`` and ``_POLY**i`` mod 2**64 for i < m, cached up to ``_POWERS_CACHED``."""
+
+    def __init__(self) -> None:
+        self.inv = np.ones(1, dtype=np.uint64)
+        self.fwd = np.ones(1, dtype=np.uint64)
+
+    @staticmethod
+    def _make(size: int) -> tuple[np.ndarray, np.ndarray]:
+        inv, fwd = np.ones(size, dtype=np.uint64), np.ones(size, dtype=np.uint64)
+        np.cumprod(np.full(size - 1, _POLY_INV, dtype=np.uint64), out=inv[1:])
+        np.cumprod(np.full(size - 1, _POLY, dtype=np.uint64), out=fwd[1:])
+        return inv, fwd
+
+    def get(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        if m > self.inv.size:
+            if m > _POWERS_CACHED:
+                return self._make(m)
+            self.inv, self.fwd = self._make(min(_POWERS_CACHED, max(m, 2 * self.inv.size)))
+        return self.inv[:m], self.fwd[:m]
+
+
+_POWERS = _Powers()
+
+
+def _prefix(values: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """``S[t] = Σ_{k<t} values[k]·P⁻ᵏ`` (mod 2⁶⁴), so ``(S[b] − S[a])·Pᵃ = Σ_{k<b−a} values[a+k]·P⁻ᵏ``:
+    the polynomial hash of any slice, independent of where the slice starts."""
+    s = np.zeros(values.size + 1, dtype=np.uint64)
+    np.cumsum(values * inv, out=s[1:])
+    return s
+
+
 @dataclass
 class _Words:
-    """A text's normalized words: ``chars`` (code points, separators removed), each word's start in
-    ``chars`` (``wstart``), its span in the original text (``begin``/``end``) and its hash (``hashes``)."""
+    """A text's normalized words: the normalized code points ``chars`` (separators included), each word's
+    ``[wstart, wend)`` in them, the index in the original text of every char (``origin``) and the word
+    hashes: ``mix(Σ_k char[wstart+k]·P⁻ᵏ)`` (polynomial over code points, so the ASCII path agrees)."""
 
     chars: np.ndarray
+    origin: np.ndarray | None  # None: positions not kept (see _words)
     wstart: np.ndarray
-    begin: np.ndarray
-    end: np.ndarray
+    wend: np.ndarray
     hashes: np.ndarray
 
     def __len__(self) -> int:
         return len(self.hashes)
 
+    def span(self, first: int, last: int) -> tuple[int, int]:
+        """Characters of the original text covered by words ``first`` … ``last`` (inclusive)."""
+        assert self.origin is not None, "positions were not kept: _words(text, spans=True)"
+        return int(self.origin[self.wstart[first]]), int(self.origin[self.wend[last] - 1]) + 1
+
     def word(self, i: int) -> str:
-        stop = self.wstart[i + 1] if i + 1 < len(self.wstart) else len(self.chars)
-        return self.chars[self.wstart[i] : stop].tobytes().decode("utf-32-le")
+        return "".join(map(chr, self.chars[self.wstart[i] : self.wend[i]].tolist()))
 
     def text(self, i: int, length: int) -> str:
         return " ".join(self.word(k) for k in range(i, i + length))
@@ -298,39 +374,41 @@ _EMPTY_I = np.zeros(0, dtype=np.int64)
 _EMPTY_WORDS = _Words(np.zeros(0, np.uint32), _EMPTY_I, _EMPTY_I, _EMPTY_I, np.zeros(0, np.uint64))
 
 
-def _words(text: str) -> _Words:
-    """Normalize ``text`` and hash its words, in array operations over its code points."""
-    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    if cp.size == 0:
+@lru_cache(maxsize=1)
+def _ascii_tables() -> tuple[bytes, bytes]:
+    """``bytes.translate`` arguments doing :func:`_map_char` on ASCII (which maps it to ASCII or nothing)."""
+    mapped = [_map_char(chr(b)) for b in range(128)]
+    table = bytes(ord(m) if m else b for b, m in enumerate(mapped)) + bytes(range(128, 256))
+    return table, bytes(b for b, m in enumerate(mapped) if not m)
+
+
+def _words(text: str, spans: bool = False) -> _Words:
+    """Normalize ``text`` and hash its words, in array operations over its characters (no Python loop).
+    Character positions (``origin``) are kept only when ``spans`` asks for them; pure-ASCII text then
+    takes a ``bytes.translate`` shortcut."""
+    origin: np.ndarray | None = None
+    if text.isascii() and not spans:
+        table, delete = _ascii_tables()
+        chars = np.frombuffer(text.encode("ascii").translate(table, delete), dtype=np.uint8)
+    else:
+        cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        if cp.size == 0:
+            return _EMPTY_WORDS
+        chars, origin = _table().normalize(cp, spans)
+    n = chars.size
+    sep = np.empty(n + 2, dtype=bool)  # padded with separators at both ends
+    sep[0] = sep[-1] = True
+    np.equal(chars, _SEP, out=sep[1:-1])
+    flips = (sep[1:] != sep[:-1]).nonzero()[0]  # alternately a word's start and its end
+    if flips.size == 0:
         return _EMPTY_WORDS
-    table = _table()
-    lengths = table.lengths(cp)
-    if int(lengths.max()) <= 1:  # every code point maps to one character or none: the common case
-        kept = np.flatnonzero(lengths)
-        out = table.chars[table.offset[cp[kept]]]
-        origin = kept
-    else:  # ligatures, fractions, ß …: expand
-        counts = lengths.astype(np.int64)
-        origin = np.repeat(np.arange(cp.size), counts)
-        first_out = np.cumsum(counts) - counts
-        within = np.arange(origin.size) - first_out[origin]
-        out = table.chars[table.offset[cp][origin] + within]
-    solid = np.flatnonzero(out != _SEP)
-    if solid.size == 0:
-        return _EMPTY_WORDS
-    chars = out[solid]
-    starts_word = np.empty(solid.size, dtype=bool)
-    starts_word[0] = True
-    np.greater(solid[1:] - solid[:-1], 1, out=starts_word[1:])  # a separator lay in between
-    wstart = np.flatnonzero(starts_word)
-    wlen = np.diff(np.append(wstart, chars.size))
-    char_origin = origin[solid]
-    begin = char_origin[wstart]
-    end = char_origin[wstart + wlen - 1] + 1
-    pos = np.arange(chars.size, dtype=np.int64) - np.repeat(wstart, wlen)
-    x = (chars.astype(np.uint64) << _U64(32)) | pos.astype(np.uint64)
-    hashes = _mix(np.add.reduceat(_mix(x), wstart))
-    return _Words(chars, wstart, begin, end, hashes)
+    wstart, wend = flips[0::2], flips[1::2]
+    inv, fwd = _POWERS.get(n)
+    # the sums over [start, end) of each word and [end, next start) of each gap; keep the words'
+    cuts = flips if flips[-1] < n else flips[:-1]  # reduceat takes no index past the end
+    sums = np.add.reduceat(chars * inv, cuts)[0::2]  # (uint64: chars are widened in the multiply)
+    hashes = _mix(sums * fwd[wstart])
+    return _Words(chars, origin, wstart, wend, hashes)
 
 
 def normalize_words(text: str) -> list[str]:
@@ -339,41 +417,19 @@ def normalize_words(text: str) -> list[str]:
     return [w.word(i) for i in range(len(w))]
 
 
-class _Powers:
-    """``_POLY_INV**i`` and ``_POLY**i`` mod 2**64 for i < size, grown on demand."""
-
-    def __init__(self) -> None:
-        self.inv = np.ones(1, dtype=np.uint64)
-        self.fwd = np.ones(1, dtype=np.uint64)
-
-    def get(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        if m > self.inv.size:
-            size = max(m, 2 * self.inv.size)
-            self.inv, self.fwd = np.ones(size, dtype=np.uint64), np.ones(size, dtype=np.uint64)
-            np.cumprod(np.full(size - 1, _POLY_INV, dtype=np.uint64), out=self.inv[1:])
-            np.cumprod(np.full(size - 1, _POLY, dtype=np.uint64), out=self.fwd[1:])
-        return self.inv[:m], self.fwd[:m]
-
-
-_POWERS = _Powers()
-
-
 class _Grams:
     """Hashes of every run of ``length`` consecutive words, for any length, from one prefix sum:
-    ``h(i, L) = mix(Σ_j word[i+j]·P⁻ʲ ⊕ L·T)`` (``P⁻¹`` the inverse of an odd constant mod 2⁶⁴)."""
+    ``h(i, L) = mix(Σ_j word[i+j]·P⁻ʲ ⊕ L·T)``."""
 
     def __init__(self, word_hashes: np.ndarray) -> None:
-        m = word_hashes.size
-        inv, self._fwd = _POWERS.get(m)
-        self._prefix = np.zeros(m + 1, dtype=np.uint64)
-        np.cumsum(word_hashes * inv, out=self._prefix[1:])
+        inv, self._fwd = _POWERS.get(word_hashes.size)
+        self._s = _prefix(word_hashes, inv)
 
     def of_length(self, length: int) -> np.ndarray:
-        m = self._prefix.size - 1
-        if length > m:
+        k = self._s.size - length  # number of runs
+        if k <= 0:
             return np.zeros(0, dtype=np.uint64)
-        k = m - length + 1
-        h = (self._prefix[length:] - self._prefix[:k]) * self._fwd[:k]
+        h = (self._s[length:] - self._s[:k]) * self._fwd[:k]
         h ^= _U64((length * _LEN_TAG) & 0xFFFFFFFFFFFFFFFF)
         return _mix(h)
 
@@ -396,19 +452,21 @@ def _files(spec: BenchmarkSpec, path: Path) -> list[tuple[Path, str]]:
 
 
 def _open_lines(spec: BenchmarkSpec, file: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) of a text file, gzip-compressed or not (by its magic bytes)."""
-    with open(file, "rb") as raw:
-        gz = raw.read(2) == b"\x1f\x8b"
+    """(1-based line number, line) of a UTF-8 text file (a leading BOM dropped), gzip-compressed or not
+    (told by its magic bytes)."""
     try:
+        with open(file, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
         opener: Any = gzip.open if gz else open
         with opener(file, "rb") as fh:
             for no, line in enumerate(fh, start=1):
                 try:
-                    yield no, line.decode("utf-8")
+                    text = line.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise BenchmarkError(
                         f"benchmark {spec.name!r}: {file}:{no}: not UTF-8 ({exc.reason} at byte {exc.start})"
                     ) from exc
+                yield no, text.removeprefix("\ufeff") if no == 1 else text
     except (OSError, EOFError, zlib.error) as exc:
         raise BenchmarkError(f"benchmark {spec.name!r}: {file}: cannot read it ({exc})") from exc
 
@@ -455,6 +513,9 @@ def _load_jsonl(spec: BenchmarkSpec, path: Path) -> Iterator[BenchmarkItem]:
                     f"benchmark {spec.name!r}: {where}: not valid JSON ({exc.msg} at column {exc.colno})"
                 ) from exc
             text = _field_text(spec, obj, fields, where)
+            if spec.format == "gsm8k" and _GSM8K_CALC.search(text):
+                # most copies elsewhere drop the calculator annotations: index the text both ways
+                text += "\n" + _GSM8K_CALC.sub("", text)
             task_id = obj.get("task_id")
             item_id = task_id if spec.format == "humaneval" and isinstance(task_id, str) else f"{label}:{no}"
             yield BenchmarkItem(spec.name, item_id, text)
@@ -529,6 +590,7 @@ def load_benchmark(spec: BenchmarkSpec) -> list[BenchmarkItem]:
 # --- the index ----------------------------------------------------------------------------------------
 
 _BUILD_CHUNK_CHARS = 1 << 20  # items are hashed in batches of about this many characters
+_BITMAP_FROM = 64  # n-grams per lookup from which the bitmap pays for its extra operations
 
 
 class DecontamIndex:
@@ -552,7 +614,7 @@ class DecontamIndex:
         self.item_ptr = item_ptr  # CSR: the items of hashes[r] are item_ids[item_ptr[r]:item_ptr[r+1]]
         self.item_ids = item_ids
         self.lengths = lengths  # n-gram lengths present: ngram, and whole-item lengths of short items
-        bits = max(16, int(np.ceil(np.log2(max(1, hashes.size) * 16))))
+        bits = max(10, int(np.ceil(np.log2(max(1, hashes.size) * 16))))
         self._shift = _U64(64 - bits)
         self._bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
         top = hashes >> self._shift
@@ -621,8 +683,8 @@ class DecontamIndex:
         words = np.concatenate(count_parts) if count_parts else _EMPTY_I
         indexed = np.zeros(len(items), dtype=bool)
         indexed[item_ids.astype(np.int64)] = True
-        for k, it in enumerate(items):
-            s = per[it.benchmark]
+        for k, item in enumerate(items):
+            s = per[item.benchmark]
             s["items"] += 1
             s["items_too_short"] += int(words[k] < cfg.min_item_words)
             s["items_indexed"] += int(indexed[k])
@@ -670,14 +732,18 @@ class DecontamIndex:
 
     def _lookup(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in ``grams`` found in the index, their rows in ``hashes``)."""
-        top = grams >> self._shift
-        maybe = np.flatnonzero((self._bitmap[top >> _U64(3)] >> (top & _U64(7)).astype(np.uint8)) & 1)
-        if maybe.size == 0 or self.hashes.size == 0:
+        if self.hashes.size == 0:
             return _EMPTY_I, _EMPTY_I
-        cand = grams[maybe]
-        rows = np.minimum(np.searchsorted(self.hashes, cand), self.hashes.size - 1)
-        hit = self.hashes[rows] == cand
-        return maybe[hit], rows[hit]
+        if grams.size > _BITMAP_FROM:  # the bitmap (in cache) spares most binary searches (cache misses)
+            top = grams >> self._shift
+            maybe = ((self._bitmap[top >> _U64(3)] >> (top & _U64(7)).astype(np.uint8)) & 1).nonzero()[0]
+            cand = grams[maybe]
+        else:
+            maybe, cand = None, grams
+        rows = np.searchsorted(self.hashes, cand)
+        rows[rows == self.hashes.size] = 0
+        hit = (self.hashes[rows] == cand).nonzero()[0]
+        return (hit if maybe is None else maybe[hit]), rows[hit]
 
     def contains_any(self, text: str) -> bool:
         """Whether ``text`` shares any indexed n-gram with a benchmark item (no spans computed)."""
@@ -715,25 +781,19 @@ class DecontamIndex:
         opens[1:] = (item[1:] != item[:-1]) | (pos[1:] > pos[:-1] + lens[:-1])
         firsts = np.flatnonzero(opens)
         run_end = np.maximum.reduceat(pos + lens, firsts)
-        matches = []
+        if words.origin is None:  # the fast path kept no positions: redo this (rare) text with them
+            words = _words(text, spans=True)
+        found = []
         for f, stop in zip(firsts.tolist(), run_end.tolist(), strict=True):
             bench, item_id = self.items[int(item[f])]
             p = int(pos[f])
-            matches.append(
-                (
-                    int(words.begin[p]),
-                    int(item[f]),
-                    Match(
-                        bench,
-                        item_id,
-                        int(words.begin[p]),
-                        int(words.end[stop - 1]),
-                        words.text(p, int(lens[f])),
-                    ),
-                )
+            start, end = words.span(p, stop - 1)
+            start, end = _word_edge(text, start, -1), _word_edge(text, end, +1)  # whole tokens: "market?"
+            found.append(
+                (start, int(item[f]), Match(bench, item_id, start, end, words.text(p, int(lens[f]))))
             )
-        matches.sort(key=lambda t: (t[0], t[1]))
-        return [m for _, _, m in matches]
+        found.sort(key=lambda t: (t[0], t[1]))
+        return [m for _, _, m in found]
 
 
 def _item_grams(
@@ -743,11 +803,12 @@ def _item_grams(
     text: the items are joined by newlines (separators), and an n-gram counts only if its first and last
     word belong to the same item."""
     texts = [it.text for it in items[start:stop]]
-    words = _words("\n".join(texts))
+    words = _words("\n".join(texts), spans=True)
     if len(words) == 0:
         return np.zeros(0, np.uint64), _EMPTY_I, np.zeros(len(texts), dtype=np.int64)
     bounds = np.cumsum([len(t) + 1 for t in texts])  # the joined text's offset after each item
-    owner = np.searchsorted(bounds, words.begin, side="right")  # item (relative) of each word
+    assert words.origin is not None
+    owner = np.searchsorted(bounds, words.origin[words.wstart], side="right")  # item (relative) of each word
     count = np.bincount(owner, minlength=len(texts))
     first_word = np.cumsum(count) - count
     grams = _Grams(words.hashes)
@@ -831,8 +892,9 @@ def decontaminate(
     Returns ``(record, None, matches)`` — unchanged but for the provenance step ``decontam`` when nothing
     matched, cut (new content and id, ``meta.extra["decontam"]``) otherwise — or ``(None, reason,
     matches)`` with reason ``decontam:<benchmark>`` or ``decontam:too_many_pieces``. Records of
-    ``cfg.exempt_families`` come back untouched with no matches."""
-    if record.meta.family in cfg.exempt_families:
+    ``cfg.exempt_families``, and every record when ``cfg.enabled`` is false, come back untouched with no
+    matches."""
+    if not cfg.enabled or record.meta.family in cfg.exempt_families:
         return record, None, []
     turns = [record.text] if record.text is not None else [m.content for m in record.messages or []]
     per_turn = [index.find(t) for t in turns]
@@ -936,7 +998,7 @@ class DecontamReport:
             counts.documents_affected += 1
             counts.documents_dropped += result is None
             counts.documents_cut += result is not None
-            first = {}
+            first: dict[str, Match] = {}
             for m in matches:
                 if m.benchmark == bench:
                     counts.items_matched.add(m.item_id)
