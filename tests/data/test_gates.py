@@ -81,7 +81,7 @@ def test_a_clean_run_passes_every_gate(run):
     results = run_gates(run, manifest)
     assert [g.gate for g in results] == list(GATES)
     assert _failed(results) == {}
-    assert [g.gate for g in results if g.skipped] == ["lang_balance", "mixture"]  # neither configured
+    assert [g.gate for g in results if g.skipped] == ["lang_balance", "mixture", "decontamination"]
     assert [g.to_json() for g in results] == manifest["gates"]  # verify agrees with the run
     assert sum(manifest["records"].values()) == 400
 

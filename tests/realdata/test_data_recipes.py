@@ -79,3 +79,37 @@ def test_ru_en_recipe_runs_and_meets_its_language_balance_gate(
     assert result.gates_passed, [g.to_json() for g in result.gates if not g.passed]
     langs = {c["lang"] for c in result.manifest["counts"]}
     assert langs == {"en", "ru"}
+
+
+def test_gsm8k_recipe_removes_test_items_planted_into_train(
+    real_data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import json
+    import random
+
+    from moeforge.data.store import read_records
+
+    monkeypatch.setenv("MOEFORGE_REAL_DATA", str(real_data))
+    test_items = [json.loads(x) for x in (real_data / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    planted = rng.sample(test_items, 40)
+    lines = (real_data / "gsm8k" / "train.jsonl").read_text().splitlines()
+    for item in planted:  # re-formatted copies: upper case, doubled spaces, answer without annotations
+        q = item["question"].upper().replace(" ", "  ")
+        a = item["answer"].split("####")[0]
+        lines.insert(rng.randrange(len(lines)), json.dumps({"question": q, "answer": a}))
+    train = tmp_path / "train-with-leaks.jsonl"
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe = load_recipe(ROOT / "configs/data/gsm8k.yaml", [f"sources.0.path={train}"])
+    result = run_pipeline(recipe, tmp_path / "run", workers=2)
+    assert result.gates_passed, [g.to_json() for g in result.gates if not g.passed]
+    decon = result.manifest["decontamination"]["benchmarks"]["gsm8k-test"]
+    assert decon["documents_dropped"] >= 40
+    leaked = {" ".join(p["question"].lower().split()) for p in planted}
+    for split in ("train", "valid"):
+        for shard in result.manifest["outputs"][split]:
+            for rec in read_records(tmp_path / "run" / shard["path"]):
+                assert rec.meta.family == "gsm8k"
+                assert " ".join(rec.messages[0].content.lower().split()) not in leaked
+    test_counts = {c["family"]: c["records"] for c in result.manifest["counts"] if c["split"] == "test"}
+    assert test_counts["gsm8k-test"] == 1319  # the benchmark itself is exempt and complete

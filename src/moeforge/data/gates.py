@@ -14,6 +14,7 @@ split_ratios    over the non-held-out pool: train share and valid/test shares wi
 lang_balance    per configured language, its share of train (approximate tokens × mix weight, or
                 records) within bounds
 mixture         when mixing ran, each group's achieved share of train within ``gates.mix_tolerance``
+decontamination when configured, no train record contains an n-gram of a benchmark item
 pii_residue     the PII detectors find nothing of the scrubbed types in the outputs
 provenance      every record names its source, its source sha256 is a manifest input, and its recipe hash
                 is the manifest's
@@ -44,8 +45,8 @@ from moeforge.io import sha256_file
 __all__ = ["GATES", "GateResult", "run_gates"]
 
 GATES = (
-    "schema", "accounting", "coverage", "leakage", "split_ratios", "lang_balance", "mixture", "pii_residue",
-    "provenance", "hash",
+    "schema", "accounting", "coverage", "leakage", "split_ratios", "lang_balance", "mixture", "decontamination",
+    "pii_residue", "provenance", "hash",
 )  # fmt: skip
 _EXAMPLES = 3
 
@@ -82,6 +83,8 @@ class _Scan:
     provenance_errors: list[str]
     n_provenance_errors: int
     unlabelled: int = 0
+    contaminated: int = 0
+    contaminated_examples: list[str] = field(default_factory=list)
     train_mix: Counter[str] = field(default_factory=Counter)
 
 
@@ -89,6 +92,11 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
     holdout = set(recipe.split.holdout_families)
     input_shas = {i["sha256"] for i in manifest["inputs"]}
     scrubbed = [t for t in recipe.pii.types] if recipe.pii.enabled else []
+    decon_index = None
+    if recipe.decontamination.enabled:
+        from moeforge.data.decontam import cached_index
+
+        decon_index = cached_index(recipe.decontamination)
     s = _Scan(
         Counter(), [], 0, {}, defaultdict(set), [], [], Counter(), Counter(), Counter(), Counter(), [], [], 0
     )
@@ -122,6 +130,10 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                 if split == "train":
                     repeat = int(meta.extra.get("mix_repeat", 1))
                     texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
+                    if decon_index is not None and any(decon_index.contains_any(t) for t in texts):
+                        s.contaminated += 1
+                        if len(s.contaminated_examples) < _EXAMPLES:
+                            s.contaminated_examples.append(where)
                     size = approx_tokens(texts) * repeat
                     lang_size = size if recipe.gates.language_unit == "tokens" else 1
                     s.train_langs[meta.lang or "und"] += lang_size
@@ -249,6 +261,19 @@ def _lang_balance(recipe: Recipe, scan: _Scan) -> GateResult:
     return GateResult("lang_balance", not problems, "; ".join(problems) or evidence)
 
 
+def _decontamination(recipe: Recipe, scan: _Scan) -> GateResult:
+    cfg = recipe.decontamination
+    if not cfg.enabled:
+        return GateResult("decontamination", True, "decontamination not configured", skipped=True)
+    names = ", ".join(b.name for b in cfg.benchmarks)
+    if scan.contaminated:
+        found = _fmt(scan.contaminated_examples, scan.contaminated)
+        return GateResult(
+            "decontamination", False, f"{scan.contaminated} train record(s) contain {names} n-grams: {found}"
+        )
+    return GateResult("decontamination", True, f"no train record contains a {cfg.ngram}-gram of {names}")
+
+
 def _mixture(recipe: Recipe, scan: _Scan) -> GateResult:
     mix = recipe.mix
     if not mix.enabled:
@@ -337,6 +362,7 @@ def run_gates(root: str | Path, manifest: dict[str, Any], recipe: Recipe | None 
         _ratios(recipe, scan, manifest),
         _lang_balance(recipe, scan),
         _mixture(recipe, scan),
+        _decontamination(recipe, scan),
         GateResult(
             "pii_residue",
             pii == 0,

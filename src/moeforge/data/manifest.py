@@ -49,6 +49,16 @@ def build_manifest(
     root: Path,
 ) -> dict[str, Any]:
     outputs, table = red.outputs, red.table
+    decon = None
+    for st in task_stats:
+        if st.get("decontamination"):
+            from moeforge.data.decontam import DecontamReport
+
+            part = DecontamReport.from_json(st["decontamination"])
+            if decon is None:
+                decon = part
+            else:
+                decon.merge(part)
     inputs = [
         {
             "source": st["source"],
@@ -87,6 +97,7 @@ def build_manifest(
         "stages": [s.to_json() for s in stages],
         "split_pool": red.split_pool,
         **({"mixture": red.mixture} if red.mixture is not None else {}),
+        **({"decontamination": decon.to_json()} if decon is not None else {}),
     }
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from moeforge.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
+from moeforge.data.decontam import DecontamConfig
 from moeforge.data.filters import FilterConfig
 from moeforge.data.formats import FormatConfig, IdentityConfig
 from moeforge.data.langid import LangIdConfig
@@ -205,6 +206,7 @@ class Recipe(StrictModel):
     sources: list[SourceConfig] = Field(min_length=1)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    decontamination: DecontamConfig = Field(default_factory=DecontamConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
     identity: IdentityConfig | None = None
     dedup: DedupConfig = Field(default_factory=DedupConfig)

@@ -1,4 +1,4 @@
-"""The per-task ("map") stages: read → format → langid → filters → pii → identity, with accounting.
+"""The per-task ("map") stages: read → format → langid → filters → decontam → pii → identity.
 
 Language ID runs before the quality filters because some of their rules depend on the language (the
 Gopher stop-word rule uses English stop words and is skipped for other languages).
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from moeforge.data.contract import Record
+from moeforge.data.decontam import DecontamReport, cached_index, decontaminate
 from moeforge.data.dedup.exact import SPLIT_CODES, id_words, make_keys
 from moeforge.data.filters import apply_filters
 from moeforge.data.formats import apply_identity, to_record
@@ -50,7 +51,7 @@ __all__ = ["MAP_STAGES", "StageCount", "run_map_task", "task_dir"]
 
 log = logging.getLogger(__name__)
 
-MAP_STAGES = ("read", "format", "langid", "filters", "pii", "identity")
+MAP_STAGES = ("read", "format", "langid", "filters", "decontam", "pii", "identity")
 
 
 @dataclass
@@ -144,6 +145,11 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
     group_codes: list[int] = []
     group_table: dict[str, int] = {}
     inputs = []
+    decon = (
+        DecontamReport.for_index(cached_index(recipe.decontamination))
+        if recipe.decontamination.enabled
+        else None
+    )
     out = task_dir(Path(work), task)
     with atomic_directory(out, overwrite=True) as tmp:
         with (
@@ -178,7 +184,7 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
                         quarantine(rec, "format")
                         continue
                     counts["format"].out += 1
-                    final = _clean(rec, recipe, counts, review)
+                    final = _clean(rec, recipe, counts, review, decon)
                     if final is None:
                         continue
                     rec = final.model_copy(
@@ -222,14 +228,21 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
             "inputs": inputs,
             "records": len(digests),
             "stages": [c.to_json() for c in counts.values()],
+            "decontamination": decon.to_json() if decon is not None else None,
             "seconds": {c.stage: round(c.seconds, 6) for c in counts.values()},
         }
         atomic_write_json(tmp / "stats.json", stats)
     return stats
 
 
-def _clean(rec: Record, recipe: Recipe, counts: dict[str, StageCount], review: ShardWriter) -> Record | None:
-    """langid → filters → pii → identity for one record; ``None`` when it was dropped or held."""
+def _clean(
+    rec: Record,
+    recipe: Recipe,
+    counts: dict[str, StageCount],
+    review: ShardWriter,
+    decon: DecontamReport | None,
+) -> Record | None:
+    """langid → filters → decontam → pii → identity for one record; ``None`` when dropped or held."""
     t0 = time.perf_counter()
     c = counts["langid"]
     c.inputs += 1
@@ -253,12 +266,26 @@ def _clean(rec: Record, recipe: Recipe, counts: dict[str, StageCount], review: S
         return None
     c.out += 1
     rec = outcome.record
+    c = counts["decontam"]
+    c.inputs += 1
+    if decon is not None:
+        cfg = recipe.decontamination
+        result, reason, matches = decontaminate(rec, cached_index(cfg), cfg)
+        decon.add(rec, result, reason, matches)
+        if result is None:
+            c.dropped[reason or "decontam"] += 1
+            c.seconds += time.perf_counter() - t2
+            return None
+        rec = result
+    c.out += 1
+    t2b = time.perf_counter()
+    c.seconds += t2b - t2
     c = counts["pii"]
     c.inputs += 1
     if recipe.pii.enabled:
         rec = scrub_record(rec, recipe.pii)
     t3 = time.perf_counter()
-    c.seconds += t3 - t2
+    c.seconds += t3 - t2b
     if rec.meta.pii_status == "requires_review" and recipe.pii.hold_for_review:
         review.write(rec)
         c.dropped["pii:requires_review"] += 1
