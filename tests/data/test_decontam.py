@@ -24,12 +24,12 @@ from moeforge.data.decontam import (
     DecontamConfig,
     DecontamIndex,
     DecontamReport,
-    _words,
     cached_index,
     decontaminate,
     load_benchmark,
     normalize_words,
 )
+from moeforge.data.decontam.normalize import _words
 
 Q1 = (
     "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
