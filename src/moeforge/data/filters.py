@@ -33,19 +33,15 @@ __all__ = [
 ]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
+# runs of horizontal space other than a lone " " (replacing every single space would be wasted work)
+_SPACES = re.compile(
+    r"[\t\u00a0\u2000-\u200b\u3000][ \t\u00a0\u2000-\u200b\u3000]*| [ \t\u00a0\u2000-\u200b\u3000]+"
+)
 _BLANKS = re.compile(r"\n{3,}")
+_TRAILING = re.compile(r"[^\S\n]+\n")
 _WORD = re.compile(r"\S+")
 _STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
-# the same counts as per-word Python loops, in C: a word with no letter (only digits, "_" and symbols),
-# and a stop word once the punctuation .,!?;:"'() around it is stripped (case-insensitive)
-# (``\w`` also matches numeric symbols such as ½ or ², which are not letters: they are listed with \d)
-_NO_LETTER_WORD = re.compile(
-    r"(?<!\S)(?:[\d_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f\u2460-\u24ff\u2776-\u2793]|[^\w\s])+(?!\S)"
-)
-_STOP_WORD = re.compile(
-    r"(?<!\S)[.,!?;:\"'()]*(?:" + "|".join(sorted(_STOP_WORDS)) + r")[.,!?;:\"'()]*(?!\S)", re.IGNORECASE
-)
+_STOP_PUNCT = ".,!?;:\"'()"
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "·")
 _C4_POLICY = (
     "terms of use",
@@ -105,9 +101,13 @@ class FilterOutcome:
 def normalize_text(s: str) -> str:
     """NFC; drop control characters except newline and tab; collapse runs of spaces; strip line ends;
     at most one blank line in a row; strip the whole text."""
-    s = unicodedata.normalize("NFC", s).replace("\r\n", "\n").replace("\r", "\n")
-    s = _CONTROL.sub("", s)
-    s = "\n".join(_SPACES.sub(" ", line).rstrip() for line in s.split("\n"))
+    if not unicodedata.is_normalized("NFC", s):
+        s = unicodedata.normalize("NFC", s)
+    if "\r" in s:
+        s = s.replace("\r\n", "\n").replace("\r", "\n")
+    if _CONTROL.search(s):
+        s = _CONTROL.sub("", s)
+    s = _TRAILING.sub("\n", _SPACES.sub(" ", s))  # whole-text regexes: same as per-line sub + rstrip
     return _BLANKS.sub("\n\n", s).strip()
 
 
@@ -115,13 +115,17 @@ def gopher_quality(
     text: str, cfg: FilterConfig, lang: str | None = None
 ) -> tuple[str | None, dict[str, float]]:
     """Gopher quality rules; returns (failed rule or None, scores). ``lang`` gates the stop-word rule."""
-    words = _WORD.findall(text)
+    words = text.split()
     n = len(words)
     lines = [ln for ln in text.split("\n") if ln.strip()]
-    mean_len = len("".join(words)) / n if n else 0.0
+    mean_len = sum(map(len, words)) / n if n else 0.0
     symbols = text.count("#") + text.count("...") + text.count("…")
-    alpha = n - len(_NO_LETTER_WORD.findall(text))
-    stops = len(_STOP_WORD.findall(text))
+    alpha = stops = 0
+    for w, c in Counter(words).items():  # counted in C; each distinct word is tested once
+        if w.isalpha() or any(map(str.isalpha, w)):
+            alpha += c
+        if w.lower().strip(_STOP_PUNCT) in _STOP_WORDS:
+            stops += c
     bullets = sum(1 for ln in lines if ln.lstrip().startswith(_BULLETS))
     ellipsis = sum(1 for ln in lines if ln.rstrip().endswith(("...", "…")))
     scores = {

@@ -47,6 +47,8 @@ class LangIdConfig(StrictModel):
     @field_validator("keep", "candidates")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
+        if not v:  # nothing to check: don't load the model just to validate an empty list
+            return v
         unknown = sorted(set(v) - set(known_languages()))
         if unknown:
             raise ValueError(

@@ -69,26 +69,55 @@ def _phone_ok(text: str) -> bool:
 
 
 # Order matters: secrets and e-mails first (they contain digits and dots the later patterns would nibble).
-# Each pattern has a cheap trigger: a substring (or, for "digit", any digit) the text must contain
-# for the pattern to match at all, so most texts skip most regexes.
+# Each pattern has a cheap trigger: a substring the text must contain for the pattern to match at all,
+# so most texts skip most regexes. Patterns whose every match contains a digit and is shorter than
+# _WINDOW_REACH characters (IBAN ≤ 43, cards ≤ 37, phones ≤ 36, IPv4, SSN) run only on windows around
+# the text's digits — each digit ± _WINDOW_REACH characters, widened to whitespace so that word
+# boundaries and look-behinds see what they would see in the whole text — which gives the same result
+# as running them on the whole text at a fraction of the cost for prose.
+_WINDOW = ("window",)
+_WINDOW_REACH = 64
 _PATTERNS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None, tuple[str, ...]]] = [
     ("secret", re.compile(r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z]+ )*PRIVATE KEY-----", re.S), None, ("PRIVATE KEY",)),
     ("secret", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), None, ("AKIA", "ASIA")),
     ("secret", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*"), None, ("lower:bearer",)),
     ("secret", re.compile(r"\b(?:sk|pk|rk)[-_](?:live|test|proj)?[-_]?[A-Za-z0-9]{20,}\b"), None, ("sk-", "sk_", "pk-", "pk_", "rk-", "rk_")),
-    ("secret", re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}\b"), None, ("gh",)),
+    ("secret", re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}\b"), None, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
     ("secret", re.compile(r"\bxox[abpr]-[A-Za-z0-9-]{10,}\b"), None, ("xox",)),
     ("secret", re.compile(r"\bAIza[0-9A-Za-z\-_]{35}\b"), None, ("AIza",)),
     ("email", re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"), None, ("@",)),
-    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_ok, ("digit",)),
-    ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), lambda m: luhn_ok(re.sub(r"\D", "", m)), ("digit",)),
-    ("ssn", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None, ("-",)),
-    ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None, (".",)),
+    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_ok, _WINDOW),
+    ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), lambda m: luhn_ok(re.sub(r"\D", "", m)), _WINDOW),
+    ("ssn", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None, _WINDOW),
+    ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None, _WINDOW),
     ("ip", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip_ok, ("::", ":0", ":1", ":2", ":3", ":4", ":5", ":6", ":7", ":8", ":9", ":a", ":b", ":c", ":d", ":e", ":f", ":A", ":B", ":C", ":D", ":E", ":F")),
-    ("phone", re.compile(r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}(?![\w=])"), _phone_ok, ("+",)),
-    ("phone", re.compile(r"(?<![\w$=<-])(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}(?![\w=>-])"), _phone_ok, ("digit",)),
+    ("phone", re.compile(r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}(?![\w=])"), _phone_ok, _WINDOW),
+    ("phone", re.compile(r"(?<![\w$=<-])(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}(?![\w=>-])"), _phone_ok, _WINDOW),
 ]  # fmt: skip
-_DIGIT_RUN = re.compile(r"\d{3}")
+_DIGITS = re.compile(r"\d+")
+
+
+def _digit_windows(text: str) -> list[tuple[int, int]]:
+    """Merged [start, end) windows: every digit ± _WINDOW_REACH, widened to the surrounding whitespace."""
+    n = len(text)
+    spans: list[tuple[int, int]] = []
+    for m in _DIGITS.finditer(text):
+        lo, hi = max(0, m.start() - _WINDOW_REACH), min(n, m.end() + _WINDOW_REACH)
+        if spans and lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        while lo > 0 and not text[lo - 1].isspace():
+            lo -= 1
+        while hi < n and not text[hi].isspace():
+            hi += 1
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 class PiiConfig(StrictModel):
@@ -108,25 +137,14 @@ class PiiConfig(StrictModel):
 
 
 def scrub_text(text: str, types: tuple[str, ...] | list[str] = PII_TYPES) -> tuple[str, Counter[str]]:
-    """Replace every detected span with ``<|type|>``; return the new text and counts per type."""
+    """Replace every detected span with ``<|type|>``; return the new text and counts per type.
+
+    Patterns run in order, each on the text as the previous ones left it."""
     counts: Counter[str] = Counter()
-    has_digits = _DIGIT_RUN.search(text) is not None  # every digit-based pattern needs 3 digits in a row
     lowered: str | None = None
+    windows: list[tuple[int, int]] | None = None
     for kind, pattern, check, triggers in _PATTERNS:
         if kind not in types:
-            continue
-        hit = False
-        for t in triggers:
-            if t == "digit":
-                hit = has_digits
-            elif t.startswith("lower:"):
-                lowered = text.lower() if lowered is None else lowered
-                hit = t[6:] in lowered
-            else:
-                hit = t in text
-            if hit:
-                break
-        if not hit:
             continue
 
         def repl(m: re.Match[str], kind: str = kind, check: Callable[[str], bool] | None = check) -> str:
@@ -135,7 +153,35 @@ def scrub_text(text: str, types: tuple[str, ...] | list[str] = PII_TYPES) -> tup
             counts[kind] += 1
             return f"<|{kind}|>"
 
-        text = pattern.sub(repl, text)
+        if triggers is _WINDOW:
+            if windows is None:
+                windows = _digit_windows(text)
+            if not windows:
+                continue
+            before = sum(counts.values())
+            pieces, last = [], 0
+            for lo, hi in windows:
+                pieces.append(text[last:lo])
+                pieces.append(pattern.sub(repl, text[lo:hi]))
+                last = hi
+            pieces.append(text[last:])
+            if sum(counts.values()) != before:  # text changed: positions moved
+                text = "".join(pieces)
+                windows = None
+            continue
+        hit = False
+        for t in triggers:
+            if t.startswith("lower:"):
+                lowered = text.lower() if lowered is None else lowered
+                hit = t[6:] in lowered
+            else:
+                hit = t in text
+            if hit:
+                break
+        if hit:
+            new = pattern.sub(repl, text)
+            if new != text:
+                text, windows, lowered = new, None, None
     return text, counts
 
 

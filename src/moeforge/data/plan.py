@@ -1,8 +1,9 @@
 """Planning a run: recipe sources → tasks, and the items each task reads.
 
 A task is a run of consecutive input files of one source (at most ``MAX_TASK_FILES`` files or
-``MAX_TASK_BYTES`` bytes), so a directory of many small files does not become thousands of tasks and
-a large file is its own task. Task ids (``s00-t00003``) depend only on the recipe and the sorted file
+``MAX_TASK_BYTES`` bytes), so a directory of many small files does not become thousands of tasks, while
+files of a few MB each are their own tasks and keep every worker busy. (A single large file is one
+task; split it into shards to spread it over workers.) Task ids (``s00-t00003``) depend only on the recipe and the sorted file
 list, so a resumed run plans the same tasks.
 
 Built-in sources read data that ships with Python or moeforge, so the demo needs no downloads:
@@ -28,7 +29,7 @@ from moeforge.data.sources import Quarantined, RawItem, SourceError, expand_inpu
 __all__ = ["InputFile", "Task", "iter_task_items", "plan_tasks"]
 
 MAX_TASK_FILES = 512
-MAX_TASK_BYTES = 64 * 2**20
+MAX_TASK_BYTES = 4 * 2**20
 _STDLIB_SKIP = ("site-packages/*", "*/site-packages/*", "test/*", "*/tests/*", "idlelib/*", "lib2to3/*")
 
 
