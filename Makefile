@@ -33,8 +33,18 @@ format: setup
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
-bench: setup
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Every benchmark prints JSON lines with the ratio against its peer; figures go to docs/PERFORMANCE.md.
+bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/pipeline.py --systems moeforge,datatrove_ws,langid
+	$(PY) benchmarks/langid.py
+	$(PY) benchmarks/decontam.py --quick
 
 demo: setup
 	$(VENV)/bin/moeforge data run configs/data/demo.yaml --out runs/demo
