@@ -9,7 +9,8 @@ Two halves, run where the pipeline runs them:
   ``.npy`` per task, 1536 bytes per document.
 - **reduce** (numpy only): :func:`find_semantic_clusters` memory-maps every task's file and links each
   pair with cosine ≥ ``threshold``. Comparing all pairs is O(n²); instead a seeded spherical k-means
-  over a sample puts the documents into ``k`` buckets (default ``round(√n)``), each document's *home*
+  over a sample puts the documents into ``k`` buckets (default ``round(√n)``; a single bucket, i.e.
+brute force, below 16,384 documents, where that is faster), each document's *home*
   is its nearest centroid, and it also *visits* its next ``probe − 1`` nearest ones, because a near-copy
   just across a boundary lands in the neighbouring bucket. Inside a bucket, home × home and
   visitor × home similarities are exact (chunked matmuls); a pair is found when one document's home
@@ -22,13 +23,24 @@ Cost, with ``n`` documents of ``d = 384`` dims, ``k`` buckets and ``P = probe``:
 ``Σ_b (|H_b|²/2 + |V_b|·|H_b|) · d`` ≈ ``(2P − 1) · n²/(2k) · d`` for balanced buckets — with
 ``k = √n`` everything is ``O(n^1.5 · d)`` instead of brute force's ``n²/2 · d``. Memory: embeddings
 stay on disk (memory-mapped), and so do the bucket ids (``work_dir/buckets.npy``, ``4P`` bytes per
-document); RAM holds about ``12P + 16`` bytes per document (bucket ids sorted by bucket, union-find
+document); RAM holds about ``8P + 40`` bytes per document (the documents in bucket order, union-find
 parents, the result) plus one bucket's rows, one similarity chunk (≤ 64 MB) and the k-means sample
 (≤ 384 MB).
 
-It is approximate where a near-duplicate pair straddles more than ``probe`` buckets (the benchmark
-``benchmarks/semantic_dedup.py`` measures the recall against brute force); every pair it reports is
-checked exactly, so it never links documents below the threshold.
+The search is approximate where a near-duplicate pair straddles more than ``probe`` buckets (the
+benchmark ``benchmarks/semantic_dedup.py`` measures the recall against brute force); every pair it
+reports is checked exactly, so it never links two documents below the threshold directly. Clusters
+are connected components (single linkage): in a chain ``a ~ b ~ c`` the ends share a cluster even
+when ``cos(a, c)`` is below the threshold.
+
+The default threshold 0.95 is chosen for precision, because dropping data cannot be undone. In the
+benchmark (150-token GSM8K records and Shakespeare speeches) it catches 80% of sentence reorders, 89% of
+5% word edits and 52% of 15% word edits, while 0.1% of distinct GSM8K records and no Shakespeare
+speech has another at or above it; 0.9 catches 97% / 98% / 86% at 0.2% / 0%. Over all 8,792 GSM8K
+questions, 13 pairs of *different* problems (the same template asked the other way round, other
+numbers) score ≥ 0.95 and 46 score ≥ 0.9, up to 0.976: embeddings do not see numbers, so math and code
+want a high threshold or none. Paraphrases (``The cat sat on the mat.`` / ``A cat was sitting on the
+mat.``: 0.949) stay apart at the default.
 """
 
 from __future__ import annotations
@@ -77,6 +89,7 @@ KMEANS_ITERS = 10  # spherical k-means converges in a few passes; buckets only n
 KMEANS_PER_CLUSTER = 64  # sample rows per centroid …
 KMEANS_MAX_SAMPLE = 1 << 18  # … up to 262,144 rows (384 MB at 384 float32)
 CHUNK_CELLS = 1 << 24  # one similarity chunk: 16M float32 = 64 MB
+EXACT_BELOW = 16_384  # below this many documents one bucket (brute force) is faster than k-means + buckets
 CHARS_PER_TOKEN_CAP = 8  # texts are cut to max_length × 8 characters before tokenizing (see _prefix)
 
 
@@ -99,7 +112,10 @@ class SemanticConfig(StrictModel):
         default=256, ge=8, le=512, description="tokens read per document (the rest is truncated)"
     )
     clusters: int | None = Field(
-        default=None, ge=1, description="k-means buckets of the neighbour search; default round(√n)"
+        default=None,
+        ge=1,
+        description="k-means buckets of the neighbour search; default round(√n), or one bucket (an exact "
+        f"search) below {EXACT_BELOW:,} documents",
     )
     probe: int = Field(
         default=2, ge=1, description="buckets each document is compared in: its own and the next nearest"
@@ -412,7 +428,7 @@ def _plan_buckets(emb: _Embeddings, cfg: SemanticConfig, work_dir: Path) -> tupl
     ``work_dir/buckets.npy``, and the bucket count.
     """
     n = emb.n
-    k = min(n, cfg.clusters or max(1, round(math.sqrt(n))))
+    k = min(n, cfg.clusters or (1 if n < EXACT_BELOW else round(math.sqrt(n))))
     rng = np.random.default_rng(cfg.seed)
     size = min(n, max(k * KMEANS_PER_CLUSTER, 1), KMEANS_MAX_SAMPLE)
     sample = np.arange(n) if size == n else np.sort(rng.choice(n, size=size, replace=False))
@@ -489,17 +505,29 @@ def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         differ = ra != rb
         lo, hi = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
         np.minimum.at(parent, hi, lo)  # hook roots onto smaller roots: parent[x] ≤ x, so no cycles
+        _flatten(parent, hi)  # pairs (0, 1), (1, 2), … hook into a chain: halve it until flat
         a, b = lo, hi  # a root may have had several candidates: repeat until all pairs agree
 
 
+def _flatten(parent: np.ndarray, nodes: np.ndarray) -> None:
+    """Point each of ``nodes`` at its root by pointer jumping: O(log depth) passes over ``nodes``."""
+    while True:
+        up = parent[nodes]
+        upup = parent[up]
+        if np.array_equal(up, upup):
+            return
+        parent[nodes] = upup
+
+
 def _find(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Roots of ``x``, pointing ``x`` at them. Trees stay shallow: hooked roots are flattened at once."""
     root = parent[x]
     while True:
         up = parent[root]
         if np.array_equal(up, root):
             break
         root = up
-    parent[x] = root  # path compression for the queried elements
+    parent[x] = root
     return root
 
 
@@ -519,7 +547,8 @@ def find_semantic_clusters(
     for a, b in _iter_pairs(emb, cfg, work_dir):
         pairs += len(a)
         _union(parent, a, b)
-    root = _find(parent, np.arange(emb.n))
+    _flatten(parent, np.arange(emb.n))
+    root = parent
     buckets = largest = min(emb.n, 1)
     if emb.n >= 2:
         buckets = len(np.load(work_dir / "centroids.npy", allow_pickle=False))
