@@ -9,7 +9,8 @@ accounting      per stage in = out + dropped + quarantined; each stage's in is t
                 the files hold exactly the records the manifest and the last stage say
 coverage        every family of the recipe has records in the output
 leakage         no id twice (so none in two splits); held-out families only in test; a duplicate cluster
-                in one split only; ``meta.split`` matches the directory
+                in one split only; ``meta.split`` matches the directory; with near_dedup on, MinHash
+                clusters recomputed over all outputs never span two splits
 split_ratios    over the non-held-out pool: train share and valid/test shares within the recipe's bounds
 lang_balance    per configured language, its share of train (approximate tokens × mix weight, or
                 records) within bounds
@@ -24,6 +25,8 @@ hash            every file's sha256 matches the manifest and no unlisted file si
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,7 +86,10 @@ class _Scan:
     provenance_errors: list[str]
     n_provenance_errors: int
     unlabelled: int = 0
+    near_dir: Path | None = None
     contaminated: int = 0
+    near_files: list[Path] = field(default_factory=list)
+    near_splits: list[int] = field(default_factory=list)
     contaminated_examples: list[str] = field(default_factory=list)
     train_mix: Counter[str] = field(default_factory=Counter)
 
@@ -100,12 +106,15 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
     s = _Scan(
         Counter(), [], 0, {}, defaultdict(set), [], [], Counter(), Counter(), Counter(), Counter(), [], [], 0
     )
-    for split in SPLITS:
+    near_dir = Path(tempfile.mkdtemp(prefix="moeforge-near-gate-")) if recipe.near_dedup.enabled else None
+    s.near_dir = near_dir
+    for split_code, split in enumerate(SPLITS):
         prefixes: list[bytes] = []
         for shard in manifest["outputs"].get(split, []):
             path = root / shard["path"]
             if not path.exists():
                 continue  # the hash gate reports it
+            shard_texts: list[str] = []
             for line_no, line in _safe_lines(path, shard["path"], s):
                 where = f"{shard['path']}:{line_no}"
                 try:
@@ -117,6 +126,9 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                     continue
                 s.records[split] += 1
                 meta = rec.meta
+                if near_dir is not None:
+                    body = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
+                    shard_texts.append("\n".join(body))
                 prefixes.append(bytes.fromhex(rec.id[7:39]))
                 if meta.cluster:
                     s.clusters[meta.cluster].add(split)
@@ -160,6 +172,13 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                     s.n_provenance_errors += 1
                     if len(s.provenance_errors) < _EXAMPLES:
                         s.provenance_errors.append(f"{where}: {problem}")
+            if near_dir is not None and shard_texts:
+                from moeforge.data.dedup.minhash import minhash_band_keys, write_task_keys
+
+                f = near_dir / f"{len(s.near_files):05d}.npy"
+                write_task_keys(f, minhash_band_keys(shard_texts, recipe.near_dedup))
+                s.near_files.append(f)
+                s.near_splits.extend([split_code] * len(shard_texts))
         s.ids[split] = np.frombuffer(b"".join(prefixes), dtype="V16") if prefixes else np.empty(0, "V16")
     return s
 
@@ -299,6 +318,9 @@ def _leakage(recipe: Recipe, scan: _Scan) -> GateResult:
         if dups:
             problems.append(f"{dups} id(s) occur more than once across splits")
     crossing = [c for c, splits in scan.clusters.items() if len(splits) > 1]
+    near = _near_leaks(recipe, scan)
+    if near:
+        problems.append(near)
     if crossing:
         problems.append(f"{len(crossing)} duplicate cluster(s) span splits, e.g. {crossing[0]}")
     if scan.holdout_outside_test:
@@ -310,6 +332,31 @@ def _leakage(recipe: Recipe, scan: _Scan) -> GateResult:
         f"; held-out {holdout} only in test" if holdout else ""
     )
     return GateResult("leakage", not problems, "; ".join(problems) or evidence)
+
+
+def _near_leaks(recipe: Recipe, scan: _Scan) -> str | None:
+    """Recompute MinHash clusters over every output record; a cluster with members in two splits leaks."""
+    if scan.near_dir is None:
+        return None
+    try:
+        if not scan.near_files:
+            return None
+        from moeforge.data.dedup.minhash import find_clusters
+
+        root = np.asarray(find_clusters(scan.near_files, recipe.near_dedup, scan.near_dir / "work").root)
+        split = np.asarray(scan.near_splits, dtype=np.int8)
+        order = np.lexsort((split, root))
+        r, sp = root[order], split[order]
+        start = np.ones(len(r), dtype=bool)
+        start[1:] = r[1:] != r[:-1]
+        lo = np.minimum.reduceat(sp, np.nonzero(start)[0])
+        hi = np.maximum.reduceat(sp, np.nonzero(start)[0])
+        crossing = int((lo != hi).sum())
+        if crossing:
+            return f"{crossing} near-duplicate cluster(s) (MinHash, recomputed from the outputs) span splits"
+        return None
+    finally:
+        shutil.rmtree(scan.near_dir, ignore_errors=True)
 
 
 def _hashes(root: Path, manifest: dict[str, Any]) -> GateResult:

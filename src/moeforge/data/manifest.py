@@ -96,6 +96,8 @@ def build_manifest(
         ],
         "stages": [s.to_json() for s in stages],
         "split_pool": red.split_pool,
+        **({"near_dedup": red.near["near"]} if "near" in red.near else {}),
+        **({"semantic_dedup": red.near["semantic"]} if "semantic" in red.near else {}),
         **({"mixture": red.mixture} if red.mixture is not None else {}),
         **({"decontamination": decon.to_json()} if decon is not None else {}),
     }

@@ -23,6 +23,8 @@ from pydantic import Field, field_validator, model_validator
 
 from moeforge.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
 from moeforge.data.decontam import DecontamConfig
+from moeforge.data.dedup.minhash import MinHashConfig
+from moeforge.data.dedup.semantic import SemanticConfig
 from moeforge.data.filters import FilterConfig
 from moeforge.data.formats import FormatConfig, IdentityConfig
 from moeforge.data.langid import LangIdConfig
@@ -210,6 +212,8 @@ class Recipe(StrictModel):
     pii: PiiConfig = Field(default_factory=PiiConfig)
     identity: IdentityConfig | None = None
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    near_dedup: MinHashConfig = Field(default_factory=MinHashConfig)
+    semantic_dedup: SemanticConfig = Field(default_factory=SemanticConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     gates: GateConfig = Field(default_factory=GateConfig)

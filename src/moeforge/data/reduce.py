@@ -8,6 +8,7 @@ final write reads the records themselves, once, in task order. Records are then 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import Counter
@@ -44,6 +45,7 @@ class ReduceResult:
     tokens: Counter[tuple[str, str, str, str]]
     mixture: dict[str, Any] | None
     split_pool: dict[str, int]
+    near: dict[str, dict[str, Any]]
 
 
 def _load_keys(work: Path, tasks: list[Task]) -> list[np.ndarray]:
@@ -63,21 +65,27 @@ def _exact(recipe: Recipe, work: Path, tasks: list[Task], keys: list[np.ndarray]
     )
 
 
-def _split_sizes(recipe: Recipe, keys: list[np.ndarray], keep: list[np.ndarray]) -> dict[str, int]:
+def _split_sizes(
+    recipe: Recipe, keys: list[np.ndarray], keep: list[np.ndarray], splits: list[np.ndarray]
+) -> dict[str, int]:
     """Check the split sizes; return the non-held-out pool per split (before mixing)."""
     counts = dict.fromkeys(SPLITS, 0)
     pool = dict.fromkeys(SPLITS, 0)
-    for k, m in zip(keys, keep, strict=True):
+    for k, m, sp in zip(keys, keep, splits, strict=True):
         mask = m.astype(bool)
         for name, code in SPLIT_CODES.items():
-            counts[name] += int(((k["split"] == code) & mask).sum())
-            pool[name] += int(((k["split"] == code) & mask & (k["holdout"] == 0)).sum())
+            counts[name] += int(((sp == code) & mask).sum())
+            pool[name] += int(((sp == code) & mask & (k["holdout"] == 0)).sum())
     check_split_sizes(counts, sum(pool.values()), recipe.split)
     return pool
 
 
 def _mix(
-    recipe: Recipe, keys: list[np.ndarray], keep: list[np.ndarray], facts: list[dict[str, Any]]
+    recipe: Recipe,
+    keys: list[np.ndarray],
+    keep: list[np.ndarray],
+    facts: list[dict[str, Any]],
+    splits: list[np.ndarray],
 ) -> tuple[list[np.ndarray], MixPlan | None]:
     """Per task, a weight per record (0 = dropped by mixing); only train records are mixed."""
     weights = [m.astype(np.int32) for m in keep]
@@ -87,9 +95,9 @@ def _mix(
     groups: list[str] = []
     sizes: list[int] = []
     ids: list[str] = []
-    for t, (k, m, f) in enumerate(zip(keys, keep, facts, strict=True)):
+    for t, (k, m, f, sp) in enumerate(zip(keys, keep, facts, splits, strict=True)):
         table = f["groups"]
-        for i in np.nonzero(m.astype(bool) & (k["split"] == SPLIT_CODES["train"]))[0].tolist():
+        for i in np.nonzero(m.astype(bool) & (sp == SPLIT_CODES["train"]))[0].tolist():
             where.append((t, i))
             groups.append(table[f["group"][i]])
             sizes.append(f["tokens"][i] if recipe.mix.unit == "tokens" else 1)
@@ -100,6 +108,120 @@ def _mix(
     return weights, plan
 
 
+def _survivors(
+    root: np.ndarray,
+    alive: np.ndarray,
+    holdout: np.ndarray,
+    policy: str,
+    length: np.ndarray,
+    quality: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One survivor per cluster among the ``alive`` documents: held-out first, then the policy, then source
+    order. Returns (keep mask, alive members of each document's cluster)."""
+    n = len(root)
+    if policy == "keep_longest":
+        metric = -length.astype(np.float64)
+    elif policy == "keep_best_quality":
+        metric = -quality.astype(np.float64)
+    else:
+        metric = np.zeros(n)
+    order = np.lexsort((np.arange(n), metric, -holdout.astype(np.int8), ~alive, root))
+    head = np.ones(n, dtype=bool)
+    head[1:] = root[order[1:]] != root[order[:-1]]
+    keep = np.zeros(n, dtype=bool)
+    keep[order[head]] = True
+    keep &= alive
+    members = np.bincount(root[alive], minlength=n)[root]
+    return keep, members
+
+
+def _near(
+    name: str,
+    recipe: Recipe,
+    work: Path,
+    tasks: list[Task],
+    keys: list[np.ndarray],
+    keep: list[np.ndarray],
+    splits: list[np.ndarray],
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
+    """MinHash (``near``) or embedding (``semantic``) clusters over all tasks; one survivor per cluster.
+
+    Returns the new keep masks, per-record cluster sizes (0 for a record in no cluster) and stats. A
+    surviving record of a cluster gets the cluster id ``<name>:<first 16 hex of its id>`` and its split is
+    decided by that id, by the split rule."""
+    from moeforge.data.split import assign_split
+
+    offsets = np.cumsum([0, *[len(k) for k in keys]])
+    if name == "near":
+        from moeforge.data.dedup.minhash import find_clusters
+
+        cfg = recipe.near_dedup
+        files = [task_dir(work, t) / "minhash.npy" for t in tasks]
+        shingles_of = (
+            _shingle_reader(recipe, work, tasks, offsets) if cfg.verify_jaccard is not None else None
+        )
+        res = find_clusters(files, cfg, work / "near", shingles_of)
+        root, stats, policy = res.root, res.stats.to_dict(), cfg.policy
+    else:
+        from moeforge.data.dedup.semantic import find_semantic_clusters
+
+        cfg_s = recipe.semantic_dedup
+        files = [task_dir(work, t) / "embeddings.npy" for t in tasks]
+        (work / "semantic").mkdir(exist_ok=True)
+        res_s = find_semantic_clusters(files, cfg_s, work / "semantic")
+        root, stats, policy = res_s.root, res_s.stats(), cfg_s.policy
+    cat = np.concatenate if keys else (lambda _: np.zeros(0))
+    alive = cat([m.astype(bool) for m in keep]) if keys else np.zeros(0, bool)
+    holdout = cat([k["holdout"] for k in keys])
+    length = cat([k["length"] for k in keys])
+    quality = cat([k["quality"] for k in keys])
+    survive, members = _survivors(np.asarray(root), alive, holdout, policy, length, quality)
+    sizes = np.where(survive & (members > 1), members, 0)
+    hist = np.bincount(members[survive & (members > 1)]) if survive.any() else np.zeros(0, int)
+    stats["cluster_sizes"] = {str(i): int(c) for i, c in enumerate(hist.tolist()) if c}
+    stats["dropped"] = int(alive.sum() - survive.sum())
+    new_keep, new_sizes = [], []
+    for t, (a, b) in enumerate(itertools.pairwise(offsets)):
+        new_keep.append(survive[a:b].astype(np.uint8))
+        new_sizes.append(sizes[a:b])
+        for i in np.nonzero(sizes[a:b])[0].tolist():
+            cluster = f"{name}:{bytes(keys[t]['h'][i].astype('>u8').tobytes()).hex()[:16]}"
+            splits[t][i] = SPLIT_CODES[assign_split(cluster, recipe.split, bool(keys[t]["holdout"][i]))]
+    return new_keep, new_sizes, stats
+
+
+def _shingle_reader(
+    recipe: Recipe, work: Path, tasks: list[Task], offsets: np.ndarray
+) -> Callable[[list[int]], dict[int, np.ndarray]]:
+    """``shingles_of`` for MinHash verification: re-reads the needed task files (sequentially)."""
+    from moeforge.data.dedup.minhash import shingles
+
+    def read(indices: list[int]) -> dict[int, np.ndarray]:
+        want = sorted(set(int(i) for i in indices))
+        out: dict[int, np.ndarray] = {}
+        t = 0
+        pos = 0
+        while pos < len(want):
+            g = want[pos]
+            while offsets[t + 1] <= g:
+                t += 1
+            local = {w - int(offsets[t]) for w in want if offsets[t] <= w < offsets[t + 1]}
+            for i, (_, line) in enumerate(iter_lines(task_dir(work, tasks[t]) / "records.jsonl.zst")):
+                if i in local:
+                    obj = json.loads(line)
+                    text = (
+                        obj["text"]
+                        if obj.get("text") is not None
+                        else "\n".join(m["content"] for m in obj["messages"])
+                    )
+                    out[int(offsets[t]) + i] = shingles(text, recipe.near_dedup)
+            pos += len(local)
+            t += 1
+        return out
+
+    return read
+
+
 def reduce_tasks(
     recipe: Recipe, out: Path, work: Path, tasks: list[Task], map_out: int, progress: Progress | None
 ) -> ReduceResult:
@@ -107,12 +229,24 @@ def reduce_tasks(
     keys = _load_keys(work, tasks)
     facts = _load_facts(work, tasks)
     dedup = _exact(recipe, work, tasks, keys)
-    kept = int(sum(int(k.sum()) for k in dedup.keep))
+    keep = dedup.keep
+    kept = int(sum(int(k.sum()) for k in keep))
     stages = [
         StageCount("dedup", map_out, kept, Counter({"dedup:exact": map_out - kept} if map_out > kept else {}))
     ]
-    pool = _split_sizes(recipe, keys, dedup.keep)
-    weights, plan = _mix(recipe, keys, dedup.keep, facts)
+    splits = [np.array(k["split"]) for k in keys]
+    near_stats: dict[str, dict[str, Any]] = {}
+    near_sizes: dict[str, list[np.ndarray]] = {}
+    for name, enabled in (("near", recipe.near_dedup.enabled), ("semantic", recipe.semantic_dedup.enabled)):
+        if not enabled:
+            continue
+        keep, near_sizes[name], near_stats[name] = _near(name, recipe, work, tasks, keys, keep, splits)
+        now = int(sum(int(k.sum()) for k in keep))
+        dropped = Counter({f"dedup:{name}": kept - now} if kept > now else {})
+        stages.append(StageCount(f"{name}_dedup", kept, now, dropped))
+        kept = now
+    pool = _split_sizes(recipe, keys, keep, splits)
+    weights, plan = _mix(recipe, keys, keep, facts, splits)
     stages.append(StageCount("split", kept, kept))
     if recipe.mix.enabled:
         mixed = int(sum(int((w > 0).sum()) for w in weights))
@@ -120,7 +254,7 @@ def reduce_tasks(
             StageCount("mix", kept, mixed, Counter({"mix:downsampled": kept - mixed} if kept > mixed else {}))
         )
     outputs, table, tokens = _write_records(
-        recipe, out, work, tasks, keys, facts, weights, dedup.copies, progress
+        recipe, out, work, tasks, splits, facts, weights, dedup.copies, near_sizes, progress
     )
     review = _write_review(recipe, out, work, tasks)
     quarantine = _write_quarantine(out, work, tasks)
@@ -135,7 +269,7 @@ def reduce_tasks(
             "achieved": plan.shares("achieved"),
             "factors": plan.factors,
         }
-    return ReduceResult(stages, outputs, review, quarantine, table, tokens, mixture, pool)
+    return ReduceResult(stages, outputs, review, quarantine, table, tokens, mixture, pool, near_stats)
 
 
 def _write_records(
@@ -143,30 +277,35 @@ def _write_records(
     out: Path,
     work: Path,
     tasks: list[Task],
-    keys: list[np.ndarray],
+    splits: list[np.ndarray],
     facts: list[dict[str, Any]],
     weights: list[np.ndarray],
     copies: list[np.ndarray],
+    near_sizes: dict[str, list[np.ndarray]],
     progress: Progress | None,
 ) -> tuple[
     dict[str, list[ShardInfo]], Counter[tuple[str, str, str, str]], Counter[tuple[str, str, str, str]]
 ]:
     table: Counter[tuple[str, str, str, str]] = Counter()
     tokens: Counter[tuple[str, str, str, str]] = Counter()
-    steps = ["dedup", "split", *(["mix"] if recipe.mix.enabled else [])]
+    steps = ["dedup", *[f"{n}_dedup" for n in near_sizes], "split", *(["mix"] if recipe.mix.enabled else [])]
     with atomic_directory(out / "records", overwrite=True) as tmp:
         writers = {
             s: ShardWriter(tmp / s, recipe.output.shard_records, recipe.output.zstd_level) for s in SPLITS
         }
-        for n, (t, k, f, w, c) in enumerate(zip(tasks, keys, facts, weights, copies, strict=True), 1):
+        for n, (t, sp, f, w, c) in enumerate(zip(tasks, splits, facts, weights, copies, strict=True), 1):
             rec_file = task_dir(work, t) / "records.jsonl.zst"
             if rec_file.exists():
                 for i, (_, line) in enumerate(iter_lines(rec_file)):
                     if not w[i]:
                         continue
                     obj = json.loads(line)
-                    split = _NAMES[int(k["split"][i])]
+                    split = _NAMES[int(sp[i])]
                     meta = obj["meta"]
+                    for name, sizes in near_sizes.items():
+                        if sizes[n - 1][i]:
+                            meta["cluster"] = f"{name}:{obj['id'][7:23]}"
+                            meta["extra"][f"{name}_copies"] = int(sizes[n - 1][i])
                     meta["split"] = split
                     meta["provenance"]["steps"] += steps
                     if c[i] > 1:

@@ -115,6 +115,18 @@ def _input_info(src_builtin: str | None, inp: InputFile, recipe: Recipe, si: int
     return {"uri": inp.uri, "size": st.st_size, "sha256": sha256_file(inp.path), "mtime_ns": st.st_mtime_ns}
 
 
+def _near_signatures(recipe: Recipe, texts: list[str], tmp: Path) -> None:
+    """Per-record MinHash band keys and/or sentence embeddings of this task, for the reduce."""
+    if recipe.near_dedup.enabled:
+        from moeforge.data.dedup.minhash import minhash_band_keys, write_task_keys
+
+        write_task_keys(tmp / "minhash.npy", minhash_band_keys(texts, recipe.near_dedup))
+    if recipe.semantic_dedup.enabled:
+        from moeforge.data.dedup.semantic import embed, write_task_embeddings
+
+        write_task_embeddings(tmp / "embeddings.npy", embed(texts, recipe.semantic_dedup))
+
+
 def _group(record: Record, by: str) -> str:
     if by == "lang":
         return record.meta.lang or "und"
@@ -144,6 +156,7 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
     tokens: list[int] = []
     group_codes: list[int] = []
     group_table: dict[str, int] = {}
+    near_texts: list[str] = []  # final texts, for the near-duplicate signatures computed at the end
     inputs = []
     decon = (
         DecontamReport.for_index(cached_index(recipe.decontamination))
@@ -208,12 +221,15 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
                     tokens.append(approx_tokens(texts))
                     group = _group(rec, recipe.mix.by)
                     group_codes.append(group_table.setdefault(group, len(group_table)))
+                    if recipe.near_dedup.enabled or recipe.semantic_dedup.enabled:
+                        near_texts.append("\n".join(texts))
         for name in ("records", "review"):  # ShardWriter names shards <prefix>-00000.jsonl.zst
             part = tmp / f"{name}-00000.jsonl.zst"
             if part.exists():
                 part.rename(tmp / f"{name}.jsonl.zst")
         keys = make_keys(digests, lengths, quality, [holdout] * len(digests), splits)
         np.save(tmp / "keys.npy", keys, allow_pickle=False)
+        _near_signatures(recipe, near_texts, tmp)
         facts = {
             "tokens": tokens,
             "group_by": recipe.mix.by,
