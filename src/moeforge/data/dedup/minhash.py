@@ -85,6 +85,9 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from moeforge.config import StrictModel
+from moeforge.data.dedup.unionfind import find as _find
+from moeforge.data.dedup.unionfind import flatten as _flatten
+from moeforge.data.dedup.unionfind import union as _union
 
 __all__ = [
     "TASK_KEY_DTYPE",
@@ -478,40 +481,6 @@ class NearDupResult:
         member = self.root != idx
         member[self.root[member]] = True
         return member
-
-
-def _find(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Roots of ``x`` by pointer jumping, compressing the paths it walked."""
-    r = parent[x]
-    while True:
-        up = parent[r]
-        if np.array_equal(up, r):
-            break
-        r = up
-    parent[x] = r
-    return r
-
-
-def _union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
-    """Join the clusters of each pair ``(u[i], v[i])``; a root is always its component's lowest index."""
-    while len(u):
-        ru, rv = _find(parent, u), _find(parent, v)
-        apart = ru != rv
-        lo, hi = np.minimum(ru[apart], rv[apart]), np.maximum(ru[apart], rv[apart])
-        np.minimum.at(parent, hi, lo)  # of several pairs sharing ``hi``, one wins; the rest loop again
-        u, v = lo, hi
-
-
-def _flatten(parent: np.ndarray, chunk: int) -> None:
-    """Point every entry at its root, a chunk at a time in index order (parents are lower indices, so
-    earlier chunks are already flat)."""
-    for s in range(0, len(parent), chunk):
-        part = parent[s : s + chunk]
-        while True:
-            up = parent[part]
-            if np.array_equal(up, part):
-                break
-            part[:] = up
 
 
 def _size_bin(size: int) -> str:

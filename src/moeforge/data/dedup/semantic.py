@@ -61,6 +61,8 @@ import numpy as np
 from pydantic import Field
 
 from moeforge.config import StrictModel
+from moeforge.data.dedup.unionfind import flatten_nodes as _flatten
+from moeforge.data.dedup.unionfind import union as _union
 from moeforge.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -496,39 +498,6 @@ def _iter_pairs(
             twice = (np.asarray(buckets[h, 1:]) == v_home[:, None]).any(axis=1) & (v_home < b)
             v, h = v[~twice], h[~twice]
             yield np.minimum(v, h), np.maximum(v, h)
-
-
-def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Join the sets of ``a[i]`` and ``b[i]`` for every ``i``; each set's root is its smallest index."""
-    while len(a):
-        ra, rb = _find(parent, a), _find(parent, b)
-        differ = ra != rb
-        lo, hi = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
-        np.minimum.at(parent, hi, lo)  # hook roots onto smaller roots: parent[x] ≤ x, so no cycles
-        _flatten(parent, hi)  # pairs (0, 1), (1, 2), … hook into a chain: halve it until flat
-        a, b = lo, hi  # a root may have had several candidates: repeat until all pairs agree
-
-
-def _flatten(parent: np.ndarray, nodes: np.ndarray) -> None:
-    """Point each of ``nodes`` at its root by pointer jumping: O(log depth) passes over ``nodes``."""
-    while True:
-        up = parent[nodes]
-        upup = parent[up]
-        if np.array_equal(up, upup):
-            return
-        parent[nodes] = upup
-
-
-def _find(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Roots of ``x``, pointing ``x`` at them. Trees stay shallow: hooked roots are flattened at once."""
-    root = parent[x]
-    while True:
-        up = parent[root]
-        if np.array_equal(up, root):
-            break
-        root = up
-    parent[x] = root
-    return root
 
 
 def find_semantic_clusters(
