@@ -61,7 +61,9 @@ def run(
     ),
     force: bool = typer.Option(False, "--force", help="Discard a run of a different recipe in --out."),
 ) -> None:
-    """Run a data recipe: read, clean, label, scrub, dedup, split, write records + manifest, run the gates.
+    """Run a data recipe: read, clean, label, decontaminate, scrub, dedup, split, mix, write, verify.
+
+    Writes records, manifest.json and report.html into --out, then runs the gates.
 
     Exit codes: 0 all gates pass; 3 all gates pass but some input was quarantined (see
     OUT/quarantine/quarantine.jsonl); 1 a gate failed; 2 a usage or recipe error.
@@ -117,8 +119,10 @@ def report(
         ..., metavar="DIR", help="A run directory written by `moeforge data run`."
     ),
 ) -> None:
-    """Write DIR/report.html: one self-contained page (counts, lengths, drops, PII, language, dedup,
-    decontamination, mixture, gates) that opens offline in any browser."""
+    """Write DIR/report.html: one self-contained page that opens offline in any browser.
+
+    Charts of counts, lengths, drops, PII, language, dedup, decontamination, mixture and the gates.
+    """
     from moeforge.data.report import write_report
 
     console.print(f"wrote {escape(str(write_report(run_dir)))}")
