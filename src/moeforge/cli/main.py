@@ -16,6 +16,7 @@ from rich.markup import escape
 from moeforge import __version__
 from moeforge.cli import data as data_cli
 from moeforge.cli import model as model_cli
+from moeforge.cli import tokenizer as tokenizer_cli
 from moeforge.config import ConfigError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
+app.add_typer(tokenizer_cli.app, name="tokenizer")
 
 err_console = Console(stderr=True)
 

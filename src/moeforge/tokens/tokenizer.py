@@ -1,0 +1,191 @@
+"""The tokenizer: byte-level BPE trained on a pipeline output, with special, identity and PII tokens.
+
+Training reads the train split of a run directory (``records/train/*.jsonl.zst``) and trains a
+byte-level BPE with Hugging Face ``tokenizers`` (``[hf]`` extra). Every special token — ``<|endoftext|>``,
+``<|pad|>``, the ChatML ``<|im_start|>`` / ``<|im_end|>``, the identity tokens and the data pipeline's PII
+placeholders — is added as a special token, so it is one id and never split. The directory written holds
+``tokenizer.json`` and ``tokenizer_config.json`` with a ChatML Jinja ``chat_template`` that
+``transformers.AutoTokenizer`` loads and ``apply_chat_template`` renders.
+
+Determinism: the same records in the same order and the same settings give the same ``tokenizer.json``
+bytes (the trainer runs on the texts in record order; the JSON is written with sorted keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from moeforge.config import StrictModel
+from moeforge.data.pii import PII_TYPES
+from moeforge.data.store import iter_lines
+from moeforge.io import atomic_write_text
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "TokenizerConfig",
+    "TokenizerError",
+    "load_tokenizer",
+    "special_tokens",
+    "train_tokenizer",
+    "verify_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+BASE_SPECIALS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+IDENTITY_TOKENS = ("<|oracle_sys|>", "<|oracle_intro|>", "<|author|>")
+# ChatML: every turn is <|im_start|>role\ncontent<|im_end|>\n; generation starts an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be trained or loaded as asked; the message says why."""
+
+
+class TokenizerConfig(StrictModel):
+    vocab_size: int = Field(default=32_000, ge=300, description="including the 256 byte tokens and specials")
+    min_frequency: int = Field(default=2, ge=1)
+    identity_tokens: list[str] = Field(default_factory=lambda: list(IDENTITY_TOKENS))
+    pii_tokens: bool = Field(default=True, description="add the data pipeline's <|type|> PII placeholders")
+    extra_special_tokens: list[str] = Field(default_factory=list)
+
+
+def special_tokens(cfg: TokenizerConfig) -> list[str]:
+    """All special tokens in id order (ids 0…n-1)."""
+    pii = [f"<|{t}|>" for t in PII_TYPES] if cfg.pii_tokens else []
+    out: list[str] = []
+    for tok in (*BASE_SPECIALS, *cfg.identity_tokens, *pii, *cfg.extra_special_tokens):
+        if tok not in out:
+            out.append(tok)
+    return out
+
+
+def _train_texts(run_dir: Path) -> Iterator[str]:
+    shards = sorted((run_dir / "records" / "train").glob("*.jsonl.zst"))
+    if not shards:
+        raise TokenizerError(
+            f"{run_dir}: no records/train/*.jsonl.zst; point at a `moeforge data run` output"
+        )
+    for shard in shards:
+        for _, line in iter_lines(shard):
+            obj = json.loads(line)
+            if obj.get("text") is not None:
+                yield obj["text"]
+            else:
+                yield "\n".join(m["content"] for m in obj["messages"])
+
+
+def _config_json(specials: list[str]) -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|pad|>",
+        "unk_token": None,
+        "additional_special_tokens": [t for t in specials if t not in ("<|endoftext|>", "<|pad|>")],
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 1_000_000,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def train_tokenizer(
+    run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: TokenizerConfig
+) -> Path:
+    """Train on ``run_dir``'s train split and write ``out_dir/tokenizer.json`` + ``tokenizer_config.json``."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as exc:
+        raise TokenizerError("tokenizer training needs the [hf] extra: pip install 'moeforge[hf]'") from exc
+    specials = special_tokens(cfg)
+    if cfg.vocab_size < 256 + len(specials) + 1:
+        raise TokenizerError(
+            f"vocab_size {cfg.vocab_size} leaves no room for merges: 256 bytes + {len(specials)} specials"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_train_texts(Path(run_dir)), trainer=trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = json.loads(tok.to_str())
+    atomic_write_text(
+        out / "tokenizer.json", json.dumps(blob, ensure_ascii=False, sort_keys=True, indent=1) + "\n"
+    )
+    atomic_write_text(
+        out / "tokenizer_config.json", json.dumps(_config_json(specials), indent=2, sort_keys=True) + "\n"
+    )
+    log.info("tokenizer: %d tokens (%d special) → %s", tok.get_vocab_size(), len(specials), out)
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The ``tokenizers.Tokenizer`` in ``path`` (a directory or a tokenizer.json file)."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.exists():
+        raise TokenizerError(f"{file}: no such file; train one with `moeforge tokenizer train`")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise TokenizerError(f"{file}: not a valid tokenizer.json ({exc})") from exc
+
+
+def verify_tokenizer(path: str | os.PathLike[str], cfg: TokenizerConfig | None = None) -> list[str]:
+    """Problems with the tokenizer in ``path`` (empty when it is sound): every special token present,
+    one id, round-tripping; ordinary text round-trips; the chat template renders through transformers."""
+    cfg = cfg or TokenizerConfig()
+    tok = load_tokenizer(path)
+    problems: list[str] = []
+    vocab = tok.get_vocab()
+    for s in special_tokens(cfg):
+        if s not in vocab:
+            problems.append(f"special token {s} is missing from the vocabulary")
+            continue
+        ids = tok.encode(s).ids
+        if ids != [vocab[s]]:
+            problems.append(
+                f"special token {s} encodes to {len(ids)} ids {ids[:6]}, expected one ({vocab[s]})"
+            )
+        elif tok.decode(ids, skip_special_tokens=False) != s:
+            problems.append(f"special token {s} does not round-trip")
+    sample = "Hello, world! Привет, мир. 48/2 = <<48/2=24>>24\n\tcode: x = f(y) ✓"
+    if tok.decode(tok.encode(sample).ids) != sample:
+        problems.append("ordinary text does not round-trip through encode/decode")
+    p = Path(path)
+    if p.is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(str(p))
+            text = hf.apply_chat_template(
+                [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False
+            )
+            if text != "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n":
+                problems.append(f"chat template renders {text!r}, not ChatML")
+        except ImportError:
+            problems.append("transformers is not installed, so the chat template could not be checked")
+        except Exception as exc:  # transformers raises many types for a broken config
+            problems.append(f"transformers cannot load the tokenizer or render its template: {exc}")
+    return problems
