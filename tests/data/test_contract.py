@@ -137,3 +137,9 @@ def test_schema_describes_records_and_cli_prints_it(tmp_path):
     out = tmp_path / "record.schema.json"
     assert CliRunner().invoke(app, ["data", "schema", "--out", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["$id"] == "urn:moeforge:record:v1"
+
+
+def test_contents_lists_the_text_or_the_turns_in_order():
+    assert Record.create(meta=_meta(), text="plain").contents() == ["plain"]
+    chat = [Message(role="user", content="q?"), Message(role="assistant", content="a.")]
+    assert Record.create(meta=_meta(), messages=chat).contents() == ["q?", "a."]

@@ -144,6 +144,10 @@ class Record(_Strict):
         """Build a record, computing its id from the content."""
         return cls(id=content_hash(text=text, messages=messages), text=text, messages=messages, meta=meta)
 
+    def contents(self) -> list[str]:
+        """The record's text as a one-item list, or its turns' contents in order."""
+        return [self.text] if self.text is not None else [m.content for m in self.messages or []]
+
     def with_content(self, *, text: str | None = None, messages: list[Message] | None = None) -> Record:
         """A copy with new content (e.g. after PII scrubbing) and the id recomputed."""
         return Record.create(meta=self.meta, text=text, messages=messages)

@@ -126,9 +126,9 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                     continue
                 s.records[split] += 1
                 meta = rec.meta
+                contents = rec.contents()
                 if near_dir is not None:
-                    body = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
-                    shard_texts.append("\n".join(body))
+                    shard_texts.append("\n".join(contents))
                 prefixes.append(bytes.fromhex(rec.id[7:39]))
                 if meta.cluster:
                     s.clusters[meta.cluster].add(split)
@@ -141,12 +141,11 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                     s.pool[split] += 1
                 if split == "train":
                     repeat = int(meta.extra.get("mix_repeat", 1))
-                    texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
-                    if decon_index is not None and any(decon_index.contains_any(t) for t in texts):
+                    if decon_index is not None and any(decon_index.contains_any(t) for t in contents):
                         s.contaminated += 1
                         if len(s.contaminated_examples) < _EXAMPLES:
                             s.contaminated_examples.append(where)
-                    size = approx_tokens(texts) * repeat
+                    size = approx_tokens(contents) * repeat
                     lang_size = size if recipe.gates.language_unit == "tokens" else 1
                     s.train_langs[meta.lang or "und"] += lang_size
                     if recipe.mix.enabled:
@@ -156,8 +155,7 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
                 if meta.lang is None and meta.domain not in recipe.langid.skip_domains:
                     s.unlabelled += 1
                 if scrubbed:
-                    texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
-                    for t in texts:
+                    for t in contents:
                         _, hits = scrub_text(t, scrubbed)
                         if hits:
                             s.pii_hits.update(hits)

@@ -91,7 +91,7 @@ def apply_langid(record: Record, cfg: LangIdConfig) -> tuple[Record | None, str 
     """Label ``record`` with lang + confidence; return ``(record, None)`` or ``(None, drop_reason)``."""
     if record.meta.domain in cfg.skip_domains:
         return record, None
-    body = record.text if record.text is not None else "\n".join(m.content for m in record.messages or [])
+    body = "\n".join(record.contents())
     lang, conf = detect(body, tuple(cfg.candidates), cfg.max_chars)
     if conf < cfg.min_confidence or lang == "und":
         return None, "langid:low_confidence"

@@ -140,7 +140,7 @@ def _quality(record: Record) -> float:
 
 
 def _length(record: Record) -> int:
-    return len(record.text) if record.text is not None else sum(len(m.content) for m in record.messages or [])
+    return sum(map(len, record.contents()))
 
 
 def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha: str) -> dict[str, Any]:
@@ -217,7 +217,7 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
                     quality.append(_quality(rec))
                     unit = rec.meta.cluster or rec.id
                     splits.append(SPLIT_CODES[assign_split(unit, recipe.split, holdout)])
-                    texts = [rec.text] if rec.text is not None else [m.content for m in rec.messages or []]
+                    texts = rec.contents()
                     tokens.append(approx_tokens(texts))
                     group = _group(rec, recipe.mix.by)
                     group_codes.append(group_table.setdefault(group, len(group_table)))

@@ -65,7 +65,7 @@ def decontaminate(
     matches."""
     if not cfg.enabled or record.meta.family in cfg.exempt_families:
         return record, None, []
-    turns = [record.text] if record.text is not None else [m.content for m in record.messages or []]
+    turns = record.contents()
     per_turn = [index.find(t) for t in turns]
     if record.messages is not None:
         per_turn = [[replace(m, turn=k) for m in ms] for k, ms in enumerate(per_turn)]
