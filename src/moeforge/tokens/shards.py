@@ -1,0 +1,488 @@
+"""Token shards in Megatron-LM's indexed-dataset layout (``MMIDIDX``, version 1), written and memory-mapped.
+
+Megatron's layout is used unchanged so shards can be inspected or consumed by its tools. Files share a
+prefix: ``PREFIX.bin`` holds every token array back to back; ``PREFIX.idx`` holds the header and three
+arrays — the length (tokens) and byte offset of every *sequence*, and the *document index*, where document
+``d`` owns sequences ``[doc[d], doc[d + 1])``. All little-endian.
+
+Our mapping: a Megatron document is one training sample (a packed block of at most ``seq_len + 1``
+tokens) and its sequences are the pieces of source documents packed into it, so segment boundaries are
+exactly the places where attention may be cut. Padding is never stored; the loader adds it. Optional
+sidecars with the same prefix: ``PREFIX.mask`` (uint8 per token, parallel to ``.bin``; 1 = the token is a
+training target) and ``PREFIX.dom`` (uint16 per sample: the sample's domain id).
+
+The writer streams tokens to disk under temporary names and publishes them with ``os.replace`` on close,
+``.idx`` last: a present ``.idx`` means a complete shard. The reader validates every size against the
+header before handing out views, so a corrupt or truncated file is a :class:`ShardError` naming the file,
+never an ``IndexError`` deep in a training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from moeforge.io import atomic_write_bytes, sha256_file
+
+__all__ = ["IndexedShard", "IndexedShardWriter", "ShardError", "token_dtype", "verify_files"]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document-index count
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}
+_CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
+_SIDECARS = (".mask", ".dom")
+
+
+class ShardError(ValueError):
+    """A shard file is missing, corrupt, truncated or inconsistent with its index."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest on-disk dtype for ``vocab_size`` ids: uint16 below 65,500 (room to grow), else int32."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size < 65_500 else np.dtype(np.int32)
+
+
+def _paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
+    p = Path(prefix)
+    return {ext: p.with_name(p.name + ext) for ext in (".bin", ".idx", *_SIDECARS)}
+
+
+def _file_info(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class _HashedTemp:
+    """A file written under a temporary name beside its target, hashed and counted as it is written."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        self.tmp = Path(tmp)
+        self.fh: IO[bytes] = os.fdopen(fd, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def finish(self) -> None:
+        """Flush and fsync, leaving the file under its temporary name."""
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.chmod(self.tmp, 0o644)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class IndexedShardWriter:
+    """Stream samples into ``PREFIX.bin/.idx`` (plus ``.mask``/``.dom`` when asked) without holding tokens.
+
+    Call :meth:`add_segment` for each piece of a sample, then :meth:`end_sample`; :meth:`close` publishes
+    the files and returns their counts and hashes for the manifest. As a context manager, a clean exit
+    closes and an exception aborts, leaving neither final nor temporary files behind.
+    """
+
+    def __init__(
+        self, prefix: str | Path, dtype: DTypeLike, *, loss_mask: bool = False, domains: bool = False
+    ) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _CODE_OF or self.dtype.kind not in "iu":
+            raise ValueError(f"token dtype must be an integer Megatron dtype (uint16, int32, …), got {dtype}")
+        self.paths = _paths(prefix)
+        self.paths[".bin"].parent.mkdir(parents=True, exist_ok=True)
+        self._max_id = int(np.iinfo(self.dtype).max)
+        self._bin = _HashedTemp(self.paths[".bin"])
+        self._mask = _HashedTemp(self.paths[".mask"]) if loss_mask else None
+        self._domains: array[int] | None = array("H") if domains else None
+        self._lengths: array[int] = array("i")
+        self._doc_index: array[int] = array("q", [0])
+        self._tokens = 0
+        self._open = True
+        self.info: dict[str, Any] | None = None  # what close() returned, for context-manager users
+
+    def add_segment(
+        self, tokens: np.ndarray | Sequence[int], loss_mask: np.ndarray | Sequence[int] | None = None
+    ) -> None:
+        """Append one segment (a Megatron sequence) to the current sample.
+
+        ``loss_mask`` (0/1 per token, 1 = train on this token) is required exactly when the writer was
+        made with ``loss_mask=True``. Raises ValueError for an empty segment, ids outside the dtype's
+        range, or a mask of the wrong length or with values other than 0 and 1.
+        """
+        self._check_open()
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"a segment must be a non-empty 1-D array of token ids, got shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > self._max_id:
+            raise ValueError(
+                f"token id out of range for {self.dtype.name} shard {self.paths['.bin']}: min {lo}, max {hi} "
+                f"(allowed 0..{self._max_id}); choose the dtype with token_dtype(vocab_size)"
+            )
+        if arr.size > np.iinfo(np.int32).max:
+            raise ValueError(f"a segment of {arr.size} tokens does not fit Megatron's int32 lengths")
+        if (loss_mask is None) != (self._mask is None):
+            want = "requires" if self._mask is not None else "was created without loss_mask=True and takes no"
+            raise ValueError(f"the writer for {self.paths['.bin']} {want} a loss mask per segment")
+        if self._mask is not None:
+            m = np.asarray(loss_mask)
+            if m.shape != arr.shape:
+                raise ValueError(f"loss mask has shape {m.shape} but the segment has {arr.shape}")
+            if m.size and (int(m.min()) < 0 or int(m.max()) > 1):
+                raise ValueError("loss mask values must be 0 or 1")
+            self._mask.write(m.astype(np.uint8, copy=False).tobytes())
+        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._lengths.append(int(arr.size))
+        self._tokens += int(arr.size)
+
+    def add_sample(
+        self,
+        tokens: np.ndarray,
+        segment_lengths: np.ndarray | Sequence[int],
+        loss_mask: np.ndarray | None = None,
+        domain: int = 0,
+    ) -> None:
+        """Append a whole sample at once: ``tokens`` concatenated over its segments, their lengths, and
+        the mask when the writer has one. Same checks as :meth:`add_segment` + :meth:`end_sample`, done
+        once per sample — the packer's fast path."""
+        self._check_open()
+        if len(self._lengths) != self._doc_index[-1]:
+            raise ValueError("add_sample() called with an unfinished sample; call end_sample() first")
+        arr = np.asarray(tokens)
+        lens = np.asarray(segment_lengths, dtype=np.int64)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            raise ValueError(f"a sample must be a non-empty 1-D integer array, got {arr.dtype} {arr.shape}")
+        if lens.ndim != 1 or lens.size == 0 or int(lens.min()) < 1 or int(lens.sum()) != arr.size:
+            raise ValueError(
+                f"segment lengths {lens.tolist()[:8]} must be positive and sum to the sample's {arr.size} tokens"
+            )
+        if arr.dtype != self.dtype:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > self._max_id:
+                raise ValueError(
+                    f"token id out of range for {self.dtype.name} shard {self.paths['.bin']}: min {lo}, max {hi} "
+                    f"(allowed 0..{self._max_id}); choose the dtype with token_dtype(vocab_size)"
+                )
+        if (loss_mask is None) != (self._mask is None):
+            want = "requires" if self._mask is not None else "was created without loss_mask=True and takes no"
+            raise ValueError(f"the writer for {self.paths['.bin']} {want} a loss mask per sample")
+        if self._mask is not None:
+            m = np.asarray(loss_mask)
+            if m.shape != arr.shape:
+                raise ValueError(f"loss mask has shape {m.shape} but the sample has {arr.shape}")
+            if int(m.max()) > 1 or int(m.min()) < 0:
+                raise ValueError("loss mask values must be 0 or 1")
+            self._mask.write(m.astype(np.uint8, copy=False).tobytes())
+        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._lengths.extend(lens.astype(np.int32).tolist())
+        self._tokens += int(arr.size)
+        self.end_sample(domain)
+
+    def end_sample(self, domain: int = 0) -> None:
+        """Close the current sample (Megatron document); it must hold at least one segment."""
+        self._check_open()
+        if len(self._lengths) == self._doc_index[-1]:
+            raise ValueError("end_sample() called on an empty sample; add_segment() first")
+        if self._domains is None:
+            if domain != 0:
+                raise ValueError(f"domain {domain} given but the writer was created without domains=True")
+        else:
+            if not 0 <= domain <= 0xFFFF:
+                raise ValueError(f"domain id {domain} does not fit uint16")
+            self._domains.append(domain)
+        self._doc_index.append(len(self._lengths))
+
+    def close(self) -> dict[str, Any]:
+        """Publish the shard; returns ``{"samples", "segments", "tokens", "dtype", "files"}``.
+
+        ``files`` maps each file name to its ``bytes`` and ``sha256`` (hashed while writing). Stale
+        sidecars of the same prefix that this shard does not have are removed so a reader cannot pick
+        up a mask or domain file from an older run.
+        """
+        self._check_open()
+        if len(self._lengths) != self._doc_index[-1]:
+            self.abort()
+            raise ValueError(
+                f"segments were added after the last end_sample(); the shard {self.paths['.bin']} was not "
+                "written. Call end_sample() before close()"
+            )
+        self._open = False
+        lengths = np.array(self._lengths, dtype="<i4")
+        pointers = np.zeros(len(lengths), dtype="<i8")
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        doc_index = np.array(self._doc_index, dtype="<i8")
+        header = _HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(doc_index))
+        idx_bytes = b"".join([header, lengths.tobytes(), pointers.tobytes(), doc_index.tobytes()])
+        streamed = [t for t in (self._bin, self._mask) if t is not None]
+        files: dict[str, dict[str, Any]] = {}
+        try:
+            for t in streamed:
+                t.finish()
+            # The old index goes first: from here until the new one lands, the prefix reads as incomplete.
+            self.paths[".idx"].unlink(missing_ok=True)
+            for t in streamed:
+                os.replace(t.tmp, t.target)
+                files[t.target.name] = {"bytes": t.bytes, "sha256": t.sha.hexdigest()}
+            if self._mask is None:
+                self.paths[".mask"].unlink(missing_ok=True)
+            if self._domains is None:
+                self.paths[".dom"].unlink(missing_ok=True)
+            else:
+                dom_bytes = np.array(self._domains, dtype="<u2").tobytes()
+                atomic_write_bytes(self.paths[".dom"], dom_bytes)
+                files[self.paths[".dom"].name] = _file_info(dom_bytes)
+            atomic_write_bytes(self.paths[".idx"], idx_bytes)
+        except BaseException:
+            for t in streamed:
+                t.discard()
+            raise
+        files[self.paths[".idx"].name] = _file_info(idx_bytes)
+        info = {
+            "samples": len(doc_index) - 1,
+            "segments": len(lengths),
+            "tokens": self._tokens,
+            "dtype": self.dtype.name,
+            "files": dict(sorted(files.items())),
+        }
+        log.debug("wrote shard %s: %s", self.paths[".idx"].with_suffix(""), info)
+        self.info = info
+        return info
+
+    def abort(self) -> None:
+        """Drop everything written so far (temporary files only; existing final files are untouched)."""
+        if not self._open:
+            return
+        self._open = False
+        for t in (self._bin, self._mask):
+            if t is not None:
+                t.discard()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise ValueError(f"the writer for {self.paths['.bin']} is already closed")
+
+    def __enter__(self) -> IndexedShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._open:  # close() may already have been called inside the block
+            self.close()
+
+
+def _map(path: Path, dtype: np.dtype | str, count: int, offset: int = 0) -> np.ndarray:
+    """A read-only memmap of ``count`` items at ``offset``; numpy cannot map zero bytes, so empty → array."""
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    # A plain ndarray view of the map: slicing np.memmap itself costs microseconds of subclass overhead.
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).view(np.ndarray)
+
+
+class IndexedShard:
+    """Read-only, memory-mapped view of a shard written by :class:`IndexedShardWriter` (or Megatron).
+
+    Opening validates the header and every size against the files on disk and raises :class:`ShardError`
+    naming the file; afterwards ``sample(i)`` is a few array lookups and returns views into the map.
+    """
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = Path(prefix)
+        paths = _paths(prefix)
+        idx_path, bin_path = paths[".idx"], paths[".bin"]
+        for p in (idx_path, bin_path):
+            if not p.is_file():
+                raise ShardError(
+                    f"{p}: shard file is missing (an absent .idx means the shard was never finished)"
+                )
+        idx_size = idx_path.stat().st_size
+        with open(idx_path, "rb") as fh:
+            head = fh.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise ShardError(f"{idx_path}: truncated header ({idx_size} bytes); rebuild the shard")
+        magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise ShardError(f"{idx_path}: not a Megatron indexed-dataset index (magic {magic!r})")
+        if version != VERSION:
+            raise ShardError(f"{idx_path}: index version {version} is not supported (only {VERSION})")
+        if code not in DTYPE_CODES:
+            raise ShardError(f"{idx_path}: unknown dtype code {code}")
+        self.dtype: np.dtype = DTYPE_CODES[code]
+        expected = _HEADER.size + 12 * n_seq + 8 * n_doc
+        if idx_size != expected or n_doc < 1:
+            raise ShardError(
+                f"{idx_path}: {idx_size} bytes but the header ({n_seq} sequences, {n_doc} document indices) "
+                f"implies {expected}; the file is truncated or corrupt — rebuild the shard"
+            )
+        off = _HEADER.size
+        self.sequence_lengths = _map(idx_path, "<i4", n_seq, off)
+        self.sequence_pointers = _map(idx_path, "<i8", n_seq, off + 4 * n_seq)
+        self.document_indices = _map(idx_path, "<i8", n_doc, off + 12 * n_seq)
+        doc = self.document_indices
+        if doc[0] != 0 or doc[-1] != n_seq or (n_doc > 1 and bool(np.any(np.diff(doc) < 0))):
+            raise ShardError(f"{idx_path}: document index is not a non-decreasing run from 0 to {n_seq}")
+
+        item = self.dtype.itemsize
+        bin_size = bin_path.stat().st_size
+        if bin_size % item:
+            raise ShardError(
+                f"{bin_path}: {bin_size} bytes is not a whole number of {self.dtype.name} tokens"
+            )
+        self.num_tokens = bin_size // item
+        if n_seq:
+            lens, ptrs = self.sequence_lengths, self.sequence_pointers
+            if int(lens.min()) < 0 or int(ptrs.min()) < 0 or int(ptrs.max()) % item:
+                raise ShardError(f"{idx_path}: negative or misaligned sequence lengths/pointers")
+            need = int((ptrs + lens.astype(np.int64) * item).max())
+            if need > bin_size:
+                raise ShardError(
+                    f"{bin_path}: {bin_size} bytes but {idx_path.name} points up to byte {need}; "
+                    "the .bin is truncated — rebuild the shard"
+                )
+            # Our writer lays sequences out back to back; then a sample is one slice (a zero-copy view).
+            self._contiguous = ptrs[0] == 0 and bool(
+                np.array_equal(ptrs[1:], ptrs[:-1] + lens[:-1].astype(np.int64) * item)
+            )
+        else:
+            self._contiguous = True
+        self._bin = _map(bin_path, self.dtype.newbyteorder("<"), self.num_tokens)
+        self.num_samples = n_doc - 1
+        self.num_segments = n_seq
+
+        self._mask: np.ndarray | None = None
+        if paths[".mask"].is_file():
+            size = paths[".mask"].stat().st_size
+            if size != self.num_tokens:
+                raise ShardError(
+                    f"{paths['.mask']}: {size} bytes but {bin_path.name} holds {self.num_tokens} tokens"
+                )
+            self._mask = _map(paths[".mask"], np.uint8, size)
+        self._dom: np.ndarray | None = None
+        if paths[".dom"].is_file():
+            size = paths[".dom"].stat().st_size
+            if size != 2 * self.num_samples:
+                raise ShardError(
+                    f"{paths['.dom']}: {size} bytes but the index has {self.num_samples} samples (2 bytes each)"
+                )
+            self._dom = _map(paths[".dom"], "<u2", self.num_samples)
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return self._mask is not None
+
+    @property
+    def has_domains(self) -> bool:
+        return self._dom is not None
+
+    @property
+    def tokens_array(self) -> np.ndarray:
+        """Every token of the ``.bin`` (memmapped, little-endian), for vectorized gathers."""
+        return self._bin
+
+    @property
+    def mask_array(self) -> np.ndarray | None:
+        """The per-token loss mask (memmapped uint8, parallel to :attr:`tokens_array`), or None."""
+        return self._mask
+
+    @property
+    def domains_array(self) -> np.ndarray | None:
+        """The per-sample domain ids (memmapped uint16), or None without a ``.dom`` file."""
+        return self._dom
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __reduce__(self) -> tuple[type[IndexedShard], tuple[Path]]:
+        return IndexedShard, (self.prefix,)  # reopen in another process instead of pickling the map
+
+    def _check(self, i: int, n: int, what: str) -> int:
+        if not -n <= i < n:
+            raise IndexError(f"{what} {i} out of range for {self.prefix} ({n} {what}s)")
+        return i + n if i < 0 else i
+
+    def segment(self, j: int) -> np.ndarray:
+        """Tokens of sequence ``j`` (a view into the map)."""
+        j = self._check(j, self.num_segments, "segment")
+        start = int(self.sequence_pointers[j]) // self.dtype.itemsize
+        return self._bin[start : start + int(self.sequence_lengths[j])]
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(tokens, loss_mask or None, segment_lengths)`` of sample ``i``; views into the map when possible."""
+        i = self._check(i, self.num_samples, "sample")
+        a, b = int(self.document_indices[i]), int(self.document_indices[i + 1])
+        seg_lens = self.sequence_lengths[a:b]
+        if self._contiguous:
+            if b == a:
+                return self._bin[:0], (self._mask[:0] if self._mask is not None else None), seg_lens
+            item = self.dtype.itemsize
+            start = int(self.sequence_pointers[a]) // item
+            stop = int(self.sequence_pointers[b - 1]) // item + int(self.sequence_lengths[b - 1])
+            tokens = self._bin[start:stop]
+            mask = self._mask[start:stop] if self._mask is not None else None
+            return tokens, mask, seg_lens
+        starts = [int(p) // self.dtype.itemsize for p in self.sequence_pointers[a:b]]
+        spans = [slice(s, s + int(n)) for s, n in zip(starts, seg_lens, strict=True)]
+        tokens = np.concatenate([self._bin[s] for s in spans]) if spans else self._bin[:0]
+        mask = None
+        if self._mask is not None:
+            mask = np.concatenate([self._mask[s] for s in spans]) if spans else self._mask[:0]
+        return tokens, mask, seg_lens
+
+    def domain(self, i: int) -> int:
+        """Domain id of sample ``i`` (0 when the shard has no ``.dom`` file)."""
+        i = self._check(i, self.num_samples, "sample")
+        return int(self._dom[i]) if self._dom is not None else 0
+
+
+def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems with the files a manifest lists (``{name: {"bytes", "sha256"}}``); empty when all match.
+
+    Sizes are compared first so a truncated file is reported without hashing it.
+    """
+    problems: list[str] = []
+    for name, want in sorted(files.items()):
+        path = Path(directory) / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if "bytes" in want and size != int(want["bytes"]):
+            problems.append(f"{path}: {size} bytes, the manifest says {want['bytes']}")
+            continue
+        if "sha256" in want and (got := sha256_file(path)) != want["sha256"]:
+            problems.append(f"{path}: sha256 {got[:12]}…, the manifest says {str(want['sha256'])[:12]}…")
+    return problems
