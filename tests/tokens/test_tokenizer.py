@@ -107,3 +107,29 @@ def test_clear_errors_for_bad_inputs(tmp_path: Path) -> None:
     (bad / "tokenizer.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"not a valid tokenizer\.json"):
         load_tokenizer(bad)
+
+
+def test_a_gpt2_style_vocab_and_merges_directory_loads(tmp_path: Path) -> None:
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = ["h e", "l l", "he ll", "hell o", "Ġ w"]
+    for m in merges:
+        vocab["".join(m.split())] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (gpt2 / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = load_tokenizer(gpt2)
+    assert tok.encode("hello world").tokens[:2] == ["hello", "Ġw"]
+    assert tok.decode(tok.encode("hello world, ünï").ids) == "hello world, ünï"
+    assert tok.token_to_id("<|endoftext|>") == vocab["<|endoftext|>"]  # GPT-2's own EOS keeps its id
+    for s in ("<|pad|>", "<|im_start|>", "<|im_end|>"):  # added so ChatML and padding work
+        assert tok.encode(f"x{s}y").tokens.count(s) == 1
+    base = TokenizerConfig(identity_tokens=[], pii_tokens=False)
+    assert verify_tokenizer(gpt2, base) == []
+    (gpt2 / "merges.txt").unlink()
+    with pytest.raises(TokenizerError, match=r"vocab\.json \+ merges\.txt"):
+        load_tokenizer(gpt2)

@@ -16,7 +16,8 @@ from moeforge.data.contract import record_json_schema
 from moeforge.io import atomic_write_json
 
 app = typer.Typer(
-    help="Datasets: run a recipe, verify the result, print the record schema.", no_args_is_help=True
+    help="Datasets: run a recipe, verify the result, tokenize it into shards, manage the token cache.",
+    no_args_is_help=True,
 )
 console = Console()
 
@@ -154,3 +155,13 @@ def verify(
         console.print("[green]all gates pass[/]" if passed else "[bold red]verification failed[/]")
     if not passed:
         raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def _register_token_commands() -> None:
+    from moeforge.cli import tokens as tokens_cli
+
+    app.command("tokenize")(tokens_cli.tokenize)
+    app.add_typer(tokens_cli.cache_app, name="cache")
+
+
+_register_token_commands()

@@ -13,6 +13,7 @@ bytes (the trainer runs on the texts in record order; the JSON is written with s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ __all__ = [
     "TokenizerError",
     "load_tokenizer",
     "special_tokens",
+    "token_ids",
+    "tokenizer_sha256",
     "train_tokenizer",
     "verify_tokenizer",
 ]
@@ -138,18 +141,66 @@ def train_tokenizer(
     return out
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """The ``tokenizers.Tokenizer`` in ``path`` (a directory or a tokenizer.json file)."""
-    from tokenizers import Tokenizer
-
+def _tokenizer_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files that define the tokenizer in ``path``: ``tokenizer.json``, or GPT-2's ``vocab.json`` +
+    ``merges.txt``."""
     p = Path(path)
-    file = p / "tokenizer.json" if p.is_dir() else p
-    if not file.exists():
-        raise TokenizerError(f"{file}: no such file; train one with `moeforge tokenizer train`")
+    if not p.is_dir():
+        if not p.exists():
+            raise TokenizerError(f"{p}: no such file; train one with `moeforge tokenizer train`")
+        return [p]
+    if (p / "tokenizer.json").exists():
+        return [p / "tokenizer.json"]
+    if (p / "vocab.json").exists() and (p / "merges.txt").exists():
+        return [p / "vocab.json", p / "merges.txt"]
+    raise TokenizerError(
+        f"{p}: holds neither tokenizer.json nor vocab.json + merges.txt; "
+        "train one with `moeforge tokenizer train` or point at a GPT-2-style tokenizer directory"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The ``tokenizers.Tokenizer`` in ``path``: a directory with ``tokenizer.json`` (or that file), or
+    a GPT-2-style directory with ``vocab.json`` + ``merges.txt``.
+
+    A GPT-2-style tokenizer is byte-level BPE; the base special tokens it lacks (``<|pad|>``, the ChatML
+    markers) are appended as new ids so ChatML chats and padding work with it too.
+    """
     try:
-        return Tokenizer.from_file(str(file))
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    except ImportError as exc:
+        raise TokenizerError("loading a tokenizer needs the [hf] extra: pip install 'moeforge[hf]'") from exc
+
+    files = _tokenizer_files(path)
+    try:
+        if len(files) == 1:
+            return Tokenizer.from_file(str(files[0]))
+        tok = Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
-        raise TokenizerError(f"{file}: not a valid tokenizer.json ({exc})") from exc
+        raise TokenizerError(f"{files[0]}: not a valid {files[0].name} ({exc})") from exc
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(BASE_SPECIALS))
+    return tok
+
+
+def tokenizer_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 over the bytes of the files that define the tokenizer (changes whenever it does)."""
+    h = hashlib.sha256()
+    for f in _tokenizer_files(path):
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def token_ids(tok: Any) -> tuple[int, int]:
+    """``(eos_id, pad_id)``: ``<|endoftext|>`` and ``<|pad|>`` (EOS again when there is no pad token)."""
+    eos = tok.token_to_id("<|endoftext|>")
+    if eos is None:
+        raise TokenizerError(
+            "the tokenizer has no <|endoftext|> token; train one with `moeforge tokenizer train`"
+        )
+    pad = tok.token_to_id("<|pad|>")
+    return eos, eos if pad is None else pad
 
 
 def verify_tokenizer(path: str | os.PathLike[str], cfg: TokenizerConfig | None = None) -> list[str]:
@@ -174,7 +225,7 @@ def verify_tokenizer(path: str | os.PathLike[str], cfg: TokenizerConfig | None =
     if tok.decode(tok.encode(sample).ids) != sample:
         problems.append("ordinary text does not round-trip through encode/decode")
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and (p / "tokenizer.json").exists():
         try:
             from transformers import AutoTokenizer
 
