@@ -92,6 +92,10 @@ class ModelConfig(StrictModel):
     init_std: float = Field(default=0.02, gt=0.0)
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="training/storage dtype")
     moe: MoEConfig | None = Field(default=None, description="MoE settings; null builds a dense model")
+    cluster_only: bool = Field(
+        default=False,
+        description="refuse local training unless ALLOW_LOCAL_TRAIN=1 (for cluster-sized presets)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

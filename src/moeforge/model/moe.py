@@ -17,7 +17,25 @@ from moeforge.model.dispatch import grouped_swiglu
 from moeforge.model.layers import SwiGLU
 from moeforge.model.router import Router, RouterOutput
 
-__all__ = ["MoELayer", "MoEStats", "sort_assignments"]
+__all__ = ["ExpertOutputStats", "MoELayer", "MoEStats", "sort_assignments"]
+
+
+@dataclass
+class ExpertOutputStats:
+    """What the experts wrote in one forward, recorded only when ``MoELayer.record_expert_outputs`` is on.
+
+    Sufficient statistics (sums, so micro-batches add up) for the ghost-expert saturation signal
+    (:mod:`moeforge.train.ghost`); all detached fp32. ``sum_ED``: per expert slot, the sum of its raw
+    SwiGLU outputs (before combine weight and ghost alpha) over the assignments it processed — divide by
+    ``MoEStats.tokens_per_expert`` for the mean output; ``input_energy``: ``Σ_n ‖x_n‖²`` over the layer's
+    input tokens ``x_n`` (the block's normed hidden state); ``explained_energy``:
+    ``Σ_n ⟨x_n, y_n⟩² / ‖y_n‖²``, the part of each input vector that lies along the routed output ``y_n``
+    (shared experts excluded; tokens with ``y_n = 0`` add 0).
+    """
+
+    sum_ED: torch.Tensor
+    input_energy: torch.Tensor
+    explained_energy: torch.Tensor
 
 
 @dataclass
@@ -26,7 +44,11 @@ class MoEStats:
 
     tokens_per_expert: ``[E]`` assignments each expert actually processed (after capacity drops);
     dropped: assignments dropped by the capacity limit; assignments: ``N·k``;
-    probs_mean: ``[E]`` mean router probability; entropy: mean per-token routing entropy (nats).
+    probs_mean: ``[E]`` mean router probability; entropy: mean per-token routing entropy (nats);
+    tokens: ``N``, the tokens routed (``assignments / k``); routed_per_expert: ``[E]`` the router's
+    assignments per expert *before* the capacity limit (a collapse stays visible when capacity hides it
+    in ``tokens_per_expert``); expert_outputs: see :class:`ExpertOutputStats`, None unless
+    ``MoELayer.record_expert_outputs`` is on. The last three default to None so older callers still work.
     """
 
     lb_loss: torch.Tensor
@@ -36,6 +58,9 @@ class MoEStats:
     assignments: int
     probs_mean: torch.Tensor
     entropy: torch.Tensor
+    tokens: int | None = None
+    routed_per_expert: torch.Tensor | None = None
+    expert_outputs: ExpertOutputStats | None = None
 
     @property
     def dropped_fraction(self) -> float:
@@ -73,7 +98,13 @@ class MoELayer(nn.Module):
     ``ghost_alpha[j]`` is 0 it is masked out of routing, so it gets no tokens and no gradient; once
     woken (alpha > 0, set by the training controller) it is routed like any expert and its output is
     scaled by alpha. Dropped assignments (capacity) contribute nothing: the token rides the residual.
+
+    ``record_expert_outputs`` (off by default, set by the ghost controller) adds
+    :class:`ExpertOutputStats` to the returned stats: detached, computed after the output, so it never
+    changes the layer's numerics, and costs nothing when off.
     """
+
+    record_expert_outputs: bool = False
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -137,11 +168,13 @@ class MoELayer(nn.Module):
         else:
             x_AD = x_ND.index_select(0, token_A)
         y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch)
+        raw_AD = y_AD
         y_AD = y_AD * weight_A[:, None]
         # Put each result back in its assignment slot (a permutation: deterministic, no atomics),
         # then sum a token's k slots; dropped slots stay zero.
         buf_kND = y_AD.new_zeros(self.top_k * n, shape[-1]).index_copy(0, order_A, y_AD)
         out_ND = buf_kND.view(self.top_k, n, -1).sum(0) if self.top_k > 1 else buf_kND
+        recorded = self._record(x_ND, raw_AD, out_ND, counts_E) if self.record_expert_outputs else None
 
         if self.shared is not None:
             s_ND = self.shared(x_ND)
@@ -160,5 +193,24 @@ class MoELayer(nn.Module):
             assignments=n * self.top_k,
             probs_mean=p.mean(0).detach(),
             entropy=entropy,
+            tokens=n,
+            routed_per_expert=r.tokens_per_expert.detach(),
+            expert_outputs=recorded,
         )
         return out_ND.view(shape), stats
+
+    @torch.no_grad()
+    def _record(
+        self, x_ND: torch.Tensor, raw_AD: torch.Tensor, out_ND: torch.Tensor, counts_E: torch.Tensor
+    ) -> ExpertOutputStats:
+        """Per-expert output sums and input/explained energies (see :class:`ExpertOutputStats`)."""
+        slots = self.w13.shape[0]
+        expert_A = torch.repeat_interleave(torch.arange(slots, device=counts_E.device), counts_E)
+        sum_ED = raw_AD.new_zeros(slots, raw_AD.shape[-1], dtype=torch.float32)
+        sum_ED.index_add_(0, expert_A, raw_AD.detach().float())
+        x = x_ND.detach().float()
+        y = out_ND.detach().float()
+        y_sq_N = y.pow(2).sum(-1)
+        dot_N = (x * y).sum(-1)
+        explained = torch.where(y_sq_N > 0, dot_N.pow(2) / y_sq_N.clamp_min(1e-30), torch.zeros_like(dot_N))
+        return ExpertOutputStats(sum_ED=sum_ED, input_energy=x.pow(2).sum(), explained_energy=explained.sum())

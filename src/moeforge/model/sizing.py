@@ -280,6 +280,7 @@ def _scaled(
                 "ffn_hidden": _round(cfg.ffn_hidden * r, 8),
                 "max_seq_len": min(cfg.max_seq_len, 1024),
                 "dtype": "float32",
+                "cluster_only": False,  # a laptop-sized copy of a cluster model is meant to train locally
             },
             moe=moe,
         )

@@ -1,0 +1,457 @@
+"""What training records: routing statistics per MoE layer, a JSONL (+ TensorBoard) writer, throughput, MFU.
+
+The trainer feeds :class:`RoutingAccumulator` every micro-batch's ``ModelOutput.moe_stats`` and reads a
+flat ``{name: float}`` dict each logging interval; :class:`MetricsWriter` appends that dict as one JSON
+line to ``metrics.jsonl`` (the file every later tool reads) and mirrors it to TensorBoard when that is
+installed. MFU divides achieved FLOP/s by a *measured* matmul peak (:func:`measure_peak_flops`), because
+vendor peak figures are unknown on CPUs and optimistic on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+
+from moeforge.io import atomic_write_json, atomic_write_text
+from moeforge.model.moe import MoELayer, MoEStats
+from moeforge.model.transformer import MoETransformer
+
+__all__ = [
+    "MetricsWriter",
+    "RoutingAccumulator",
+    "Throughput",
+    "measure_peak_flops",
+    "mfu",
+    "peak_flops_cache_path",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _LayerSums:
+    """Token-weighted sums of one MoE layer's stats since the last reset (tensors stay on the device)."""
+
+    routed_E: torch.Tensor
+    probs_E: torch.Tensor
+    entropy: torch.Tensor
+    lb: torch.Tensor
+    z: torch.Tensor
+    tokens: int = 0
+    assignments: int = 0
+    dropped: int = 0
+
+
+class RoutingAccumulator:
+    """Sums routing statistics over micro-batches and steps; :meth:`summary` turns them into flat metrics.
+
+    Averages are token-weighted, so a short last micro-batch counts for its tokens and no more. Nothing is
+    copied to the host until :meth:`summary` / :meth:`load_fractions` (one sync per logging interval, not
+    per micro-batch). Neither of those resets: read both, then call :meth:`reset`.
+
+    **Load** of expert ``i`` is the share of *tokens* the router sent to it, before capacity drops:
+    ``routed_i / N``. The shares sum to ``top_k``; perfect balance gives ``top_k / E_active`` each, and 1.0
+    means every token uses the expert — the same scale for any ``k``, which is what the collapse
+    threshold needs. Counting before capacity keeps a collapse visible when the capacity limit would cap it.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[int, _LayerSums] = {}
+
+    def reset(self) -> None:
+        self._layers.clear()
+
+    def __len__(self) -> int:
+        """Number of MoE layers seen since the last reset (0: nothing to report)."""
+        return len(self._layers)
+
+    @torch.no_grad()
+    def add(self, moe_stats: Mapping[int, MoEStats]) -> None:
+        """Add one forward's ``ModelOutput.moe_stats`` (layer index → stats)."""
+        for layer, s in moe_stats.items():
+            n = s.tokens if s.tokens is not None else s.assignments
+            routed = s.routed_per_expert if s.routed_per_expert is not None else s.tokens_per_expert
+            acc = self._layers.get(layer)
+            dev = s.probs_mean.device
+            dt = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+            if acc is None:
+                e = s.probs_mean.numel()
+                acc = _LayerSums(
+                    routed_E=torch.zeros(e, dtype=dt, device=dev),
+                    probs_E=torch.zeros(e, dtype=dt, device=dev),
+                    entropy=torch.zeros((), dtype=dt, device=dev),
+                    lb=torch.zeros((), dtype=dt, device=dev),
+                    z=torch.zeros((), dtype=dt, device=dev),
+                )
+                self._layers[layer] = acc
+            acc.routed_E += routed.detach().to(dt)
+            acc.probs_E += s.probs_mean.detach().to(dt) * n
+            acc.entropy += s.entropy.detach().to(dt) * n
+            acc.lb += s.lb_loss.detach().to(dt) * n
+            acc.z += s.z_loss.detach().to(dt) * n
+            acc.tokens += n
+            acc.assignments += s.assignments
+            acc.dropped += s.dropped
+
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Sum the statistics over all data-parallel ranks (no-op without torch.distributed).
+
+        Call it on every rank before :meth:`summary` / :meth:`load_fractions` when each rank routes its own
+        tokens: every rank then reports the global figures, and a collapse detector fed from them reaches
+        the same ``should_stop`` everywhere. All ranks must have seen the same MoE layers.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or not self._layers:
+            return
+        accs = [acc for _, acc in sorted(self._layers.items())]
+        parts: list[torch.Tensor] = []
+        for acc in accs:
+            ints = torch.tensor([acc.tokens, acc.assignments, acc.dropped], dtype=acc.routed_E.dtype)
+            parts += [
+                acc.routed_E,
+                acc.probs_E,
+                torch.stack([acc.entropy, acc.lb, acc.z]),
+                ints.to(acc.lb.device),
+            ]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        offset = 0
+        for acc in accs:
+            e = acc.routed_E.numel()
+            acc.routed_E, acc.probs_E = flat[offset : offset + e], flat[offset + e : offset + 2 * e]
+            acc.entropy, acc.lb, acc.z = flat[offset + 2 * e : offset + 2 * e + 3]
+            tokens, assignments, dropped = flat[offset + 2 * e + 3 : offset + 2 * e + 6].tolist()
+            acc.tokens, acc.assignments, acc.dropped = int(tokens), int(assignments), int(dropped)
+            offset += 2 * e + 6
+
+    def load_fractions(self) -> dict[int, list[float]]:
+        """Per layer, each expert slot's token share (see the class docstring); for the collapse detector."""
+        return {
+            layer: (acc.routed_E / max(acc.tokens, 1)).tolist() for layer, acc in sorted(self._layers.items())
+        }
+
+    def summary(self, model: MoETransformer | None = None) -> dict[str, float]:
+        """Flat metrics ``moe/L{layer}/{name}`` plus cross-layer ``moe/{name}``.
+
+        Per layer: ``load/e{i}`` (every slot, dormant ghosts included), ``load_max``, ``load_std`` and
+        ``load_max_over_mean`` (over active experts), ``entropy_token`` (mean per-token routing entropy,
+        nats), ``entropy_mean_dist`` (entropy of the mean routing distribution) and
+        ``entropy_mean_dist_norm`` (÷ log E_active: 1.0 is uniform use), ``dropped_fraction``, ``lb_loss``
+        and ``z_loss`` (unscaled). With ``model``: ``lb_loss_scaled`` / ``z_loss_scaled`` (× the config's
+        lb_coef / z_coef) and, when the router's aux_free_bias_rate > 0, its biases ``bias/e{i}``.
+
+        Active experts: routed ones plus ghosts with alpha > 0, read from ``model``; without it, the slots
+        with a non-zero mean routing probability (dormant ghosts are masked to exactly 0).
+        """
+        out: dict[str, float] = {}
+        total_assign = total_drop = 0
+        lb_total = z_total = 0.0
+        load_max_all = 0.0
+        for layer, acc in sorted(self._layers.items()):
+            if acc.tokens == 0:
+                continue
+            pre = f"moe/L{layer}"
+            share = (acc.routed_E / acc.tokens).cpu()
+            probs = (acc.probs_E / acc.tokens).cpu()
+            scalars = (torch.stack([acc.entropy, acc.lb, acc.z]) / acc.tokens).tolist()
+            moe = _moe_layer(model, layer)
+            if moe is not None:
+                active = torch.ones(share.numel(), dtype=torch.bool)
+                if moe.num_ghost:
+                    active[moe.num_experts :] = moe.ghost_alpha.detach().cpu() > 0
+            else:
+                active = probs > 0
+            for i, v in enumerate(share.tolist()):
+                out[f"{pre}/load/e{i}"] = v
+            act = share[active]
+            e_active = int(active.sum())
+            out[f"{pre}/load_max"] = float(share.max())
+            out[f"{pre}/load_std"] = float(act.std(unbiased=False)) if e_active else 0.0
+            mean = float(act.mean()) if e_active else 0.0
+            out[f"{pre}/load_max_over_mean"] = float(act.max()) / mean if mean > 0 else 0.0
+            out[f"{pre}/entropy_token"] = scalars[0]
+            h = float(-(probs * probs.clamp_min(1e-30).log()).sum())
+            out[f"{pre}/entropy_mean_dist"] = h
+            out[f"{pre}/entropy_mean_dist_norm"] = h / math.log(e_active) if e_active > 1 else 1.0
+            out[f"{pre}/dropped_fraction"] = acc.dropped / max(acc.assignments, 1)
+            out[f"{pre}/lb_loss"] = scalars[1]
+            out[f"{pre}/z_loss"] = scalars[2]
+            if moe is not None:
+                out[f"{pre}/lb_loss_scaled"] = moe.cfg.lb_coef * scalars[1]
+                out[f"{pre}/z_loss_scaled"] = moe.cfg.z_coef * scalars[2]
+                if moe.router.aux_free_bias_rate > 0:
+                    for i, b in enumerate(moe.router.expert_bias.detach().cpu().tolist()):
+                        out[f"{pre}/bias/e{i}"] = b
+            total_assign += acc.assignments
+            total_drop += acc.dropped
+            lb_total += scalars[1]
+            z_total += scalars[2]
+            load_max_all = max(load_max_all, out[f"{pre}/load_max"])
+        if total_assign:
+            out["moe/load_max"] = load_max_all
+            out["moe/dropped_fraction"] = total_drop / total_assign
+            out["moe/lb_loss"] = lb_total  # summed over layers, like ModelOutput.lb_loss
+            out["moe/z_loss"] = z_total
+            if model is not None and model.cfg.moe is not None:
+                out["moe/aux_loss"] = model.cfg.moe.lb_coef * lb_total + model.cfg.moe.z_coef * z_total
+        return out
+
+
+def _moe_layer(model: MoETransformer | None, layer: int) -> MoELayer | None:
+    if model is None:
+        return None
+    mlp = model.blocks[layer].mlp
+    return mlp if isinstance(mlp, MoELayer) else None
+
+
+def _json_value(value: Any) -> Any:
+    """JSON-safe scalar: tensors to Python numbers, NaN/±inf to None (JSON has no spelling for them)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric values must be scalars; got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"metric values must be numbers, strings, bools or None; got {type(value).__name__}")
+
+
+class MetricsWriter:
+    """Appends ``{"step": ..., "split": ..., **values}`` lines to ``<path_dir>/metrics.jsonl``.
+
+    One JSON object per line, flushed after every write so a killed run loses nothing it logged. NaN and
+    ±inf are written as ``null`` (strict JSON has no NaN, and ``jq``/pandas choke on Python's ``NaN``),
+    so a diverged loss shows up as a null, never as a broken file. Scalars also go to TensorBoard
+    (``<path_dir>/tensorboard``, tags ``{split}/{name}``, raw values there) when ``tensorboard`` is True
+    and the package is installed; otherwise that is skipped with one info line.
+
+    On ranks other than 0 every method is a no-op, so the trainer can call it unconditionally.
+    ``truncate_after_step`` (for a resumed run) first drops lines with a larger step — the steps that will
+    be trained again — and a torn last line from a crash, so the log has each step once.
+    """
+
+    def __init__(
+        self,
+        path_dir: str | os.PathLike[str],
+        *,
+        tensorboard: bool = True,
+        rank: int = 0,
+        truncate_after_step: int | None = None,
+    ) -> None:
+        self.path = Path(path_dir) / "metrics.jsonl"
+        self.enabled = rank == 0
+        self._fh: IO[str] | None = None
+        self._tb: Any = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and self.path.exists():
+            self._truncate(truncate_after_step)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; writing metrics to %s only", self.path)
+            else:
+                self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+
+    def _truncate(self, step: int) -> None:
+        kept: list[str] = []
+        dropped = 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(obj.get("step", 0)) <= step:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            log.info(
+                "metrics: dropped %d line(s) after step %d from %s (resumed run)", dropped, step, self.path
+            )
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
+        """Append one line; raises ValueError on a key that collides with ``step``/``split``."""
+        if not self.enabled or self._fh is None:
+            return
+        clash = {"step", "split"} & set(values)
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} are reserved; rename them")
+        record: dict[str, Any] = {"step": int(step), "split": split}
+        record.update((k, _json_value(v)) for k, v in values.items())
+        self._fh.write(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for key, v in values.items():
+                if isinstance(v, torch.Tensor):
+                    v = v.item()
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{split}/{key}", v, step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def peak_flops_cache_path() -> Path:
+    """``$MOEFORGE_CACHE_DIR/peak_flops.json``, else ``~/.cache/moeforge/peak_flops.json``."""
+    root = os.environ.get("MOEFORGE_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "moeforge"
+    return base / "peak_flops.json"
+
+
+def _device_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What the measured peak depends on: machine, device model (CPU: model and threads), dtype, torch."""
+    if device.type == "cuda":
+        desc = torch.cuda.get_device_name(device)
+    else:
+        desc = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                desc = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), desc)
+        except OSError:
+            pass
+        desc = f"{desc} threads={torch.get_num_threads()}"
+    return f"{platform.node()}|{device.type}|{desc}|{dtype}|torch={torch.__version__}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """Best FLOP/s of square ``n×n @ n×n`` matmuls (2n³ FLOPs each) over a few timed trials."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):  # warm-up: kernel selection, thread pool start, clocks ramping up
+        torch.mm(a, b)
+    _sync(device)
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    _sync(device)
+    one = max(time.perf_counter() - t0, 1e-6)
+    trials = 5
+    reps = max(1, int(seconds / trials / one))
+    best = 0.0
+    for _ in range(trials):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        _sync(device)
+        best = max(best, 2.0 * n**3 * reps / max(time.perf_counter() - t0, 1e-9))
+    return best
+
+
+def measure_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, *, seconds: float = 1.0, refresh: bool = False
+) -> float:
+    """Achievable matmul FLOP/s on ``device`` in ``dtype``, measured once and cached per machine.
+
+    Square matmuls after a warm-up, the best of five trials spread over about ``seconds``. The result is
+    cached in :func:`peak_flops_cache_path` under a key of host, device model (CPU: model and torch
+    thread count), dtype and torch version, so a run pays the measurement once per machine; ``refresh``
+    re-measures. An unreadable cache is ignored with a warning and rewritten.
+    """
+    device = torch.device(device)
+    key = _device_key(device, dtype)
+    path = peak_flops_cache_path()
+    cache: dict[str, Any] = {}
+    if path.exists():
+        try:
+            cache = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(cache, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable peak-FLOPs cache %s (%s); measuring again", path, exc)
+            cache = {}
+    entry = cache.get(key)
+    if not refresh and isinstance(entry, dict) and float(entry.get("flops", 0)) > 0:
+        return float(entry["flops"])
+    flops = _measure(device, dtype, seconds)
+    log.info("measured peak matmul throughput on %s (%s): %.3g FLOP/s", device, dtype, flops)
+    cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        atomic_write_json(path, cache)
+    except OSError as exc:  # a read-only home must not stop training
+        log.warning("could not cache peak FLOPs in %s: %s", path, exc)
+    return flops
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilization: achieved FLOP/s over ``peak``.
+
+    ``flops_per_token`` is the *training* figure, ``sizing.flops_per_token(cfg, seq_len)["training"]``
+    (3 × forward: forward + backward for activations and weights), for the sequence length trained on;
+    ``peak`` from :func:`measure_peak_flops` times the number of devices when ``tokens_per_s`` is global.
+    """
+    if peak <= 0:
+        raise ValueError(f"peak FLOP/s must be positive (got {peak})")
+    return tokens_per_s * flops_per_token / peak
+
+
+class Throughput:
+    """Tokens per second over the last ``window`` updates (a moving window, so warm-up and stalls age out).
+
+    Call :meth:`update` after each step with the tokens it processed; :meth:`restart` after a pause that
+    should not count (evaluation, checkpointing). The clock is injectable for tests.
+    """
+
+    def __init__(self, window: int = 20, clock: Callable[[], float] = time.perf_counter) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 (got {window})")
+        self._clock = clock
+        self._events: deque[tuple[float, int]] = deque(maxlen=window + 1)
+        self.total_tokens = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the window and start timing from now."""
+        self._events.clear()
+        self._events.append((self._clock(), 0))
+
+    def update(self, tokens: int) -> None:
+        self._events.append((self._clock(), int(tokens)))
+        self.total_tokens += int(tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens of the updates in the window over the time since the update before them (0.0 if none)."""
+        if len(self._events) < 2:
+            return 0.0
+        elapsed = self._events[-1][0] - self._events[0][0]
+        tokens = sum(t for _, t in list(self._events)[1:])
+        return tokens / elapsed if elapsed > 0 else 0.0
