@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +24,74 @@ def real_data():
     if not root or not Path(root).is_dir():
         pytest.skip("MOEFORGE_REAL_DATA is not set to the shared data folder")
     return Path(root)
+
+
+# ---- a small pipeline run and tokenizer, shared by the tokens, train and serve tests ----
+
+PROSE = (
+    "The river ran past the old mill where the miller kept his accounts in a leather book. "
+    "Every morning he counted the sacks of grain and wrote the number beside the date. "
+)
+
+
+def make_run(root: Path, n_chats: int = 300, n_prose: int = 60, name: str = "mix") -> Path:
+    """A small pipeline run: ``n_chats`` math chats (with identity turns) and ``n_prose`` prose texts."""
+    from moeforge.data.pipeline import run_pipeline
+    from moeforge.data.recipe import Recipe
+
+    root.mkdir(parents=True, exist_ok=True)
+    qa = root / "qa.jsonl"
+    rows = [
+        {"question": f"Anna has {i} apples and buys {i + 3} more. How many apples does she have now?",
+         "answer": f"She has {i} + {i + 3} = <<{i}+{i + 3}={2 * i + 3}>>{2 * i + 3} apples.\n#### {2 * i + 3}"}
+        for i in range(n_chats)
+    ]  # fmt: skip
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    prose = root / "prose.jsonl"
+    prose.write_text(
+        "".join(
+            json.dumps({"text": f"Chapter {i}. " + PROSE * (1 + i % 7) + f"The end of chapter {i}."}) + "\n"
+            for i in range(n_prose)
+        ),
+        encoding="utf-8",
+    )
+    recipe = Recipe.model_validate(
+        {
+            "name": name,
+            "sources": [
+                {"path": str(qa), "kind": "qa", "family": "apples", "domain": "math"},
+                {"path": str(prose), "kind": "text", "family": "mill", "domain": "prose"},
+            ],
+            "langid": {"enabled": False},
+            "filters": {"quality_domains": [], "gopher_repetition": False},
+            "identity": {
+                "system_prompts": {"*": "<|oracle_sys|>You are Oracle.<|author|>moeforge"},
+                "intros": {"*": "<|oracle_intro|>Oracle here. "},
+                "intro_fraction": 0.5,
+            },
+            "split": {"min_eval_records": 3},
+            "gates": {"train_ratio": [0.8, 0.97], "eval_ratio": [0.01, 0.1]},
+        }
+    )
+    out = root / "run"
+    run_pipeline(recipe, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("token-run"))
+
+
+@pytest.fixture(scope="session")
+def token_tokenizer(token_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("tokenizers")
+    from moeforge.tokens.tokenizer import TokenizerConfig, train_tokenizer
+
+    return train_tokenizer(token_run, tmp_path_factory.mktemp("tok") / "tok", TokenizerConfig(vocab_size=600))
+
+
+@pytest.fixture(scope="session")
+def make_token_run():
+    """The factory behind ``token_run``, for tests that need a second, different run."""
+    return make_run

@@ -17,6 +17,7 @@ from moeforge import __version__
 from moeforge.cli import data as data_cli
 from moeforge.cli import model as model_cli
 from moeforge.cli import tokenizer as tokenizer_cli
+from moeforge.cli import train as train_cli
 from moeforge.config import ConfigError
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(tokenizer_cli.app, name="tokenizer")
+app.command("train")(train_cli.train)
 
 err_console = Console(stderr=True)
 

@@ -5,6 +5,7 @@ Shapes: N tokens, E experts (routed + ghost slots), k experts per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,18 @@ class RouterOutput:
     tokens_per_expert: torch.Tensor
 
 
+_count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def set_count_reducer(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """Make the balancing loss use load fractions over the *global* batch: ``fn`` sums a tensor over all
+    data-parallel processes (``all_reduce``). Set by the trainer under DDP and cleared after; ``model/``
+    itself never imports ``torch.distributed``. With it, N processes compute exactly the loss of one
+    process holding the whole batch (``P_i`` stays local and is averaged by DDP's gradient mean)."""
+    global _count_reducer
+    _count_reducer = fn
+
+
 def load_balancing_loss(probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_active: int) -> torch.Tensor:
     """Switch-Transformer balancing loss ``E · Σ_i f_i · P_i``, normalized to 1.0 at perfect balance for any k.
 
@@ -47,7 +60,11 @@ def load_balancing_loss(probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_acti
     counts_E.scatter_add_(
         0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device)
     )
-    f_E = counts_E / max(n * k, 1)
+    total = torch.tensor(float(n * k), dtype=probs_NE.dtype, device=probs_NE.device)
+    if _count_reducer is not None and probs_NE.requires_grad:
+        both = _count_reducer(torch.cat([counts_E, total[None]]))
+        counts_E, total = both[:-1], both[-1]
+    f_E = counts_E / total.clamp(min=1.0)
     p_E = probs_NE.mean(0)
     return n_active * (f_E * p_E).sum()
 

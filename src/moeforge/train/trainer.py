@@ -1,0 +1,485 @@
+"""The training loop: LM + MoE aux losses, eval, checkpoint/resume, routing metrics, collapse, ghosts.
+
+One optimizer step = ``grad_accum`` micro-batches of ``micro_batch`` sequences per process. Per step:
+learning rate from the schedule (a pure function of the step) → forward/backward of each micro-batch
+with ``loss = LM + lb_coef·LB + z_coef·Z`` (the model's ``aux_loss``) → grad clipping → AdamW step
+(ghost rows blended by their α) → router step (noise annealing, aux-free bias) → ghost controller.
+Every ``log_every`` steps the routing statistics gathered since the last log go to ``metrics.jsonl``
+and to the collapse detector; every ``eval.every`` steps the validation split is evaluated overall
+and per domain; every ``checkpoint_every`` steps (and at the end) a checkpoint is written.
+
+Determinism: a seed fixes the initialization, the data order (the loader is a pure function of seed,
+epoch and position) and the router noise (torch's generator, saved in checkpoints). On CPU a run
+killed at any point and resumed from its last checkpoint produces the same losses and weights, bit for
+bit, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moeforge.io import atomic_write_json, atomic_write_text
+from moeforge.model.config import ModelConfig
+from moeforge.model.sizing import count_params, flops_per_token
+from moeforge.model.transformer import MoETransformer
+from moeforge.tokens.loader import TokenDataset, TokenLoader, build_batch
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.collapse import CollapseDetector
+from moeforge.train.config import TrainConfig, resolve_model
+from moeforge.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum_tensor, barrier, wrap_model
+from moeforge.train.ghost import GhostController
+from moeforge.train.guard import check_resources
+from moeforge.train.metrics import MetricsWriter, RoutingAccumulator, Throughput, measure_peak_flops, mfu
+from moeforge.train.optim import build_optimizer, lr_at, set_lr
+
+__all__ = ["TrainResult", "Trainer", "eval_batches", "evaluate", "prepare_tokens"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    status: str  # "completed" | "collapsed" | "stopped"
+    final_valid: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    collapse_events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None) -> Path:
+    """The tokenized directory for ``cfg.data``: given, or built (on rank 0) through the token cache."""
+    if cfg.data.tokens is not None:
+        return Path(cfg.data.tokens)
+    from moeforge.tokens.tokenize import tokenize_run
+
+    assert cfg.data.run is not None and cfg.data.tokenizer is not None
+
+    def build() -> Path:
+        return tokenize_run(
+            cfg.data.run,
+            cfg.data.tokenizer,
+            seq_len=cfg.data.seq_len,
+            mode=cfg.data.mode,
+            cache_root=cfg.data.cache_dir,
+            max_records=cfg.data.max_records,
+        ).path
+
+    if info is None or not info.enabled:
+        return build()
+    path = build() if info.is_main else None
+    barrier(info)
+    return path if path is not None else build()  # a cache hit on the other ranks
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"labels_BT": batch["labels"].to(device)}
+    if document:
+        kw["doc_ids_BT"] = batch["doc_ids"].to(device)
+        kw["positions_BT"] = batch["positions"].to(device)
+    return kw
+
+
+def eval_batches(
+    ds: TokenDataset, batch_size: int, *, max_batches: int | None = None, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of an evaluation pass over ``ds``: every sample, or with ``max_batches`` an evenly
+    spaced subset of ``max_batches × batch_size × world_size`` samples (samples are stored domain by
+    domain, so taking the first ones would evaluate one domain only). Deterministic."""
+    n = len(ds)
+    if max_batches is not None and max_batches * batch_size * world_size < n:
+        idx = np.linspace(0, n - 1, max_batches * batch_size * world_size).round().astype(np.int64)
+    else:
+        idx = np.arange(n, dtype=np.int64)
+    mine = idx[rank::world_size]
+    for a in range(0, len(mine), batch_size):
+        part = mine[a : a + batch_size]
+        yield build_batch([ds], np.zeros(len(part), np.int64), part, ds.seq_len)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoETransformer,
+    batches: Iterable[dict[str, torch.Tensor]],
+    domains: list[str],
+    *,
+    device: torch.device,
+    precision: str = "auto",
+    document: bool = True,
+    info: DistInfo | None = None,
+) -> dict[str, float]:
+    """Token-weighted loss and perplexity over ``batches``, overall and per domain (``loss``, ``ppl``,
+    ``loss/<domain>``, ``ppl/<domain>``, ``tokens``). Eval forwards change nothing: the model is in eval
+    mode (no router noise, no aux-free bias or ghost updates)."""
+    was_training = model.training
+    model.eval()
+    n_dom = len(domains)
+    sums = torch.zeros(n_dom, dtype=torch.float64)
+    counts = torch.zeros(n_dom, dtype=torch.float64)
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        with _autocast(device, precision):
+            kw = _model_inputs(batch, device, document)
+            labels = kw.pop("labels_BT")
+            out = model(ids, **kw)
+        tok_loss = F.cross_entropy(
+            out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # [B, T]
+        valid = (labels != -100).to(torch.float64)
+        per_row = (tok_loss.double() * valid).sum(1).cpu()
+        per_row_n = valid.sum(1).cpu()
+        dom = batch["domain"].long()
+        sums.index_add_(0, dom, per_row)
+        counts.index_add_(0, dom, per_row_n)
+    if info is not None:
+        sums = all_reduce_sum_tensor(sums, info).cpu()
+        counts = all_reduce_sum_tensor(counts, info).cpu()
+    model.train(was_training)
+    total_n = float(counts.sum())
+    res: dict[str, float] = {"tokens": total_n}
+    if total_n > 0:
+        loss = float(sums.sum()) / total_n
+        res.update(loss=loss, ppl=math.exp(min(loss, 50.0)))
+    for d, name in enumerate(domains):
+        if counts[d] > 0:
+            dl = float(sums[d] / counts[d])
+            res[f"loss/{name}"] = dl
+            res[f"ppl/{name}"] = math.exp(min(dl, 50.0))
+    return res
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs it; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.run_dir = Path(cfg.out_dir)
+        self.document = cfg.data.attention == "document"
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+
+        tokens = prepare_tokens(cfg, info)
+        self.tokens_dir = tokens
+        self.train_ds = TokenDataset(tokens, "train")
+        self.valid_ds = _optional_split(tokens, "valid")
+        self.test_ds = _optional_split(tokens, "test")
+        vocab = int(json.loads((tokens / "manifest.json").read_text())["tokenizer"]["vocab_size"])
+        self.model_cfg: ModelConfig = resolve_model(cfg, vocab)
+        dtype = (
+            "bfloat16"
+            if (cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"))
+            else "float32"
+        )
+        self.resources = check_resources(
+            self.model_cfg,
+            micro_batch=cfg.micro_batch,
+            seq_len=cfg.data.seq_len,
+            device=self.device,
+            dtype=dtype,
+            shard_over=info.world_size if cfg.distributed == "fsdp" else 1,
+        )
+
+        torch.manual_seed(cfg.seed)
+        self.model = MoETransformer(self.model_cfg).to(self.device)
+        self.ghost = GhostController(self.model, cfg.ghost)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.collapse = CollapseDetector.from_config(cfg.collapse)
+        self.loader = TokenLoader(
+            self.train_ds,
+            batch_size=cfg.micro_batch,
+            seed=cfg.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_valid: float | None = None
+        self.history: list[dict[str, Any]] = []
+        if cfg.init_from and not resume:
+            ckpt.load_checkpoint(Path(cfg.init_from), self.model, None, restore_rng_state=False)
+        latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if resume and latest is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", self.run_dir)
+        if latest is not None:
+            self._restore(latest)
+        self.ddp_model = wrap_model(self.model, info, cfg.distributed)
+        if cfg.compile:
+            self.ddp_model = torch.compile(self.ddp_model)  # type: ignore[assignment]
+        # a resumed run drops the log lines after its checkpoint (they are trained again); a fresh one
+        # starts an empty log
+        self.writer = MetricsWriter(
+            self.run_dir,
+            tensorboard=cfg.tensorboard,
+            rank=info.rank,
+            truncate_after_step=self.step if resume else -1,
+        )
+        self.routing = RoutingAccumulator()
+        self.throughput = Throughput()
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)["training"]
+        self.peak = cfg.peak_flops
+        if info.is_main:
+            self._write_config()
+
+    # ---- setup helpers ---------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {
+            "train": self.cfg.model_dump(mode="json"),
+            "model": self.model_cfg.model_dump(mode="json"),
+            "tokens": str(self.tokens_dir),
+            "world_size": self.info.world_size,
+        }
+        atomic_write_json(self.run_dir / "config.json", resolved)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "best_valid": self.best_valid,
+            "loader": self.loader.state_dict(),
+            "collapse": self.collapse.state_dict(),
+            "ghost": self.ghost.state_dict(),
+            "config": self.cfg.model_dump(mode="json"),
+            "model_config": self.model_cfg.model_dump(mode="json"),
+            "world_size": self.info.world_size,
+        }
+
+    def _restore(self, path: Path) -> None:
+        c = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        s = c.state
+        if s.get("world_size", 1) != self.info.world_size:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run with {s.get('world_size')} processes; resume with the same number"
+            )
+        self.step = c.step
+        self.tokens_seen = int(s["tokens_seen"])
+        self.best_valid = s.get("best_valid")
+        self.loader.load_state_dict(s["loader"])
+        self.collapse.load_state_dict(s["collapse"])
+        self.ghost.load_state_dict(s["ghost"])
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def save(self, metric: float | None = None) -> Path | None:
+        barrier(self.info)
+        if not self.info.is_main:
+            return None
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            step=self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=self._state(),
+            keep_last=self.cfg.keep_last,
+            metric=metric,
+        )
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for i in range(self.cfg.grad_accum):
+            yield i, self.loader.next_batch()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns the step's scalars."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim, cfg.steps)
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        lm_sum = aux_sum = 0.0
+        tokens = 0
+        for i, batch in self._micro_batches():
+            last = i == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.info.enabled else self.ddp_model.no_sync()  # type: ignore[operator]
+            with sync:
+                ids = batch["input_ids"].to(self.device)
+                with _autocast(self.device, cfg.precision):
+                    out = self.ddp_model(ids, **_model_inputs(batch, self.device, self.document))
+                loss = out.loss
+                assert loss is not None
+                total = loss + out.aux_loss if out.aux_loss is not None else loss
+                (total / cfg.grad_accum).backward()
+            lm_sum += float(loss.detach())
+            aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+            tokens += int(ids.numel())
+            self.routing.add(out.moe_stats)
+            self.ghost.observe(self.step, out.moe_stats)
+        grad_norm = float("nan")
+        if cfg.optim.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+        with self.ghost.scaled_updates():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.info.enabled:  # every rank must move its aux-free biases by the same global loads
+            for layer in self.model.moe_layers():
+                layer.router.load_since_step.copy_(
+                    all_reduce_sum_tensor(layer.router.load_since_step, self.info)
+                )
+        self.model.router_step()
+        ghost_events = self.ghost.step(self.step)
+        self.step += 1
+        global_tokens = tokens * self.info.world_size
+        self.tokens_seen += global_tokens
+        self.throughput.update(global_tokens)
+        out_scalars = {
+            "loss": lm_sum / cfg.grad_accum,
+            "aux_loss": aux_sum / cfg.grad_accum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_seen": float(self.tokens_seen),
+        }
+        for e in ghost_events:
+            self.writer.write(
+                self.step,
+                "event",
+                {"ghost": e.kind, "layer": e.layer, "slot": e.slot, "saturation": e.saturation},
+            )
+        return out_scalars
+
+    def run(
+        self, progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> TrainResult:
+        cfg = self.cfg
+        if self.peak is None and self.info.is_main:
+            self.peak = measure_peak_flops(self.device)
+        status = "completed"
+        valid: dict[str, float] = {}
+        window: list[dict[str, float]] = []
+        self.ddp_model.train()
+        while self.step < cfg.steps:
+            scalars = self.train_step()
+            window.append(scalars)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(window)
+                window = []
+                if self.collapse.should_stop:
+                    status = "collapsed"
+            if self.valid_ds is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                valid = self._eval(self.valid_ds, "valid", cfg.eval.max_batches)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or status != "completed":
+                self.save(metric=valid.get("loss") if valid and self.step % cfg.eval.every == 0 else None)
+            if progress is not None:
+                progress(self.step, cfg.steps, scalars)
+            if status != "completed":
+                break
+            if should_stop is not None and should_stop():
+                status = "stopped"
+                self.save()
+                break
+        test: dict[str, float] = {}
+        if status == "completed" and cfg.eval.test_at_end and self.test_ds is not None:
+            test = self._eval(self.test_ds, "test", None)
+        result = TrainResult(
+            self.run_dir, self.step, status, valid, test, [e.__dict__ for e in self.collapse.events]
+        )
+        if self.info.is_main:
+            self._write_summary(result)
+        self.writer.close()
+        return result
+
+    def _eval(self, ds: TokenDataset, split: str, max_batches: int | None) -> dict[str, float]:
+        batches = eval_batches(
+            ds,
+            self.cfg.micro_batch,
+            max_batches=max_batches,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        res = evaluate(
+            self.model,
+            batches,
+            ds.domains,
+            device=self.device,
+            precision=self.cfg.precision,
+            document=self.document,
+            info=self.info,
+        )
+        if split == "valid" and "loss" in res and (self.best_valid is None or res["loss"] < self.best_valid):
+            self.best_valid = res["loss"]
+        self.writer.write(self.step, split, res)
+        if self.info.is_main:
+            log.info(
+                "step %d %s loss %.4f ppl %.2f",
+                self.step,
+                split,
+                res.get("loss", float("nan")),
+                res.get("ppl", float("nan")),
+            )
+        return res
+
+    def _log(self, window: list[dict[str, float]]) -> None:
+        agg = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "aux_loss", "grad_norm")}
+        agg["loss"] = all_reduce_mean(agg["loss"], self.info)
+        last = window[-1]
+        tps = self.throughput.tokens_per_s
+        values: dict[str, Any] = {
+            **agg,
+            "lr": last["lr"],
+            "tokens_seen": last["tokens_seen"],
+            "tokens_per_s": tps,
+        }
+        if self.peak:
+            values["mfu"] = mfu(tps / max(self.info.world_size, 1), self.flops_per_token, self.peak)
+        if self.model.moe_layers():
+            self.routing.all_reduce()  # global loads, so every rank's collapse detector agrees
+            values.update(self.routing.summary(self.model))
+            events = self.collapse.check(self.step, self.routing.load_fractions())
+            for e in events:
+                self.writer.write(
+                    self.step,
+                    "event",
+                    {"collapse": True, **{k: v for k, v in e.__dict__.items() if k != "step"}},
+                )
+        values.update(self.ghost.metrics())
+        self.routing.reset()
+        self.writer.write(self.step, "train", values)
+        self.history.append(
+            {"step": self.step, **{k: v for k, v in values.items() if isinstance(v, float | int)}}
+        )
+
+    def _write_summary(self, result: TrainResult) -> None:
+        p = count_params(self.model_cfg)
+        summary = {
+            "name": self.cfg.name,
+            "status": result.status,
+            "steps": result.steps,
+            "tokens_seen": self.tokens_seen,
+            "params_total": p.total,
+            "params_active": p.active,
+            "best_valid_loss": self.best_valid,
+            "final_valid": result.final_valid,
+            "test": result.test,
+            "collapse_events": result.collapse_events,
+            "ghost_events": [e.__dict__ for e in self.ghost.events],
+            "tokens_dir": str(self.tokens_dir),
+        }
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _optional_split(tokens: Path, split: str) -> TokenDataset | None:
+    m = json.loads((tokens / "manifest.json").read_text())
+    s = (m.get("splits") or {}).get(split)
+    if not s or not s.get("samples"):
+        return None
+    return TokenDataset(tokens, split)
