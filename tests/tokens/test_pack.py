@@ -209,3 +209,24 @@ def test_tokenize_is_deterministic_and_writes_a_manifest(
     assert b.manifest == m
     with pytest.raises(FileExistsError):
         tokenize_run(token_run, token_tokenizer, seq_len=128, out=tmp_path / "a")
+
+
+def test_a_chat_one_newline_too_long_is_kept_without_the_newline(token_tokenizer: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(token_tokenizer)
+    for k in range(1, 200):
+        msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " x" * k}]
+        if len(tok.encode(render_chat(msgs)).ids) == 66:
+            break
+    else:
+        pytest.skip("no chat of exactly 66 tokens with this tokenizer")
+    rec = {"id": "r", "messages": msgs, "text": None, "meta": {"domain": "math"}}
+    stats, shard = _pack([rec], token_tokenizer, tmp_path, seq_len=64, mode="sft")
+    assert (stats.samples, stats.truncated, stats.dropped_too_long) == (1, 1, 0)
+    ids, mask = _segments(shard, 0)[0]
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == render_chat(msgs)[:-1]  # all but the "\n"
+    assert mask is not None and int(mask[-1]) == 1
+
+
+def test_the_tokenizer_learns_role_headers_as_single_tokens(token_tokenizer: Path) -> None:
+    tok = load_tokenizer(token_tokenizer)
+    assert tok.encode("<|im_start|>assistant\n").tokens[:2] == ["<|im_start|>", "assistant"]

@@ -320,7 +320,7 @@ class _Packer:
     def _chat_mask(self, ids: np.ndarray, chat: list[dict[str, str]]) -> tuple[np.ndarray, list[int]] | None:
         """Mask from the token ids alone: the i-th ``<|im_start|>`` opens turn i; an assistant turn is
         trained from the token after its header's newline through its ``<|im_end|>``. Cut points: after
-        the newline that follows each assistant ``<|im_end|>``."""
+        each assistant ``<|im_end|>`` and after the newline that follows it."""
         starts = np.flatnonzero(ids == self.im_start)
         ends = np.flatnonzero(ids == self.im_end)
         if starts.size != len(chat) or ends.size != len(chat):
@@ -334,7 +334,7 @@ class _Packer:
             if nl.size == 0:
                 return None
             mask[a + 2 + int(nl[0]) : b + 1] = 1
-            cuts.append(min(b + 2, ids.size))
+            cuts += [b + 1, min(b + 2, ids.size)]  # after <|im_end|>, or after its (untrained) newline
         return mask, cuts
 
     def _chat_mask_by_offsets(self, text: str, chat: list[dict[str, str]]) -> tuple[np.ndarray, list[int]]:
@@ -343,8 +343,8 @@ class _Packer:
         starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.ids))
         bounds = np.asarray([c for sp in spans for c in sp], dtype=np.int64)
         mask = (np.searchsorted(bounds, starts, side="right") % 2 == 1).astype(np.uint8)
-        cuts = np.searchsorted(starts, np.asarray(ends, dtype=np.int64), side="left").tolist()
-        return mask, [int(c) for c in cuts]
+        after_nl = np.searchsorted(starts, np.asarray(ends, dtype=np.int64), side="left")
+        return mask, sorted({int(c) for c in after_nl} | {int(c) - 1 for c in after_nl})
 
     def finish_sft(self) -> None:
         for dom in sorted(self.sft_docs):

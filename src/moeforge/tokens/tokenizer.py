@@ -26,6 +26,7 @@ from pydantic import Field
 from moeforge.config import StrictModel
 from moeforge.data.pii import PII_TYPES
 from moeforge.data.store import iter_lines
+from moeforge.tokens.pack import render_chat
 from moeforge.io import atomic_write_text
 
 __all__ = [
@@ -86,8 +87,8 @@ def _train_texts(run_dir: Path) -> Iterator[str]:
             obj = json.loads(line)
             if obj.get("text") is not None:
                 yield obj["text"]
-            else:
-                yield "\n".join(m["content"] for m in obj["messages"])
+            else:  # rendered as the model will see them, so role headers become single tokens
+                yield render_chat(obj["messages"])
 
 
 def _config_json(specials: list[str]) -> dict[str, Any]:
