@@ -116,6 +116,12 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.length += t
 
+    def keep_rows(self, index_B: torch.Tensor) -> None:
+        """Keep only the batch rows in ``index_B`` (in that order): a decode batch drops its finished
+        sequences so they stop costing attention and memory."""
+        self.k = [k.index_select(0, index_B) for k in self.k]
+        self.v = [v.index_select(0, index_B) for v in self.v]
+
 
 def build_attention_mask(
     t_new: int,

@@ -119,6 +119,7 @@ class MoETransformer(nn.Module):
         doc_ids_BT: torch.Tensor | None = None,
         positions_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        key_padding_BS: torch.Tensor | None = None,
         ignore_index: int = -100,
     ) -> ModelOutput:
         """Logits ``[B, T, V]``; with ``labels`` (already shifted: ``labels[t]`` is the target at ``t``),
@@ -126,13 +127,16 @@ class MoETransformer(nn.Module):
 
         ``doc_ids`` limits attention to each packed document; ``positions`` overrides RoPE positions
         (default: ``cache.length + arange(T)``); ``cache`` enables incremental decoding.
+        ``key_padding`` ``[B, cache.length + T]`` (False = padding) hides padded key slots, e.g. the left
+        padding of a decode batch whose prompts differ in length. A query that sees nothing but padding
+        gets NaN from SDPA, so padding is for keys only: prefill each prompt unpadded.
         """
         B, T = input_ids_BT.shape
         past = cache.length if cache is not None else 0
         if positions_BT is None:
             positions_BT = torch.arange(past, past + T, device=input_ids_BT.device).expand(B, T)
         cos_sin = self.rope(positions_BT)
-        mask = build_attention_mask(T, past, doc_ids_BT, device=input_ids_BT.device)
+        mask = build_attention_mask(T, past, doc_ids_BT, key_padding_BS, device=input_ids_BT.device)
 
         x = self.embed(input_ids_BT)
         stats: dict[int, MoEStats] = {}
