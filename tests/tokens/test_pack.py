@@ -211,7 +211,9 @@ def test_tokenize_is_deterministic_and_writes_a_manifest(
         tokenize_run(token_run, token_tokenizer, seq_len=128, out=tmp_path / "a")
 
 
-def test_a_chat_one_newline_too_long_is_kept_without_the_newline(token_tokenizer: Path, tmp_path: Path) -> None:
+def test_a_chat_one_newline_too_long_is_kept_without_the_newline(
+    token_tokenizer: Path, tmp_path: Path
+) -> None:
     tok = load_tokenizer(token_tokenizer)
     for k in range(1, 200):
         msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " x" * k}]

@@ -26,8 +26,8 @@ from pydantic import Field
 from moeforge.config import StrictModel
 from moeforge.data.pii import PII_TYPES
 from moeforge.data.store import iter_lines
-from moeforge.tokens.pack import render_chat
 from moeforge.io import atomic_write_text
+from moeforge.tokens.pack import render_chat
 
 __all__ = [
     "CHAT_TEMPLATE",
