@@ -46,11 +46,9 @@ bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/langid.py
 	$(PY) benchmarks/decontam.py --quick
 
+# The whole flow on built-in data (no downloads): data → tokenizer → shards → train → eval → charts.
 demo: setup
-	$(VENV)/bin/moeforge data run configs/data/demo.yaml --out runs/demo
-	$(VENV)/bin/moeforge data verify runs/demo
-	$(VENV)/bin/moeforge model info tiny
-	$(VENV)/bin/moeforge model info oracle-850b
+	$(VENV)/bin/moeforge demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

@@ -15,6 +15,8 @@ from rich.markup import escape
 
 from moeforge import __version__
 from moeforge.cli import data as data_cli
+from moeforge.cli import demo as demo_cli
+from moeforge.cli import export as export_cli
 from moeforge.cli import model as model_cli
 from moeforge.cli import tokenizer as tokenizer_cli
 from moeforge.cli import train as train_cli
@@ -31,6 +33,8 @@ app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command("train")(train_cli.train)
+app.command("demo")(demo_cli.demo)
+app.add_typer(export_cli.app, name="export")
 
 err_console = Console(stderr=True)
 

@@ -1,7 +1,8 @@
 """`moeforge data tokenize`: a pipeline run → packed, indexed token shards per split, with a manifest.
 
 The output directory holds ``{split}.bin`` / ``.idx`` (Megatron indexed dataset), ``{split}.mask`` (SFT
-loss mask) and ``{split}.dom`` (domain id per sample) for each split, and ``manifest.json``:
+loss mask) and ``{split}.dom`` (domain id per sample) for each split, a copy of the tokenizer's files in
+``tokenizer/`` (so whatever trains on the tokens can decode them), and ``manifest.json``:
 
 ```
 {"format": "moeforge.tokens/1", "fingerprint": …, "name": …, "seq_len": …, "mode": "pretrain"|"sft",
@@ -17,6 +18,7 @@ the same inputs is a hit that does no work.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,11 +31,11 @@ from typing import Any
 from moeforge import __version__
 from moeforge.data.manifest import load_manifest
 from moeforge.data.store import iter_lines
-from moeforge.io import atomic_directory, atomic_write_text, sha256_file
+from moeforge.io import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_file
 from moeforge.tokens import cache as token_cache
 from moeforge.tokens.pack import PackMode, PackStats, pack_records, records_in
 from moeforge.tokens.shards import IndexedShardWriter, token_dtype
-from moeforge.tokens.tokenizer import load_tokenizer, token_ids, tokenizer_sha256
+from moeforge.tokens.tokenizer import load_tokenizer, token_ids, tokenizer_files, tokenizer_sha256
 
 __all__ = ["FORMAT_VERSION", "SPLITS", "TokenizeResult", "dataset_label", "tokenize_run"]
 
@@ -158,6 +160,16 @@ def tokenize_run(
                 stats.tokens,
                 100 * stats.efficiency,
             )
+        # the tokenizer travels with its tokens, so a run, checkpoint or export can always find it
+        tok_files: dict[str, Any] = {}
+        (target / "tokenizer").mkdir(exist_ok=True)
+        sources = tokenizer_files(tokenizer)
+        if (sources[0].parent / "tokenizer_config.json").is_file():  # the chat template
+            sources.append(sources[0].parent / "tokenizer_config.json")
+        for f in sources:
+            data = f.read_bytes()
+            atomic_write_bytes(target / "tokenizer" / f.name, data)
+            tok_files[f.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         out_manifest = {
             "format": FORMAT_VERSION,
             "fingerprint": fp,
@@ -174,6 +186,7 @@ def tokenize_run(
                 "eos_id": eos_id,
                 "pad_id": pad_id,
                 "dtype": str(dtype),
+                "files": tok_files,
             },
             "domains": domains,
             "splits": split_info,

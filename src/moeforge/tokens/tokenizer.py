@@ -36,6 +36,7 @@ __all__ = [
     "load_tokenizer",
     "special_tokens",
     "token_ids",
+    "tokenizer_files",
     "tokenizer_sha256",
     "train_tokenizer",
     "verify_tokenizer",
@@ -142,7 +143,7 @@ def train_tokenizer(
     return out
 
 
-def _tokenizer_files(path: str | os.PathLike[str]) -> list[Path]:
+def tokenizer_files(path: str | os.PathLike[str]) -> list[Path]:
     """The files that define the tokenizer in ``path``: ``tokenizer.json``, or GPT-2's ``vocab.json`` +
     ``merges.txt``."""
     p = Path(path)
@@ -172,7 +173,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     except ImportError as exc:
         raise TokenizerError("loading a tokenizer needs the [hf] extra: pip install 'moeforge[hf]'") from exc
 
-    files = _tokenizer_files(path)
+    files = tokenizer_files(path)
     try:
         if len(files) == 1:
             return Tokenizer.from_file(str(files[0]))
@@ -188,7 +189,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 def tokenizer_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 over the bytes of the files that define the tokenizer (changes whenever it does)."""
     h = hashlib.sha256()
-    for f in _tokenizer_files(path):
+    for f in tokenizer_files(path):
         h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeforge.io import atomic_write_json, atomic_write_text
+from moeforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.model.transformer import MoETransformer
@@ -247,6 +247,10 @@ class Trainer:
     # ---- setup helpers ---------------------------------------------------------------------------------
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        tok_src = self.tokens_dir / "tokenizer"
+        if tok_src.is_dir():  # the run carries its tokenizer: checkpoints can be served and exported alone
+            for f in sorted(tok_src.iterdir()):
+                atomic_write_bytes(self.run_dir / "tokenizer" / f.name, f.read_bytes())
         resolved = {
             "train": self.cfg.model_dump(mode="json"),
             "model": self.model_cfg.model_dump(mode="json"),

@@ -1,0 +1,1 @@
+"""Evaluation: routing analysis (expert × domain affinity), plots, and the experiments."""

@@ -1,0 +1,266 @@
+"""`moeforge export hf|hub`: a trainer checkpoint → a Hugging Face model directory, and its upload.
+
+The directory holds everything ``transformers`` needs offline — ``config.json``, the weights
+(``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` above
+``max_shard_bytes``, 5 GB by default), ``tokenizer.json`` + ``tokenizer_config.json`` with the ChatML
+chat template, ``generation_config.json`` (stop on ``<|im_end|>`` and ``<|endoftext|>``) — and a model
+card ``README.md``: architecture, total and active parameters, the training data (the token manifest's
+fingerprint and the pipeline manifest's sha256), training and evaluation figures from the run's
+``summary.json``, intended use and limitations. The layout (Mixtral, Qwen2-MoE or Llama) and what it
+cannot represent are decided by :mod:`moeforge.model.hf`, which refuses rather than export something
+that computes differently (e.g. ghost experts caught half-awake).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moeforge.io import atomic_directory
+from moeforge.model.hf import hf_layout, to_hf_state_dict
+from moeforge.model.sizing import count_params
+
+__all__ = ["ExportError", "export_checkpoint", "save_sharded", "upload_to_hub"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 5_000_000_000
+
+
+class ExportError(ValueError):
+    """The export or upload cannot be done as asked; the message says why and what to do."""
+
+
+def save_sharded(
+    state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> list[str]:
+    """Write ``state`` as one ``model.safetensors`` or, when larger than ``max_shard_bytes``, as numbered
+    shards (filled in key order) plus ``model.safetensors.index.json``. Returns the file names."""
+    meta = {"format": "pt", "producer": "moeforge"}
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    total = sum(sizes.values())
+    if total <= max_shard_bytes:
+        save_file(state, str(out / "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for k in sorted(state):
+        if shards[-1] and filled + sizes[k] > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(k)
+        filled += sizes[k]
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    names = []
+    for i, keys in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(out / name), metadata=meta)
+        weight_map.update(dict.fromkeys(keys, name))
+        names.append(name)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, "model.safetensors.index.json"]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _run_dir(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def export_checkpoint(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    layout: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Export the checkpoint at ``path`` (a checkpoint or run directory) into ``out``; atomic."""
+    from moeforge.model.hf import ExportError as LayoutError
+    from moeforge.serve.engine import Engine, EngineError, _find_tokenizer
+    from moeforge.train.checkpoint import latest_checkpoint
+
+    p = Path(path).resolve()
+    ckpt = p if (p / "model.safetensors").is_file() else (latest_checkpoint(p) if p.is_dir() else None)
+    if ckpt is None:
+        raise ExportError(f"{path}: no checkpoint here (a run directory or checkpoints/step-… directory)")
+    try:
+        engine = Engine.from_checkpoint(ckpt)
+    except EngineError as exc:
+        raise ExportError(str(exc)) from exc
+    model = engine.model.eval()
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    tok_dir = _find_tokenizer(ckpt, state)
+    if tok_dir is None or not (Path(tok_dir) / "tokenizer_config.json").is_file():
+        raise ExportError(
+            f"{ckpt}: no tokenizer (tokenizer.json + tokenizer_config.json) in the run; an export without "
+            "one is not usable — train from `moeforge data tokenize` output, which carries its tokenizer"
+        )
+    try:
+        chosen = layout or hf_layout(model.cfg)
+        weights, hf_cfg = to_hf_state_dict(model, chosen)
+    except LayoutError as exc:
+        raise ExportError(str(exc)) from exc
+    tok = engine.tokenizer
+    eos = [i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")) if i is not None]
+    pad = tok.token_to_id("<|pad|>")
+    hf_cfg.update({"eos_token_id": eos[-1] if eos else None, "pad_token_id": pad, "bos_token_id": None})
+    gen = {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": None, "do_sample": False}
+    run = _run_dir(ckpt)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        files = save_sharded(weights, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp / name).write_bytes((Path(tok_dir) / name).read_bytes())
+        card = model_card(model.cfg, chosen, state, run)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    log.info("exported %s as %s (%s) → %s", ckpt, chosen, ", ".join(files), out)
+    return Path(out)
+
+
+def model_card(cfg: Any, layout: str, state: dict[str, Any], run: Path) -> str:
+    """The README.md of an export: what the model is, what it was trained on, how it scores, its limits."""
+    p = count_params(cfg)
+    summary = _read_json(run / "summary.json") or {}
+    train_cfg = state.get("config") or {}
+    tokens_dir = Path((_read_json(run / "config.json") or {}).get("tokens", ""))
+    tokens = _read_json(tokens_dir / "manifest.json") if tokens_dir.name else None
+    moe = cfg.moe
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [moeforge, mixture-of-experts]" if moe else "tags: [moeforge]",
+        "---",
+        "",
+        f"# {train_cfg.get('name') or cfg.name}",
+        "",
+        f"A {'Mixture-of-Experts' if moe else 'dense'} decoder-only language model trained with "
+        "moeforge and exported in the "
+        f"`{layout}` layout (`transformers.AutoModelForCausalLM` loads it).",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {p.total:,} total, {p.active:,} active per token |",
+        f"| layers × width | {cfg.n_layers} × {cfg.d_model} ({cfg.n_heads} heads, {cfg.kv_heads} key/value heads) |",
+        f"| vocabulary / context | {cfg.vocab_size:,} / {cfg.max_seq_len:,} tokens |",
+    ]
+    if moe:
+        lines.append(
+            f"| experts | {moe.num_experts} routed, top-{moe.top_k}, expert hidden {moe.expert_hidden}"
+            + (f", {moe.num_shared_experts} shared" if moe.num_shared_experts else "")
+            + f", in layers {cfg.moe_layer_indices} |"
+        )
+    lines += ["", "## Training data", ""]
+    if tokens:
+        src = tokens.get("source") or {}
+        lines.append(
+            f"Dataset `{src.get('name')}` (pipeline manifest sha256 `{src.get('manifest_sha256')}`), "
+            f"tokenized as `{tokens.get('mode')}` blocks of {tokens.get('seq_len')} tokens (token manifest "
+            f"fingerprint `{tokens.get('fingerprint')}`, tokenizer sha256 `{(tokens.get('tokenizer') or {}).get('sha256')}`)."
+        )
+        lines += ["", "| split | samples | tokens |", "|---|---|---|"]
+        for split, s in (tokens.get("splits") or {}).items():
+            lines.append(f"| {split} | {s.get('samples', 0):,} | {s.get('tokens', 0):,} |")
+        lines.append(f"\nDomains: {', '.join(tokens.get('domains') or [])}.")
+    else:
+        lines.append("The token manifest of the training run was not found; the data is undocumented here.")
+    lines += ["", "## Training", ""]
+    if summary:
+        lines.append(
+            f"{summary.get('steps')} optimizer steps, {summary.get('tokens_seen', 0):,} tokens, status "
+            f"`{summary.get('status')}`; collapse events: {len(summary.get('collapse_events') or [])}."
+        )
+    lines += ["", "## Evaluation", ""]
+    for split in ("final_valid", "test"):
+        res = summary.get(split) or {}
+        if res.get("loss") is not None:
+            per = ", ".join(
+                f"{k.split('/', 1)[1]} {v:.4f}" for k, v in sorted(res.items()) if k.startswith("loss/")
+            )
+            lines.append(
+                f"- {split.replace('final_', '')}: loss {res['loss']:.4f} (perplexity {res['ppl']:.2f})"
+                + (f"; per domain: {per}" if per else "")
+            )
+    if not any((summary.get(s) or {}).get("loss") is not None for s in ("final_valid", "test")):
+        lines.append("No evaluation results were recorded for this run.")
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "Research and education: studying routing, expert specialization and training dynamics of small "
+        "MoE models, and testing serving stacks. Chats use ChatML (`<|im_start|>role\\n…<|im_end|>`); the "
+        "tokenizer's `chat_template` renders it.",
+        "",
+        "## Limitations",
+        "",
+        "- A small model trained on a small corpus: it produces fluent-looking but unreliable text and must "
+        "not be used for decisions, facts or advice.",
+        "- It inherits the biases and gaps of its training data (see the manifest above).",
+        "- Capacity-factor token dropping and aux-free routing biases have no representation in the "
+        "exported format; the export is dropless.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'tok = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def upload_to_hub(
+    directory: str | os.PathLike[str],
+    repo: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    dry_run: bool = False,
+) -> list[tuple[str, int]]:
+    """Upload an export directory to the Hugging Face Hub as model repo ``repo``. Returns the files
+    (name, bytes) uploaded — or, with ``dry_run``, that would be. Fails clearly without a token or
+    network."""
+    d = Path(directory)
+    if not (d / "config.json").is_file() or not any(d.glob("model*.safetensors")):
+        raise ExportError(
+            f"{d}: not an export (needs config.json and model*.safetensors); run `moeforge export hf`"
+        )
+    files = sorted((f.name, f.stat().st_size) for f in d.iterdir() if f.is_file())
+    if "/" not in repo or repo.count("/") != 1:
+        raise ExportError(f"--repo must be OWNER/NAME, got {repo!r}")
+    if dry_run:
+        return files
+    try:
+        from huggingface_hub import HfApi, get_token
+    except ImportError as exc:
+        raise ExportError("uploading needs huggingface_hub: pip install 'moeforge[hf]'") from exc
+    tok = token or os.environ.get("HF_TOKEN") or get_token()
+    if not tok:
+        raise ExportError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
+    api = HfApi(token=tok)
+    try:
+        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(d), repo_id=repo, repo_type="model")
+    except Exception as exc:  # huggingface_hub raises HTTP and connection errors of many types
+        raise ExportError(f"upload to {repo} failed: {exc.__class__.__name__}: {exc}") from exc
+    return files
