@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,15 +48,22 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(make_con
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    r = subprocess.run(
+    # its own session, so a hung rendezvous can be killed with every rank it started
+    proc = subprocess.Popen(
         [*cmd, "-m", "moeforge.train", str(cfg)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        check=False,
-        timeout=240,
+        start_new_session=True,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
 
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 9))

@@ -146,12 +146,14 @@ class MoELayer(nn.Module):
         active = self.num_experts + int((self.ghost_alpha > 0).sum().item())
         return max(1, math.ceil(self.cfg.capacity_factor * n_tokens * self.top_k / active))
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BTD: torch.Tensor, *, stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
+        """Output and routing statistics; ``stats=False`` (generation) skips the losses and statistics
+        and returns None for them — the output is the same."""
         shape = x_BTD.shape
         x_ND = x_BTD.reshape(-1, shape[-1])
         n = x_ND.shape[0]
         ghost_alpha = self.ghost_alpha if self.num_ghost else None
-        r: RouterOutput = self.router(x_ND, ghost_alpha)
+        r: RouterOutput = self.router(x_ND, ghost_alpha, losses=stats)
 
         order_A, counts_E, dropped = sort_assignments(r.indices, self.w13.shape[0], self.capacity(n))
         token_A = order_A % n
@@ -182,10 +184,12 @@ class MoELayer(nn.Module):
                 s_ND = torch.sigmoid(self.shared_gate(x_ND)) * s_ND
             out_ND = out_ND + s_ND
 
+        if not stats:
+            return out_ND.view(shape), None
         with torch.no_grad():
             p = r.probs
             entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
-        stats = MoEStats(
+        result = MoEStats(
             lb_loss=r.lb_loss,
             z_loss=r.z_loss,
             tokens_per_expert=counts_E.detach(),
@@ -197,7 +201,7 @@ class MoELayer(nn.Module):
             routed_per_expert=r.tokens_per_expert.detach(),
             expert_outputs=recorded,
         )
-        return out_ND.view(shape), stats
+        return out_ND.view(shape), result
 
     @torch.no_grad()
     def _record(

@@ -132,7 +132,11 @@ class Router(nn.Module):
         awake = ghost_alpha > 0
         return torch.cat([torch.ones(self.num_experts, dtype=torch.bool, device=awake.device), awake])
 
-    def forward(self, x_ND: torch.Tensor, ghost_alpha: torch.Tensor | None = None) -> RouterOutput:
+    def forward(
+        self, x_ND: torch.Tensor, ghost_alpha: torch.Tensor | None = None, *, losses: bool = True
+    ) -> RouterOutput:
+        """Route ``x``. ``losses=False`` (generation) skips the balancing and z losses and the load counts,
+        which nothing reads while decoding; ``lb_loss``/``z_loss``/``tokens_per_expert`` are then empty."""
         logits_NE = F.linear(x_ND, self.weight).float()
         active = self.active_mask(ghost_alpha)
         n_active = int(active.sum().item()) if active is not None else logits_NE.shape[-1]
@@ -157,6 +161,17 @@ class Router(nn.Module):
         elif self.renormalize:
             weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
 
+        if not losses:
+            empty = logits_NE.new_zeros(())
+            return RouterOutput(
+                indices=indices_Nk,
+                weights=weights_Nk.to(x_ND.dtype),
+                probs=probs_NE,
+                logits=logits_NE,
+                lb_loss=empty,
+                z_loss=empty,
+                tokens_per_expert=logits_NE.new_zeros(0),
+            )
         with torch.no_grad():
             counts_E = torch.bincount(indices_Nk.reshape(-1), minlength=logits_NE.shape[-1]).to(
                 logits_NE.dtype

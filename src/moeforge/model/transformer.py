@@ -61,7 +61,7 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_sin, mask, cache, self.index)
         h = self.mlp_norm(x_BTD)
         if isinstance(self.mlp, MoELayer):
-            y, stats = self.mlp(h)
+            y, stats = self.mlp(h, stats=cache is None)  # decoding reads no routing statistics
             return x_BTD + y, stats
         return x_BTD + self.mlp(h), None
 
