@@ -62,6 +62,10 @@ def choose_backend(
     if active == 0:
         return "loop"
     per_expert = n / active
+    if n <= 32 and not torch.is_grad_enabled():
+        # decoding (a few tokens, no backward): each active expert's weights are used in place; the
+        # padded bmm would first copy every active expert's weights, which costs more than the math
+        return "loop"
     # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (docs/PERFORMANCE.md):
     # large groups: the chunked loop keeps activations in cache and wins by up to 1.4x;
     # tiny groups: per-call overhead dominates and one bmm over a padded batch wins while padding is cheap;
