@@ -174,3 +174,22 @@ def test_bad_configs_are_clear_errors(make_config, tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 2 and "stepz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ghost_experts_wake_during_training_and_are_logged(make_config, tmp_path: Path) -> None:
+    c = make_config(tmp_path / "run", steps=14)
+    c["model"], c["model_overrides"] = "ghost-32d", {"max_seq_len": 32}
+    # "load" saturation: both routed experts busy (top-1 of 2 at balance: 0.5 each ≥ 0.3 × 1/2)
+    c["ghost"] = {"enabled": True, "signal": "load", "threshold": 0.5, "window": 3,
+                  "min_fraction_above": 1.0, "ramp_steps": 4, "cooldown_steps": 100, "load_factor": 0.3}  # fmt: skip
+    res = run_training(make_config.write(tmp_path / "g.yaml", c))
+    assert res.status == "completed"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    wakes = [e for e in summary["ghost_events"] if e["kind"] == "wake"]
+    assert len(wakes) == 2 and {e["layer"] for e in wakes} == {0, 1}  # one ghost per layer (cooldown)
+    assert all(e["step"] >= 2 for e in wakes)  # not before the window filled
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "event" and r.get("ghost") == "wake" for r in rows)
+    w = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    alphas = [w[k].tolist() for k in sorted(w) if k.endswith("ghost_alpha")]
+    assert alphas == [[1.0, 0.0], [1.0, 0.0]]  # the first ghost of each layer ramped fully awake
