@@ -18,6 +18,7 @@ from moeforge.cli import data as data_cli
 from moeforge.cli import demo as demo_cli
 from moeforge.cli import export as export_cli
 from moeforge.cli import model as model_cli
+from moeforge.cli import serve as serve_cli
 from moeforge.cli import tokenizer as tokenizer_cli
 from moeforge.cli import train as train_cli
 from moeforge.config import ConfigError
@@ -35,6 +36,7 @@ app.add_typer(tokenizer_cli.app, name="tokenizer")
 app.command("train")(train_cli.train)
 app.command("demo")(demo_cli.demo)
 app.add_typer(export_cli.app, name="export")
+app.command("serve")(serve_cli.serve)
 
 err_console = Console(stderr=True)
 
