@@ -198,8 +198,11 @@ def test_tokenize_is_deterministic_and_writes_a_manifest(
 ) -> None:
     a = tokenize_run(token_run, token_tokenizer, seq_len=128, mode="sft", out=tmp_path / "a")
     b = tokenize_run(token_run, token_tokenizer, seq_len=128, mode="sft", out=tmp_path / "b")
-    files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    files_a = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files_a == sorted(
+        str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*") if p.is_file()
+    )
+    assert "tokenizer/tokenizer.json" in files_a and "tokenizer/tokenizer_config.json" in files_a
     for name in files_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     m = a.manifest

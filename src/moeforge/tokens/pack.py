@@ -43,6 +43,7 @@ __all__ = [
     "best_fit_decreasing",
     "chat_spans",
     "pack_records",
+    "parse_record",
     "render_chat",
 ]
 
@@ -408,14 +409,14 @@ def _finish(
 
 
 def records_in(lines: Iterable[tuple[int, str]]) -> Iterator[dict[str, Any]]:
-    """Parse ``(line_number, json)`` pairs of a record shard (orjson when installed: 3-5× faster)."""
+    """Parse ``(line_number, json)`` pairs of a record shard."""
     for _, line in lines:
-        yield _loads(line)
+        yield parse_record(line)
 
 
 try:
     import orjson
 
-    _loads: Callable[[str], Any] = orjson.loads
+    parse_record: Callable[[str | bytes], Any] = orjson.loads  # 2-3x json's speed, and takes bytes
 except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
-    _loads = json.loads
+    parse_record = json.loads

@@ -30,10 +30,10 @@ from typing import Any
 
 from moeforge import __version__
 from moeforge.data.manifest import load_manifest
-from moeforge.data.store import iter_lines
+from moeforge.data.store import iter_line_bytes
 from moeforge.io import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_file
 from moeforge.tokens import cache as token_cache
-from moeforge.tokens.pack import PackMode, PackStats, pack_records, records_in
+from moeforge.tokens.pack import PackMode, PackStats, pack_records, parse_record
 from moeforge.tokens.shards import IndexedShardWriter, token_dtype
 from moeforge.tokens.tokenizer import load_tokenizer, token_ids, tokenizer_files, tokenizer_sha256
 
@@ -65,7 +65,7 @@ def dataset_label(manifest: dict[str, Any]) -> str:
 def _records(run_dir: Path, files: list[dict[str, Any]], limit: int | None) -> Iterator[dict[str, Any]]:
     def all_records() -> Iterator[dict[str, Any]]:
         for f in files:
-            yield from records_in(iter_lines(run_dir / f["path"]))
+            yield from map(parse_record, iter_line_bytes(run_dir / f["path"]))
 
     return islice(all_records(), limit) if limit is not None else all_records()
 
