@@ -1,19 +1,21 @@
 """The inference engine: batched KV-cache decoding of a :class:`MoETransformer` with per-request sampling.
 
-Batching. Prompts of different lengths share one KV cache of ``P + N`` slots (``P`` the longest prompt,
-``N`` the most new tokens any row may take) and are *left-padded*: row ``b``'s prompt fills slots
-``[P - L_b, P)`` and its new tokens the slots from ``P`` on, so every row writes the same slot at every
-step and one forward serves the whole batch. A key-padding mask hides the empty slots, and RoPE positions
-are per row (``slot - (P - L_b)``), so each row sees exactly the keys and positions it would see alone.
-Prompts are prefilled in groups of equal length without padding (a padded *query* would have no key to
-attend to, and SDPA returns NaN for it) and their keys and values copied into the shared cache; a batch
-whose prompts all have one length needs neither the copy nor the mask.
+Whole requests: :meth:`Engine.generate` completes a list of prompts (split into batches of similar
+length), :meth:`Engine.stream` yields one prompt's text as it grows, :meth:`Engine.chat` and
+:meth:`Engine.stream_chat` do the same for ChatML messages.
 
-Per step the engine runs one forward of ``[B, 1]`` tokens, samples all rows with one vectorized
-:class:`~moeforge.serve.sampling.BatchSampler` call and moves the chosen ids to the CPU with one
-``tolist()`` for the stop checks. Rows finish independently (stop token, stop string, ``max_tokens`` or
-the model's context); once at most half of the batch is still running, the finished rows are dropped
-from the cache, and the loop ends when every row is done.
+Step by step, for a caller that schedules several requests itself (the server does):
+
+* :meth:`Engine.prepare` validates and tokenizes one prompt into a :class:`Request` (no model work);
+* :meth:`Engine.start_batch` prefills up to ``max_batch`` requests together and picks each one's first
+  token, returning a :class:`~moeforge.serve.batch.Batch`;
+* :meth:`Batch.step` generates the next token of every request still running, until ``batch.finished``;
+  each request's ``tokens``, ``text`` and ``finish_reason`` grow meanwhile, and :meth:`Request.completion`
+  gives the result;
+* :meth:`Request.cancel` ends one request early; its batch drops it (see :mod:`moeforge.serve.batch`).
+
+A batch takes no new requests once started: a caller that wants to decode newcomers while a batch runs
+starts another batch and steps both.
 
 Batched results equal unbatched ones up to float rounding (different matmul shapes), with one caveat:
 an MoE model with a ``capacity_factor`` drops tokens depending on what else is in the forward, as in
@@ -22,6 +24,7 @@ training. The engine is not thread-safe; a server serializes calls into it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,24 +38,24 @@ from pydantic import ValidationError
 
 from moeforge.config import format_validation_error
 from moeforge.model.config import ModelConfig
-from moeforge.model.layers import KVCache
 from moeforge.model.transformer import MoETransformer
-from moeforge.serve.sampling import (
-    BatchSampler,
-    Completion,
-    FinishReason,
-    IncrementalDetokenizer,
-    Request,
-    SamplingParams,
-    stop_holdback,
-)
-from moeforge.tokens.pack import render_chat
+from moeforge.serve.batch import Batch, prefill
+from moeforge.serve.chat import ChatError, chat_messages, chat_text, encode_chat, plain_tokenizer
+from moeforge.serve.request import Completion, FinishReason, Request
+from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams
 
-__all__ = ["Completion", "Engine", "EngineError", "PromptTooLongError", "SamplingParams", "StreamChunk"]
+__all__ = [
+    "Batch",
+    "Completion",
+    "Engine",
+    "EngineError",
+    "PromptTooLongError",
+    "Request",
+    "SamplingParams",
+    "StreamChunk",
+]
 
 log = logging.getLogger(__name__)
-
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 class EngineError(ValueError):
@@ -72,23 +75,6 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     completion: Completion | None = None
-
-
-@dataclass
-class _Batch:
-    """Decode state of one batch; ``rows[i]`` is batch row ``i`` (finished rows leave when compacted)."""
-
-    rows: list[Request]
-    cache: KVCache
-    sampler: BatchSampler
-    key_padding_BS: torch.Tensor | None
-    positions_B: torch.Tensor
-    next_B: torch.Tensor
-    step: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return all(r.finish_reason is not None for r in self.rows)
 
 
 class Engine:
@@ -187,33 +173,32 @@ class Engine:
     # ---- text -----------------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens such as ``<|im_start|>`` become their single id)."""
+        """Token ids of raw ``text``: special-token strings such as ``<|im_start|>`` become their single
+        id, as in training text (``/v1/completions`` takes such raw prompts). Chats go through
+        :meth:`chat_ids`, which keeps them out of message content."""
         if self.tokenizer is None:
             raise EngineError("a text prompt needs a tokenizer; pass token ids or create the Engine with one")
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]], system_prompt: str | None = None) -> str:
-        """The ChatML text of ``messages`` (the tokenizer's chat template) opening an assistant turn."""
-        msgs = list(messages)
-        for i, m in enumerate(msgs):
-            if (
-                not isinstance(m, dict)
-                or m.get("role") not in CHAT_ROLES
-                or not isinstance(m.get("content"), str)
-            ):
-                roles = ", ".join(CHAT_ROLES)
-                raise EngineError(
-                    f"messages[{i}] must be {{'role': one of {roles}, 'content': str}} (got {m!r})"
-                )
-        if system_prompt is not None:
-            if msgs and msgs[0]["role"] == "system":
-                raise EngineError(
-                    "system_prompt was given but messages[0] is already a system turn; pass one"
-                )
-            msgs.insert(0, {"role": "system", "content": system_prompt})
-        if not msgs:
-            raise EngineError("messages is empty; a chat needs at least one turn")
-        return render_chat(msgs) + "<|im_start|>assistant\n"
+        """The ChatML text of ``messages`` (the tokenizer's chat template) opening an assistant turn, with
+        a first system turn ``system_prompt`` when given. For reading; decode :meth:`chat_ids`, since
+        :meth:`encode` of this text would make special-token strings in the messages special tokens."""
+        return chat_text(self._messages(messages, system_prompt))
+
+    def chat_ids(self, messages: Sequence[dict[str, str]], system_prompt: str | None = None) -> list[int]:
+        """Token ids of :meth:`chat_prompt` in which only the template's markers are special tokens: text
+        in ``messages`` (untrusted, from API clients) is tokenized as plain text, so ``<|im_end|>`` or
+        ``<|oracle_sys|>`` written in a message can neither end a turn nor claim an identity.
+        ``system_prompt`` is the operator's and trusted: its special tokens (an identity token) keep their
+        ids. Equal to ``encode(chat_prompt(...))`` when the messages hold no special-token strings."""
+        msgs = self._messages(messages, system_prompt)
+        if self.tokenizer is None:
+            raise EngineError("chat needs a tokenizer with the ChatML tokens (`moeforge tokenizer train`)")
+        try:
+            return encode_chat(self.tokenizer, self._plain, msgs, trusted_system=system_prompt is not None)
+        except ChatError as exc:
+            raise EngineError(str(exc)) from None
 
     def chat_params(self, params: SamplingParams | None = None) -> SamplingParams:
         """``params`` with the ChatML turn end ``<|im_end|>`` and ``<|endoftext|>`` added as stop tokens."""
@@ -236,7 +221,7 @@ class Engine:
         system_prompt: str | None = None,
     ) -> Completion:
         """The assistant's reply to ``messages``; it stops at ``<|im_end|>``, which the text leaves out."""
-        return self.generate([self.chat_prompt(messages, system_prompt)], self.chat_params(params))[0]
+        return self.generate([self.chat_ids(messages, system_prompt)], self.chat_params(params))[0]
 
     def stream_chat(
         self,
@@ -246,7 +231,22 @@ class Engine:
         system_prompt: str | None = None,
     ) -> Iterator[StreamChunk]:
         """:meth:`chat`, streamed as :meth:`stream` does."""
-        return self.stream(self.chat_prompt(messages, system_prompt), self.chat_params(params))
+        return self.stream(self.chat_ids(messages, system_prompt), self.chat_params(params))
+
+    @staticmethod
+    def _messages(messages: Sequence[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+        try:
+            return chat_messages(messages, system_prompt)
+        except ChatError as exc:
+            raise EngineError(str(exc)) from None
+
+    @functools.cached_property
+    def _plain(self) -> Any:
+        """The tokenizer reading special-token strings as text (built on first use: it copies the vocab)."""
+        try:
+            return plain_tokenizer(self.tokenizer)
+        except ChatError as exc:
+            raise EngineError(str(exc)) from None
 
     # ---- generation -----------------------------------------------------------------------------------
 
@@ -257,157 +257,94 @@ class Engine:
     ) -> list[Completion]:
         """Complete every prompt (text or token ids); ``params`` is one setting for all or one per prompt.
         Returns the completions in prompt order. Raises :class:`EngineError` for a bad request."""
-        rows = self._rows(prompts, params, stream=False)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].prompt))  # similar lengths pad less
-        for start in range(0, len(order), self.max_batch):
-            batch = self._start([rows[i] for i in order[start : start + self.max_batch]])
-            while not batch.finished:
-                self._step(batch)
-        return [r.completion(self.tokenizer) for r in rows]
-
-    def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
-        """Complete one prompt, yielding text as it is generated. Text that could be the start of a stop
-        string is held back until it is known not to be one, so a stop string never appears, even in part."""
-        row = self._rows([prompt], params, stream=True)[0]
-        batch = self._start([row])
-        sent_text = sent_ids = 0
-        while row.finish_reason is None:
-            upto = len(row.text) - stop_holdback(row.text, row.params.stop)
-            if upto > sent_text:
-                yield StreamChunk(row.text[sent_text:upto], row.tokens[sent_ids:])
-                sent_text, sent_ids = upto, len(row.tokens)
-            self._step(batch)
-        completion = row.completion(self.tokenizer)
-        yield StreamChunk(completion.text[sent_text:], row.tokens[sent_ids:], row.finish_reason, completion)
-
-    # ---- internals ------------------------------------------------------------------------------------
-
-    def _rows(
-        self,
-        prompts: Sequence[list[int] | str],
-        params: SamplingParams | Sequence[SamplingParams] | None,
-        *,
-        stream: bool,
-    ) -> list[Request]:
         if isinstance(prompts, str):
             raise EngineError("prompts must be a list of prompts; wrap a single prompt as [prompt]")
         prompts = list(prompts)
         if not prompts:
             raise EngineError("prompts is empty; pass at least one prompt")
         if params is None or isinstance(params, SamplingParams):
-            per_row = [params or SamplingParams()] * len(prompts)
+            per_prompt = [params or SamplingParams()] * len(prompts)
         else:
-            per_row = list(params)
-            if len(per_row) != len(prompts):
+            per_prompt = list(params)
+            if len(per_prompt) != len(prompts):
                 raise EngineError(
-                    f"got {len(per_row)} SamplingParams for {len(prompts)} prompts; pass one or one each"
+                    f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts; pass one or one each"
                 )
+        requests = [
+            self._prepare(prompt, p, stream=False, what=f"prompt {i}")
+            for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True))
+        ]
+        order = sorted(
+            range(len(requests)), key=lambda i: -len(requests[i].prompt)
+        )  # similar lengths pad less
+        for start in range(0, len(order), self.max_batch):
+            batch = self.start_batch([requests[i] for i in order[start : start + self.max_batch]])
+            while not batch.finished:
+                batch.step()
+        return [r.completion(self.tokenizer) for r in requests]
+
+    def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Complete one prompt, yielding text as it is generated. Text that could be the start of a stop
+        string is held back until it is known not to be one, so a stop string never appears, even in part."""
+        request = self.prepare(prompt, params, stream=True)
+        batch = self.start_batch([request])
+        sent_text = sent_ids = 0
+        while request.finish_reason is None:
+            upto = request.stable_text_len()
+            if upto > sent_text:
+                yield StreamChunk(request.text[sent_text:upto], request.tokens[sent_ids:])
+                sent_text, sent_ids = upto, len(request.tokens)
+            batch.step()
+        completion = request.completion(self.tokenizer)
+        yield StreamChunk(
+            completion.text[sent_text:], request.tokens[sent_ids:], request.finish_reason, completion
+        )
+
+    # ---- step by step ---------------------------------------------------------------------------------
+
+    def prepare(
+        self, prompt: list[int] | str, params: SamplingParams | None = None, *, stream: bool = False
+    ) -> Request:
+        """A :class:`Request` for ``prompt`` (text or token ids), validated and tokenized, for
+        :meth:`start_batch`; no model work. ``stream``: keep the text as it grows (else it is decoded once
+        at the end, unless stop strings need it). Raises :class:`EngineError` (:class:`PromptTooLongError`
+        when the prompt leaves no room in the context)."""
+        return self._prepare(prompt, params or SamplingParams(), stream=stream, what="the prompt")
+
+    def start_batch(self, requests: Sequence[Request]) -> Batch:
+        """Prefill up to ``max_batch`` new requests together and pick each one's first token (a request
+        may finish right there). Step the returned batch until ``batch.finished``."""
+        requests = list(requests)
+        if not 1 <= len(requests) <= self.max_batch:
+            raise EngineError(f"a batch takes 1 to max_batch={self.max_batch} requests (got {len(requests)})")
+        for i, r in enumerate(requests):
+            if r.tokens or r.done:
+                raise EngineError(f"request {i} has already run; prepare a new one")
+        return prefill(self.model, requests, self.vocab_limit)
+
+    def _prepare(self, prompt: list[int] | str, p: SamplingParams, *, stream: bool, what: str) -> Request:
         limit = self.cfg.max_seq_len
-        rows = []
-        for i, (prompt, p) in enumerate(zip(prompts, per_row, strict=True)):
-            ids = self.encode(prompt) if isinstance(prompt, str) else prompt
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
-                raise EngineError(
-                    f"prompt {i} must be a string or a list of token ids (got {type(prompt).__name__})"
-                )
-            if not ids:
-                raise EngineError(f"prompt {i} is empty; a prompt needs at least one token")
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise EngineError(f"prompt {i} has token ids outside 0..{self.cfg.vocab_size - 1}: {bad[:5]}")
-            if len(ids) >= limit:
-                raise PromptTooLongError(
-                    f"prompt {i} has {len(ids)} tokens; the model's context (max_seq_len) is {limit}, "
-                    f"so a prompt may have at most {limit - 1} tokens"
-                )
-            if p.stop and self.tokenizer is None:
-                raise EngineError(f"prompt {i}: stop strings need a tokenizer; use stop_token_ids instead")
-            # text is kept while decoding only when stop strings or a stream need it; else decoded once
-            needs_text = self.tokenizer is not None and (stream or bool(p.stop))
-            detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens) if needs_text else None
-            stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-            max_new = min(p.max_tokens, limit - len(ids))  # the context ends generation as "length"
-            rows.append(Request(list(ids), p, max_new, stop_ids, detok))
-        return rows
-
-    @torch.inference_mode()
-    def _start(self, rows: list[Request]) -> _Batch:
-        """Prefill ``rows`` into a fresh left-padded cache and pick each row's first token."""
-        model, dev = self.model, self.device
-        P = max(len(r.prompt) for r in rows)
-        cache = model.new_cache(len(rows), P + max(r.max_new for r in rows))
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            r.pad = P - len(r.prompt)
-            groups.setdefault(len(r.prompt), []).append(i)
-        if len(groups) == 1:
-            ids = torch.tensor([r.prompt for r in rows], device=dev)
-            logits_BV = model(ids, cache=cache).logits[:, -1]
-        else:
-            logits_BV = torch.empty(len(rows), self.cfg.vocab_size, device=dev)
-            for length, members in groups.items():
-                idx = torch.tensor(members, device=dev)
-                part = model.new_cache(len(members), length)
-                ids = torch.tensor([rows[i].prompt for i in members], device=dev)
-                logits_BV[idx] = model(ids, cache=part).logits[:, -1].float()
-                for layer in range(self.cfg.n_layers):
-                    cache.k[layer][idx, :, P - length : P] = part.k[layer]
-                    cache.v[layer][idx, :, P - length : P] = part.v[layer]
-            cache.advance(P)
-        key_padding = None
-        if len(groups) > 1:
-            key_padding = torch.ones(len(rows), cache.max_len, dtype=torch.bool, device=dev)
-            for i, r in enumerate(rows):
-                key_padding[i, : r.pad] = False
-        sampler = BatchSampler.build(
-            [r.params for r in rows],
-            [r.prompt for r in rows],
-            [r.max_new for r in rows],
-            self.cfg.vocab_size,
-            dev,
-        )
-        positions = torch.tensor([len(r.prompt) for r in rows], device=dev)
-        batch = _Batch(rows, cache, sampler, key_padding, positions, next_B=positions)  # next_B: set by _pick
-        self._pick(batch, logits_BV)
-        return batch
-
-    @torch.inference_mode()
-    def _step(self, batch: _Batch) -> None:
-        """One decode step for every row still in the batch."""
-        cache = batch.cache
-        kp = batch.key_padding_BS[:, : cache.length + 1] if batch.key_padding_BS is not None else None
-        out = self.model(
-            batch.next_B[:, None], positions_BT=batch.positions_B[:, None], cache=cache, key_padding_BS=kp
-        )
-        batch.positions_B = batch.positions_B + 1
-        self._pick(batch, out.logits[:, -1])
-
-    def _pick(self, batch: _Batch, logits_BV: torch.Tensor) -> None:
-        """Sample the next token of every row, update the rows, and drop finished rows when few remain."""
-        logits_BV = logits_BV.float()
-        if self.vocab_limit is not None:
-            logits_BV[:, self.vocab_limit :] = float("-inf")
-        tokens_B = batch.sampler.sample(logits_BV, batch.step)
-        batch.step += 1
-        want_lp = any(r.params.logprobs for r in batch.rows)
-        lp = (
-            torch.log_softmax(logits_BV, -1).gather(1, tokens_B[:, None]).squeeze(1).tolist()
-            if want_lp
-            else None
-        )
-        for i, (row, tok) in enumerate(zip(batch.rows, tokens_B.tolist(), strict=True)):
-            if row.finish_reason is None:
-                row.accept(tok, lp[i] if lp is not None else None)
-        batch.next_B = tokens_B
-        live = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
-        if live and len(live) <= len(batch.rows) // 2:
-            idx = torch.tensor(live, device=self.device)
-            batch.cache.keep_rows(idx)
-            batch.sampler.keep_rows(idx)
-            batch.rows = [batch.rows[i] for i in live]
-            batch.next_B, batch.positions_B = tokens_B[idx], batch.positions_B[idx]
-            if batch.key_padding_BS is not None:
-                batch.key_padding_BS = batch.key_padding_BS[idx] if any(r.pad for r in batch.rows) else None
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+            raise EngineError(f"{what} must be a string or a list of token ids (got {type(prompt).__name__})")
+        if not ids:
+            raise EngineError(f"{what} is empty; a prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"{what} has token ids outside 0..{self.cfg.vocab_size - 1}: {bad[:5]}")
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"{what} has {len(ids)} tokens; the model's context (max_seq_len) is {limit}, "
+                f"so a prompt may have at most {limit - 1} tokens"
+            )
+        if p.stop and self.tokenizer is None:
+            raise EngineError(f"{what}: stop strings need a tokenizer; use stop_token_ids instead")
+        # text is kept while decoding only when stop strings or a stream need it; else decoded once
+        needs_text = self.tokenizer is not None and (stream or bool(p.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens) if needs_text else None
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        max_new = min(p.max_tokens, limit - len(ids))  # the context ends generation as "length"
+        return Request(list(ids), p, max_new, stop_ids, detok)
 
 
 def _find_tokenizer(ckpt: Path, state: dict[str, Any]) -> Path | None:

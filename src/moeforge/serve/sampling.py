@@ -1,5 +1,4 @@
-"""Sampling parameters, one request's decoding state (its stop rules and text), the batched token
-sampler, incremental detokenization and stop-string matching.
+"""Sampling parameters, the batched token sampler, incremental detokenization and stop-string matching.
 
 Everything per step is one tensor operation over the whole batch, whatever mix of greedy and sampled
 rows, temperatures, top-k, top-p and repetition penalties it holds. Randomness is per row: each row's
@@ -10,8 +9,8 @@ Sampling is inverse-CDF on those draws, so the step itself needs no generator at
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,16 +20,11 @@ from moeforge.config import StrictModel
 
 __all__ = [
     "BatchSampler",
-    "Completion",
-    "FinishReason",
     "IncrementalDetokenizer",
-    "Request",
     "SamplingParams",
     "find_stop",
     "stop_holdback",
 ]
-
-FinishReason = Literal["stop", "length"]
 
 
 class SamplingParams(StrictModel):
@@ -80,93 +74,6 @@ class SamplingParams(StrictModel):
     def greedy(self) -> bool:
         """Whether every step takes the argmax without drawing a random number (temperature 0)."""
         return self.temperature == 0.0
-
-
-@dataclass
-class Completion:
-    """One finished request. ``token_ids`` are the generated ids, including a final stop token;
-    ``text`` their text without the stop token or stop string; ``stop_reason`` the stop id or string
-    matched (None when the length limit ended it); ``logprobs`` the model's log-probability of each
-    generated token (before penalties, temperature and filters) when asked for."""
-
-    prompt_tokens: int
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason
-    stop_reason: int | str | None = None
-    logprobs: list[float] | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class Request:
-    """One request being decoded: its tokens, its text so far (kept incrementally only when stop strings
-    or streaming need it) and its stop rules. :meth:`accept` takes each new token; ``finish_reason`` is
-    set once the request is done. ``pad`` is its left padding in the batch's cache."""
-
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    stop_ids: frozenset[int]
-    detok: IncrementalDetokenizer | None
-    pad: int = 0
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-
-    def accept(self, tok: int, logprob: float | None) -> None:
-        """Append a generated token and apply the stop rules: stop id, stop string, length."""
-        self.tokens.append(tok)
-        if logprob is not None and self.params.logprobs:
-            self.logprobs.append(logprob)
-        if tok in self.stop_ids:
-            self._finish("stop", tok)
-            return
-        if self.detok is not None:
-            checked = len(self.text)
-            self.text += self.detok.push(tok)
-            if self.params.stop and len(self.text) > checked and self._cut_at_stop(checked):
-                return
-        if len(self.tokens) >= self.max_new:
-            self._finish("length", None)
-
-    def _cut_at_stop(self, checked: int) -> bool:
-        hit = find_stop(self.text, self.params.stop, checked)
-        if hit is None:
-            return False
-        self.text = self.text[: hit[0]]
-        self.finish_reason, self.stop_reason = "stop", hit[1]
-        return True
-
-    def _finish(self, reason: FinishReason, stop: int | None) -> None:
-        self.finish_reason, self.stop_reason = reason, stop
-        if self.detok is not None:  # held-back text (an unfinished character) may hide a stop string
-            checked = len(self.text)
-            self.text += self.detok.flush()
-            if self.params.stop:
-                self._cut_at_stop(checked)
-
-    def completion(self, tokenizer: Any) -> Completion:
-        """The finished request as a :class:`Completion` (text decoded now if it was not kept)."""
-        if self.finish_reason is None:
-            raise RuntimeError("completion() of a request that is still running")
-        text = self.text
-        if self.detok is None and tokenizer is not None:
-            ids = self.tokens[:-1] if isinstance(self.stop_reason, int) else self.tokens
-            text = tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
-        return Completion(
-            prompt_tokens=len(self.prompt),
-            token_ids=list(self.tokens),
-            text=text,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-            logprobs=list(self.logprobs) if self.params.logprobs else None,
-        )
 
 
 def _row_uniforms(seed: int, n: int) -> np.ndarray:

@@ -1,0 +1,379 @@
+"""OpenAI's request and response bodies for ``/v1/completions``, ``/v1/chat/completions`` and
+``/v1/models``, and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+
+Requests are strict as OpenAI's are: JSON types must match and unknown arguments are errors. Arguments
+this server cannot honour (``presence_penalty``, ``logit_bias``, ``echo``, alternative-token logprobs …)
+are rejected rather than silently ignored; ``top_k`` and ``repetition_penalty`` are extensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from moeforge.serve.sampling import SamplingParams
+
+__all__ = [
+    "MAX_CHOICES",
+    "APIError",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatDelta",
+    "ChatLogprobs",
+    "ChatMessage",
+    "CompletionChoice",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ModelCard",
+    "ModelList",
+    "TokenLogprob",
+    "Usage",
+    "usage",
+    "validation_message",
+]
+
+MAX_CHOICES = 16  # choices (prompts × n) per request
+
+
+class APIError(Exception):
+    """An HTTP error answered with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=dict(headers or {}))
+
+
+# ---- requests ---------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # JSON types must match (no "5" for 5) and unknown arguments are errors, as with OpenAI
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """The fields both endpoints share, with OpenAI's names; ``top_k`` and ``repetition_penalty`` are
+    extensions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list) and any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if v:  # rejected rather than silently ignored
+            hint = "" if info.field_name == "logit_bias" else "; repetition_penalty > 1 discourages repeats"
+            raise ValueError(f"is not supported by this server (only 0 or null){hint}")
+        return v
+
+    def sampling(self, max_tokens: int, logprobs: bool) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            stop=self.stop,
+            seed=self.seed,
+            logprobs=logprobs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids or token-id lists."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # 0: the chosen tokens' log-probabilities (no alternatives)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        ok = isinstance(v, str) or (
+            isinstance(v, list) and (all(isinstance(p, str) for p in v) or ids(v) or all(ids(p) for p in v))
+        )
+        if not ok:
+            raise ValueError(
+                "must be a string, a list of strings, a list of token ids or a list of such lists"
+            )
+        if v == [] or v == "":
+            raise ValueError("is empty; send at least one prompt with at least one token")
+        return v
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _not_supported(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("is not supported by this server")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _chosen_only(cls, v: int | None) -> int | None:
+        if v:
+            raise ValueError(
+                "above 0 (alternative tokens) is not supported; 0 returns the chosen tokens' logprobs"
+            )
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("other than 1 is not supported; use n for several completions")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ChatMessage(_Strict):
+    """One chat turn; ``content`` is a string or OpenAI's list of ``{"type": "text", "text": …}`` parts.
+    A ``developer`` turn (OpenAI's newer name for system) is a system turn."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+    name: str | None = None  # accepted and ignored
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            texts = []
+            for i, part in enumerate(v):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(
+                        f"part {i} must be {{'type': 'text', 'text': str}}; got {kind!r} (only text)"
+                    )
+                texts.append(part["text"])
+            return "".join(texts)
+        if not isinstance(v, str):
+            raise ValueError("must be a string or a list of text parts")
+        return v
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _chosen_only(cls, v: int | None) -> int | None:
+        if v:
+            raise ValueError(
+                "above 0 (alternative tokens) is not supported; logprobs=true gives the chosen tokens'"
+            )
+        return v
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if v == []:
+            raise ValueError("is empty; a chat needs at least one message")
+        return v
+
+
+# ---- responses --------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    text_offset: None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion, or (with ``usage`` None) one streamed chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moeforge"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    total = prompt_tokens + completion_tokens
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total)
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable message for pydantic errors (at most three) and the first error's parameter."""
+    parts, params = [], []
+    for e in errors[:3]:
+        loc = [str(p) for p in e["loc"] if p != "body"]
+        where = ".".join(loc)
+        if e["type"] == "json_invalid":
+            return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}", None
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unrecognized request argument: {where}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = (
+                ""
+                if isinstance(got, (dict, list)) or got is None or e["type"] == "missing"
+                else f" (got {_clip(repr(got))})"
+            )
+            parts.append(f"{where}: {msg}{shown}" if where else msg)
+        params.append(where or None)
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more, params[0] if params else None
