@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,43 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     losses = [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["split"] == "train"]  # fmt: skip
     assert losses[-1] < losses[0] - 1.0  # it learned something in 60 steps
+    _serve_and_ask(out / "train", tmp_path)
+
+
+def _serve_and_ask(run: Path, tmp_path: Path) -> None:
+    """`moeforge serve` on the demo's checkpoint answers the official openai client, streaming too."""
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeforge", "serve", str(run), "--port", str(port), "--api-key", "k"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("server did not start: " + (tmp_path / "serve.log").read_text()[-2000:])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
+        model = client.models.list().data[0].id
+        msgs = [{"role": "user", "content": "A store had 82 mugs and sold 11. How many are left?"}]
+        res = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
+        assert res.choices[0].finish_reason in ("stop", "length") and res.usage.completion_tokens > 0
+        chunks = list(
+            client.chat.completions.create(
+                model=model, messages=msgs, max_tokens=12, temperature=0, stream=True
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == res.choices[0].message.content  # greedy: the same text either way
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
