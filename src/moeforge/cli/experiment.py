@@ -1,0 +1,95 @@
+"""`moeforge experiment …`: reproducible experiments that train several runs and write a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Experiments: several training runs compared in one report.",
+    no_args_is_help=True,
+)
+console = Console()
+
+
+@app.callback()
+def _group() -> None:
+    """Experiments: several training runs compared in one report."""
+
+
+@app.command("emergence")
+def emergence(
+    config: Path = typer.Argument(
+        ..., metavar="CONFIG", help="Experiment YAML, e.g. configs/experiments/emergence-tiny.yaml."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (overrides out_dir)."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a config value: key.path=value (repeatable), e.g. real_data=true."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="The config's test-sized version (its quick: section)."
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Retrain every run, even completed identical ones."),
+) -> None:
+    """Dense vs MoE top-1 (LB + z loss, annealed noise) vs MoE without LB vs MoE top-2 on code / math /
+    prose with one token budget; writes report.md, results.json and charts."""
+    from moeforge.eval.experiments import load_emergence_config, run_emergence
+
+    sets = [*overrides, *([f"out_dir={out}"] if out is not None else [])]
+    cfg = load_emergence_config(config, sets, quick=quick)
+    with Progress(
+        TextColumn("[bold]{task.description:<16}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        tasks = {v.name: bar.add_task(v.name, total=cfg.steps, loss="-", start=False) for v in cfg.variants}
+
+        def progress(name: str, step: int, total: int, scalars: dict[str, float]) -> None:
+            task = tasks[name]
+            bar.start_task(task)
+            loss = f"{scalars['loss']:.3f}" if "loss" in scalars else "reused"
+            bar.update(task, completed=step, total=total, loss=loss)
+
+        res = run_emergence(
+            cfg, progress=progress, notify=lambda s: bar.console.print(f"[cyan]{escape(s)}[/]"), fresh=fresh
+        )
+    r = res.results
+    domains: list[str] = r["domains"]
+    table = Table(title=f"{escape(r['name'])}: {r['settings']['tokens_per_run']:,} training tokens per run")
+    for col in ("run", "active", "total", "test loss", *(f"test {d}" for d in domains), "Δ vs dense"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    table.add_column("peak load", justify="right")
+    table.add_column("collapse step", justify="right")
+    for run in r["runs"]:
+        test = run.get("test") or {}
+        rt = run.get("routing") or {}
+        fc = rt.get("first_collapse")
+        delta = run.get("delta_vs_dense_pct")
+        table.add_row(
+            f"{escape(run['name'])} [dim]({run['role']})[/]",
+            f"{run['params_active']:,}",
+            f"{run['params_total']:,}",
+            f"{test['loss']:.4f}" if "loss" in test else "—",
+            *(f"{test[f'loss/{d}']:.4f}" if f"loss/{d}" in test else "—" for d in domains),
+            "—" if run["role"] == "dense" or delta is None else f"{delta:+.2f}%",
+            f"{100 * rt['load_max_peak']:.1f}%" if rt else "—",
+            str(fc["step"]) if fc else "—",
+        )
+    console.print(table)
+    colour = {"held": "green", "did not hold": "red", "not measured": "yellow"}
+    for f in r["findings"]:
+        console.print(f"[bold {colour[f['verdict']]}]{f['verdict']}[/]: {escape(f['claim'])}")
+    env = r["environment"]
+    console.print(
+        f"wall time {env['wall_seconds'] / 60:.1f} min · load average {env['loadavg_start']} → "
+        f"{env['loadavg_end']}"
+    )
+    console.print(f"report: [bold]{escape(str(res.report))}[/]")
