@@ -38,25 +38,6 @@ PROSE = (
 )
 
 
-def _tokenizer():
-    """A byte-level BPE with the project's special tokens (ChatML included), trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from moeforge.tokens.tokenizer import BASE_SPECIALS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=list(BASE_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([PROSE] * 20, trainer=trainer)
-    return tok
-
-
 def _model(*overrides: str) -> MoETransformer:
     """The tiny preset, untied, seed 0: every call builds the same weights (each server owns its model,
     since an engine is not thread-safe)."""
@@ -128,8 +109,8 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return _tokenizer()
+def tokenizer(make_bpe):
+    return make_bpe(PROSE)
 
 
 @pytest.fixture(scope="module")

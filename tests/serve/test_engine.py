@@ -51,23 +51,9 @@ def model() -> MoETransformer:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(make_bpe):
     """A byte-level BPE with the project's special tokens, trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from moeforge.tokens.tokenizer import BASE_SPECIALS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=list(BASE_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([PROSE] * 20, trainer=trainer)
-    return tok
+    return make_bpe(PROSE)
 
 
 @pytest.fixture(scope="module")
