@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeforge.io import fsync_dir, fsync_tree
 from moeforge.tokens.shards import verify_files
 
 __all__ = [
@@ -131,29 +132,14 @@ def build_entry(
             build(tmp)
             if check_entry(tmp, expect_fingerprint=fp, deep=False):
                 raise CacheError(f"the build of {name} did not write a valid manifest.json")
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(root_p)
+            fsync_dir(root_p)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final, True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
 
 
 def _remove(path: Path) -> None:

@@ -408,12 +408,6 @@ def _finish(
         progress(len(batch.texts))
 
 
-def records_in(lines: Iterable[tuple[int, str]]) -> Iterator[dict[str, Any]]:
-    """Parse ``(line_number, json)`` pairs of a record shard."""
-    for _, line in lines:
-        yield parse_record(line)
-
-
 try:
     import orjson
 

@@ -146,25 +146,9 @@ class IndexedShardWriter:
             raise ValueError(f"a segment must be a non-empty 1-D array of token ids, got shape {arr.shape}")
         if arr.dtype.kind not in "iu":
             raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > self._max_id:
-            raise ValueError(
-                f"token id out of range for {self.dtype.name} shard {self.paths['.bin']}: min {lo}, max {hi} "
-                f"(allowed 0..{self._max_id}); choose the dtype with token_dtype(vocab_size)"
-            )
         if arr.size > np.iinfo(np.int32).max:
             raise ValueError(f"a segment of {arr.size} tokens does not fit Megatron's int32 lengths")
-        if (loss_mask is None) != (self._mask is None):
-            want = "requires" if self._mask is not None else "was created without loss_mask=True and takes no"
-            raise ValueError(f"the writer for {self.paths['.bin']} {want} a loss mask per segment")
-        if self._mask is not None:
-            m = np.asarray(loss_mask)
-            if m.shape != arr.shape:
-                raise ValueError(f"loss mask has shape {m.shape} but the segment has {arr.shape}")
-            if m.size and (int(m.min()) < 0 or int(m.max()) > 1):
-                raise ValueError("loss mask values must be 0 or 1")
-            self._mask.write(m.astype(np.uint8, copy=False).tobytes())
-        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._write(arr, loss_mask, "segment")
         self._lengths.append(int(arr.size))
         self._tokens += int(arr.size)
 
@@ -189,6 +173,14 @@ class IndexedShardWriter:
             raise ValueError(
                 f"segment lengths {lens.tolist()[:8]} must be positive and sum to the sample's {arr.size} tokens"
             )
+        self._write(arr, loss_mask, "sample")
+        self._lengths.extend(lens.astype(np.int32).tolist())
+        self._tokens += int(arr.size)
+        self.end_sample(domain)
+
+    def _write(self, arr: np.ndarray, loss_mask: Any, what: str) -> None:
+        """Check ids against the dtype's range (skipped when the array already has the shard's dtype) and
+        the mask against the tokens, then append both."""
         if arr.dtype != self.dtype:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi > self._max_id:
@@ -198,18 +190,15 @@ class IndexedShardWriter:
                 )
         if (loss_mask is None) != (self._mask is None):
             want = "requires" if self._mask is not None else "was created without loss_mask=True and takes no"
-            raise ValueError(f"the writer for {self.paths['.bin']} {want} a loss mask per sample")
+            raise ValueError(f"the writer for {self.paths['.bin']} {want} a loss mask per {what}")
         if self._mask is not None:
             m = np.asarray(loss_mask)
             if m.shape != arr.shape:
-                raise ValueError(f"loss mask has shape {m.shape} but the sample has {arr.shape}")
-            if int(m.max()) > 1 or int(m.min()) < 0:
+                raise ValueError(f"loss mask has shape {m.shape} but the {what} has {arr.shape}")
+            if m.size and (int(m.min()) < 0 or int(m.max()) > 1):
                 raise ValueError("loss mask values must be 0 or 1")
             self._mask.write(m.astype(np.uint8, copy=False).tobytes())
         self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-        self._lengths.extend(lens.astype(np.int32).tolist())
-        self._tokens += int(arr.size)
-        self.end_sample(domain)
 
     def end_sample(self, domain: int = 0) -> None:
         """Close the current sample (Megatron document); it must hold at least one segment."""

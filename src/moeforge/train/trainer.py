@@ -218,7 +218,6 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.best_valid: float | None = None
-        self.history: list[dict[str, Any]] = []
         if cfg.init_from and not resume:
             ckpt.load_checkpoint(Path(cfg.init_from), self.model, None, restore_rng_state=False)
         latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
@@ -458,9 +457,6 @@ class Trainer:
         values.update(self.ghost.metrics())
         self.routing.reset()
         self.writer.write(self.step, "train", values)
-        self.history.append(
-            {"step": self.step, **{k: v for k, v in values.items() if isinstance(v, float | int)}}
-        )
 
     def _write_summary(self, result: TrainResult) -> None:
         p = count_params(self.model_cfg)
