@@ -153,7 +153,10 @@ def test_the_guard_refuses_cluster_only_and_oversized_runs_before_allocating(
     with pytest.raises(ResourceError, match="ALLOW_LOCAL_TRAIN"):
         run_training(make_config.write(tmp_path / "a.yaml", c))
     c = make_config(tmp_path / "run")
-    c["model"], c["model_overrides"] = "small", {"d_model": 8192, "n_heads": 64, "n_kv_heads": 8, "n_layers": 32}
+    c["model"], c["model_overrides"] = (
+        "small",
+        {"d_model": 8192, "n_heads": 64, "n_kv_heads": 8, "n_layers": 32},
+    )
     with pytest.raises(ResourceError, match="GiB"):
         run_training(make_config.write(tmp_path / "b.yaml", c))
 
