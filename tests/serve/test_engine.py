@@ -117,11 +117,19 @@ def test_batch_of_more_prompts_than_max_batch_keeps_prompt_order(model: MoETrans
     assert [c.token_ids for c in small] == [c.token_ids for c in one_by_one]
 
 
-def test_finished_rows_leave_the_batch_and_decoding_stops_when_all_are_done(model: MoETransformer) -> None:
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_finished_rows_leave_the_batch_and_decoding_stops_when_all_are_done(
+    model: MoETransformer, fast_decode: bool
+) -> None:
     batch_sizes: list[tuple[int, int]] = []
+    engine = Engine(model, fast_decode=fast_decode)
     hook = model.register_forward_pre_hook(lambda _m, args: batch_sizes.append(tuple(args[0].shape)))
+    if fast_decode:  # decode steps go through the Decoder, not the model's forward
+        assert engine.decoder is not None
+        step = engine.decoder.step
+        engine.decoder.step = lambda ids, *a, **k: batch_sizes.append((ids.shape[0], 1)) or step(ids, *a, **k)
     try:
-        Engine(model).generate(
+        engine.generate(
             [[1, 2, 3], [4, 5, 6, 7]], [GREEDY.model_copy(update={"max_tokens": n}) for n in (2, 6)]
         )
     finally:

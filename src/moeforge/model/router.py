@@ -188,6 +188,30 @@ class Router(nn.Module):
             tokens_per_expert=counts_E,
         )
 
+    def select(
+        self, x_ND: torch.Tensor, ghost_alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [N, k], weights [N, k])`` exactly as :meth:`forward` picks them without noise (eval),
+        in as few tensor operations as possible: the decode step's routing (nothing else is computed)."""
+        logits_NE = F.linear(x_ND, self.weight).float()
+        active = self.active_mask(ghost_alpha)
+        if active is not None:
+            logits_NE = logits_NE.masked_fill(~active, float("-inf"))
+        probs_NE = torch.softmax(logits_NE, dim=-1)
+        if self.aux_free_bias_rate > 0.0:
+            scores_NE = probs_NE + self.expert_bias
+            if active is not None:
+                scores_NE = scores_NE.masked_fill(~active, float("-inf"))
+            indices_Nk = torch.topk(scores_NE, self.top_k, dim=-1).indices
+            weights_Nk = probs_NE.gather(1, indices_Nk)
+        else:
+            weights_Nk, indices_Nk = torch.topk(probs_NE, self.top_k, dim=-1)  # the values are the probs
+        if self.straight_through:
+            weights_Nk = torch.ones_like(weights_Nk)  # forward's value in eval: exactly 1
+        elif self.renormalize:
+            weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
+        return indices_Nk, weights_Nk.to(x_ND.dtype)
+
     @torch.no_grad()
     def step(self, ghost_alpha: torch.Tensor | None = None) -> None:
         """Advance the router one optimizer step: anneal noise, move the aux-free bias toward balance."""

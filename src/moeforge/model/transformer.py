@@ -121,6 +121,7 @@ class MoETransformer(nn.Module):
         cache: KVCache | None = None,
         key_padding_BS: torch.Tensor | None = None,
         ignore_index: int = -100,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Logits ``[B, T, V]``; with ``labels`` (already shifted: ``labels[t]`` is the target at ``t``),
         the mean cross-entropy over labels ≠ ``ignore_index``.
@@ -130,7 +131,11 @@ class MoETransformer(nn.Module):
         ``key_padding`` ``[B, cache.length + T]`` (False = padding) hides padded key slots, e.g. the left
         padding of a decode batch whose prompts differ in length. A query that sees nothing but padding
         gets NaN from SDPA, so padding is for keys only: prefill each prompt unpadded.
+        ``logits_to_keep`` > 0 computes logits for the last that many positions only (``[B, n, V]``): a
+        prefill needs the last position's, and the LM head over every prompt position is most of its cost.
         """
+        if logits_to_keep and labels_BT is not None:
+            raise ValueError("logits_to_keep is for generation; a loss needs the logits of every position")
         B, T = input_ids_BT.shape
         past = cache.length if cache is not None else 0
         if positions_BT is None:
@@ -146,7 +151,8 @@ class MoETransformer(nn.Module):
                 stats[block.index] = s
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
 
         out = ModelOutput(logits=logits, moe_stats=stats)
         if stats:

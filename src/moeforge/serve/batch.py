@@ -24,6 +24,7 @@ import torch
 
 from moeforge.model.layers import KVCache
 from moeforge.model.transformer import MoETransformer
+from moeforge.serve.decode import Decoder
 from moeforge.serve.request import Request
 from moeforge.serve.sampling import BatchSampler
 
@@ -48,6 +49,7 @@ class Batch:
     key_padding_BS: torch.Tensor | None
     positions_B: torch.Tensor
     next_B: torch.Tensor
+    decoder: Decoder | None = None  # the CPU decode path (moeforge.serve.decode), else the model's forward
     steps: int = 0  # tokens sampled per row so far, the prefill's included
 
     @property
@@ -62,11 +64,14 @@ class Batch:
             return
         cache = self.cache
         kp = self.key_padding_BS[:, : cache.length + 1] if self.key_padding_BS is not None else None
-        out = self.model(
-            self.next_B[:, None], positions_BT=self.positions_B[:, None], cache=cache, key_padding_BS=kp
-        )
+        if self.decoder is not None:
+            logits_BV = self.decoder.step(self.next_B, self.positions_B, cache, kp)
+        else:
+            logits_BV = self.model(
+                self.next_B[:, None], positions_BT=self.positions_B[:, None], cache=cache, key_padding_BS=kp
+            ).logits[:, -1]
         self.positions_B = self.positions_B + 1
-        self._pick(out.logits[:, -1])
+        self._pick(logits_BV)
 
     def _pick(self, logits_BV: torch.Tensor) -> None:
         """Sample the next token of every row, update the rows, and drop done rows when few remain."""
@@ -97,9 +102,15 @@ class Batch:
 
 
 @torch.inference_mode()
-def prefill(model: MoETransformer, requests: list[Request], vocab_limit: int | None = None) -> Batch:
+def prefill(
+    model: MoETransformer,
+    requests: list[Request],
+    vocab_limit: int | None = None,
+    decoder: Decoder | None = None,
+) -> Batch:
     """Prefill ``requests`` into a fresh left-padded cache on the model's device and pick each one's
-    first token; the caller has validated them (:meth:`Engine.prepare`)."""
+    first token; the caller has validated them (:meth:`Engine.prepare`). Decode steps go through
+    ``decoder`` when given."""
     cfg, dev = model.cfg, model.embed.weight.device
     P = max(len(r.prompt) for r in requests)
     cache = model.new_cache(len(requests), P + max(r.max_new for r in requests))
@@ -109,14 +120,14 @@ def prefill(model: MoETransformer, requests: list[Request], vocab_limit: int | N
         groups.setdefault(len(r.prompt), []).append(i)
     if len(groups) == 1:
         ids = torch.tensor([r.prompt for r in requests], device=dev)
-        logits_BV = model(ids, cache=cache).logits[:, -1]
+        logits_BV = model(ids, cache=cache, logits_to_keep=1).logits[:, -1]
     else:
         logits_BV = torch.empty(len(requests), cfg.vocab_size, device=dev)
         for length, members in groups.items():
             idx = torch.tensor(members, device=dev)
             part = model.new_cache(len(members), length)
             ids = torch.tensor([requests[i].prompt for i in members], device=dev)
-            logits_BV[idx] = model(ids, cache=part).logits[:, -1].float()
+            logits_BV[idx] = model(ids, cache=part, logits_to_keep=1).logits[:, -1].float()
             for layer in range(cfg.n_layers):
                 cache.k[layer][idx, :, P - length : P] = part.k[layer]
                 cache.v[layer][idx, :, P - length : P] = part.v[layer]
@@ -135,7 +146,7 @@ def prefill(model: MoETransformer, requests: list[Request], vocab_limit: int | N
     )
     positions = torch.tensor([len(r.prompt) for r in requests], device=dev)
     batch = Batch(
-        model, vocab_limit, list(requests), cache, sampler, key_padding, positions, next_B=positions
+        model, vocab_limit, list(requests), cache, sampler, key_padding, positions, positions, decoder
     )
     batch._pick(logits_BV)  # sets next_B
     return batch

@@ -41,6 +41,7 @@ from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import MoETransformer
 from moeforge.serve.batch import Batch, prefill
 from moeforge.serve.chat import ChatError, chat_messages, chat_text, encode_chat, plain_tokenizer
+from moeforge.serve.decode import Decoder, fast_decode_supported
 from moeforge.serve.request import Completion, FinishReason, Request
 from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams
 
@@ -85,7 +86,9 @@ class Engine:
     marked ``ignore_eos`` (default: the tokenizer's ``<|endoftext|>``). ``max_batch`` rows decode
     together; more prompts are split into batches of similar length. The model is put in eval mode
     (no router noise). Ids the model has but the tokenizer does not (a vocabulary rounded up for
-    speed) are never generated.
+    speed) are never generated. ``fast_decode`` (default: on for a float32 model on CPU) decodes through
+    :class:`~moeforge.serve.decode.Decoder`, which keeps a decode-friendly copy of the weights (about the
+    model's size again); False uses the model's own forward for every step.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class Engine:
         device: torch.device | str | None = None,
         max_batch: int = 8,
         eos_ids: Sequence[int] | None = None,
+        fast_decode: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1 (got {max_batch})")
@@ -117,6 +121,12 @@ class Engine:
             eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
             eos_ids = [] if eos is None else [eos]
         self.eos_ids = frozenset(eos_ids)
+        supported = fast_decode_supported(self.model)
+        if fast_decode and not supported:
+            raise EngineError("fast_decode needs a float32 model on CPU (on GPU the model's forward is used)")
+        self.decoder = (
+            Decoder(self.model, max_batch) if (fast_decode is None and supported) or fast_decode else None
+        )
 
     # ---- loading --------------------------------------------------------------------------------------
 
@@ -130,6 +140,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         max_batch: int = 8,
         eos_ids: Sequence[int] | None = None,
+        fast_decode: bool | None = None,
     ) -> Engine:
         """An engine for a trainer checkpoint (``model.safetensors`` + ``state.json`` with ``model_config``)
         or a run directory (its latest checkpoint). ``tokenizer``: a tokenizer, a path to one, or None to
@@ -168,7 +179,9 @@ class Engine:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
         log.info("loaded %s (%s) on %s", ckpt, cfg.name, dev)
-        return cls(model, tokenizer, device=dev, max_batch=max_batch, eos_ids=eos_ids)
+        return cls(
+            model, tokenizer, device=dev, max_batch=max_batch, eos_ids=eos_ids, fast_decode=fast_decode
+        )
 
     # ---- text -----------------------------------------------------------------------------------------
 
@@ -320,7 +333,9 @@ class Engine:
         for i, r in enumerate(requests):
             if r.tokens or r.done:
                 raise EngineError(f"request {i} has already run; prepare a new one")
-        return prefill(self.model, requests, self.vocab_limit)
+        if self.decoder is not None:
+            self.decoder.refresh()  # the model's weights may have changed since the last batch
+        return prefill(self.model, requests, self.vocab_limit, self.decoder)
 
     def _prepare(self, prompt: list[int] | str, p: SamplingParams, *, stream: bool, what: str) -> Request:
         limit = self.cfg.max_seq_len

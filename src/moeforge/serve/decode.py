@@ -1,0 +1,283 @@
+"""The decode step on CPU: the model's forward for one new token per row, with weights laid out for it.
+
+A decode step multiplies a handful of rows (the batch) by every weight matrix, so it is bound by
+reading weights from memory and by per-call overhead, not by arithmetic. ``nn.Linear`` keeps weights as
+``[out, in]`` and the CPU GEMM for ``x @ W.T`` with 2-16 rows runs at a third of the memory bandwidth
+(measured in ``benchmarks/generate.py``'s notes, docs/PERFORMANCE.md). :class:`Decoder` therefore keeps
+a second copy of the weights, made once per engine:
+
+* every projection as ``W.T`` contiguous, so one row is a GEMV at full bandwidth; the query, key and
+  value projections side by side (one call instead of three), likewise a dense MLP's gate and up;
+* the LM head and, for steps that touch most experts, the experts of each MoE layer concatenated into
+  one matrix, also prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``), whose kernel
+  keeps near full bandwidth at 2-16 rows where the plain GEMM does not. Where the kernel is missing or
+  disagrees with ``x @ W.T`` on a probe, the plain layout is used.
+
+Per MoE layer a step either loops over the experts its rows chose (few experts touched: each is read
+once, in place) or, when at least half of the experts are touched, runs all of them as two GEMMs over
+the concatenated weights with the routing weights zero for experts a row did not choose. Routing itself
+is the layer's own router (same noise-free eval semantics, ghost masks, aux-free bias). A layer with a
+``capacity_factor`` runs its own forward, since what it drops depends on the whole batch.
+
+The math is the model's; float rounding differs (other GEMM kernels, the routing weight applied before
+the down projection in the all-experts path), on the order of 1e-6 relative. ``tests/serve/test_decode.py``
+pins the logits against ``MoETransformer.forward`` for dense, MoE, ghost, shared-expert and
+padded-batch models. The copy costs about the model's size again in memory (:attr:`Decoder.nbytes`);
+``Engine(fast_decode=False)`` turns it off. Weights are checked for changes (in-place updates bump a
+tensor's version) each time a batch starts, and the copy is rebuilt when they changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moeforge.model.layers import KVCache, SwiGLU, build_attention_mask
+from moeforge.model.moe import MoELayer
+from moeforge.model.transformer import MoETransformer
+
+__all__ = ["Decoder", "fast_decode_supported"]
+
+log = logging.getLogger(__name__)
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fast_decode_supported(model: MoETransformer) -> bool:
+    """Whether :class:`Decoder` applies: a CPU model in float32 (on GPU the stock forward is the fast one)."""
+    p = model.embed.weight
+    return p.device.type == "cpu" and p.dtype == torch.float32
+
+
+def _plain(weight_OI: torch.Tensor) -> Linear:
+    wt_IO = weight_OI.detach().t().contiguous()
+    return lambda x: x @ wt_IO
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    return bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())))
+
+
+class _Packed:
+    """``x @ W.T`` with ``W`` prepacked for a GEMM of ``rows`` rows: MKL's packed GEMM (the fastest at
+    2-16 rows; it needs exactly ``rows`` rows, so fewer are zero-padded and more are chunked), else
+    oneDNN's prepacked linear (any row count), else the plain layout when neither kernel exists or
+    agrees with ``x @ W.T`` on a probe. With ``gemv``, a single row goes through the plain layout (a
+    GEMV is at full bandwidth already), at the cost of a plain copy too."""
+
+    def __init__(self, weight_OI: torch.Tensor, rows: int, *, gemv: bool = True) -> None:
+        w = weight_OI.detach().contiguous()
+        self.rows, self.n_in = rows, w.shape[1]
+        self.kind = "plain"
+        self.wt_IO: torch.Tensor | None = None
+        probe = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0))
+        ref = probe @ w.t()
+        try:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+            # the kernel reads only the packed copy when the row count matches; the original weight it
+            # takes for the shape (and for a fallback we never trigger) can be a stride-0 stand-in
+            self.shape_only = w.new_zeros(1).expand(w.shape)
+            self.kind = "mkl"
+            if not _close(self._mkl(probe), ref):
+                raise RuntimeError("MKL's packed GEMM disagrees with x @ W.T")
+        except (RuntimeError, AttributeError) as exc:
+            log.debug("MKL packed GEMM unavailable (%s)", exc)
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+                self.kind = "onednn"
+                if not _close(self._onednn(probe), ref):
+                    raise RuntimeError("oneDNN's prepacked linear disagrees with x @ W.T") from None
+            except (RuntimeError, AttributeError) as exc2:
+                log.debug("oneDNN prepacked linear unavailable (%s); plain layout", exc2)
+                self.kind, self.packed = "plain", None
+        if gemv or self.kind == "plain":
+            self.wt_IO = w.t().contiguous()
+
+    def _mkl(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, None, self.rows)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self.wt_IO is not None and (m == 1 or self.kind == "plain"):
+            return x @ self.wt_IO
+        if self.kind == "onednn":
+            return self._onednn(x)
+        if m == self.rows:
+            return self._mkl(x)
+        if m < self.rows:
+            padded = x.new_zeros(self.rows, self.n_in)
+            padded[:m] = x
+            return self._mkl(padded)[:m]
+        return torch.cat([self(x[i : i + self.rows]) for i in range(0, m, self.rows)])
+
+
+class _AttentionWeights:
+    def __init__(self, block: torch.nn.Module) -> None:
+        a = block.attn
+        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.qkv = _plain(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        self.o = _plain(a.o_proj.weight)
+
+
+class _DenseMLPWeights:
+    def __init__(self, mlp: SwiGLU) -> None:
+        self.hidden = mlp.gate_proj.weight.shape[0]
+        self.gate_up = _plain(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = _plain(mlp.down_proj.weight)
+
+    def __call__(self, h_BD: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(h_BD)
+        return self.down(F.silu(gu[:, : self.hidden]) * gu[:, self.hidden :])
+
+
+class _MoEWeights:
+    """One MoE layer: its experts in place (loop path) and concatenated + prepacked (all-experts path)."""
+
+    def __init__(self, layer: MoELayer, rows: int) -> None:
+        self.layer = layer
+        slots, d, g = layer.w13.shape
+        self.slots, self.hidden = slots, g // 2
+        # all experts as one [D, E·2F] GEMM and one [E·F, D] GEMM (as linears: [out, in])
+        # (only batches of 2+ rows take this path: no GEMV copy)
+        self.w13_all = _Packed(layer.w13.detach().permute(0, 2, 1).reshape(slots * g, d), rows, gemv=False)
+        self.w2_all = _Packed(layer.w2.detach().reshape(slots * self.hidden, d).t(), rows, gemv=False)
+
+    def __call__(self, h_BD: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if layer.cfg.capacity_factor is not None:
+            return layer(h_BD, stats=False)[0]  # drops depend on the whole batch: the layer decides
+        ghost_alpha = layer.ghost_alpha if layer.num_ghost else None
+        indices_Bk, weights_Bk = layer.router.select(h_BD, ghost_alpha)
+        if ghost_alpha is not None:
+            scale_E = torch.cat([ghost_alpha.new_ones(layer.num_experts), ghost_alpha]).to(weights_Bk.dtype)
+            weights_Bk = weights_Bk * scale_E[indices_Bk]
+        chosen = indices_Bk.tolist()
+        if h_BD.shape[0] > 1 and 2 * len({e for row in chosen for e in row}) >= self.slots:
+            out = self._all_experts(h_BD, indices_Bk, weights_Bk)
+        else:
+            out = self._chosen_experts(h_BD, chosen, weights_Bk)
+        if layer.shared is not None:
+            s_BD = layer.shared(h_BD)
+            if layer.shared_gate is not None:
+                s_BD = torch.sigmoid(layer.shared_gate(h_BD)) * s_BD
+            out = out + s_BD
+        return out
+
+    def _all_experts(self, h_BD: torch.Tensor, idx_Bk: torch.Tensor, w_Bk: torch.Tensor) -> torch.Tensor:
+        b, f = h_BD.shape[0], self.hidden
+        w_BE = h_BD.new_zeros(b, self.slots).scatter_(1, idx_Bk, w_Bk)
+        h_BEG = self.w13_all(h_BD).view(b, self.slots, 2 * f)
+        a_BEF = F.silu(h_BEG[..., :f]) * h_BEG[..., f:]
+        return self.w2_all((a_BEF * w_BE[:, :, None]).view(b, self.slots * f))
+
+    def _chosen_experts(
+        self, h_BD: torch.Tensor, chosen: list[list[int]], w_Bk: torch.Tensor
+    ) -> torch.Tensor:
+        """Each chosen expert once, on the rows that chose it, its weights read in place."""
+        w13, w2, f = self.layer.w13, self.layer.w2, self.hidden
+        if h_BD.shape[0] == 1:  # one row: no gather, no scatter; the weighted sum folded into addmm
+            out: torch.Tensor | None = None
+            for e, w in zip(chosen[0], w_Bk[0].tolist(), strict=True):
+                hg = h_BD @ w13[e]
+                a = F.silu(hg[:, :f]) * hg[:, f:]
+                out = a @ w2[e] * w if out is None else torch.addmm(out, a, w2[e], alpha=w)
+            assert out is not None
+            return out
+        by_expert: dict[int, tuple[list[int], list[int]]] = {}
+        for n, row in enumerate(chosen):
+            for j, e in enumerate(row):
+                rows, slots = by_expert.setdefault(e, ([], []))
+                rows.append(n)
+                slots.append(j)
+        out = h_BD.new_zeros(h_BD.shape)
+        for e, (rows, slots) in by_expert.items():
+            rows_t = torch.tensor(rows, device=h_BD.device)
+            w = w_Bk[rows_t, torch.tensor(slots, device=h_BD.device)][:, None]
+            hg = h_BD.index_select(0, rows_t) @ w13[e]
+            out.index_add_(0, rows_t, (F.silu(hg[:, :f]) * hg[:, f:]) @ w2[e] * w)
+        return out
+
+
+class Decoder:
+    """One-token decode steps of ``model`` (see the module docstring); made by the engine.
+
+    ``rows``: the batch size the packed weights are tuned for (the engine's ``max_batch``); any batch
+    size works.
+    """
+
+    def __init__(self, model: MoETransformer, rows: int = 8) -> None:
+        if not fast_decode_supported(model):
+            raise ValueError("the fast decode path is for float32 models on CPU")
+        self.model = model
+        self.rows = min(max(rows, 2), 16)
+        self._build()
+
+    def _sources(self) -> list[tuple[torch.Tensor, int]]:
+        return [(p, p._version) for p in self.model.parameters()]
+
+    def _build(self) -> None:
+        m, rows = self.model, self.rows
+        with torch.no_grad():
+            self.attn = [_AttentionWeights(b) for b in m.blocks]
+            self.mlp: list[_DenseMLPWeights | _MoEWeights] = [
+                _MoEWeights(b.mlp, rows) if isinstance(b.mlp, MoELayer) else _DenseMLPWeights(b.mlp)
+                for b in m.blocks
+            ]
+            self.lm_head = _Packed(m.lm_head.weight, rows)
+        self._seen = self._sources()
+
+    @property
+    def nbytes(self) -> int:
+        """Roughly the memory the copy takes: the model's parameter bytes (its own layout aside)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def refresh(self) -> bool:
+        """Rebuild the copy if a weight of the model was replaced or changed in place; True if it was."""
+        seen = self._sources()
+        if len(seen) == len(self._seen) and all(
+            p is q and v == w for (p, v), (q, w) in zip(seen, self._seen, strict=True)
+        ):
+            return False
+        log.info("model weights changed since the decode copy was made; rebuilding it")
+        self._build()
+        return True
+
+    @torch.inference_mode()
+    def step(
+        self,
+        ids_B: torch.Tensor,
+        positions_B: torch.Tensor,
+        cache: KVCache,
+        key_padding_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, V]`` of the next token after ``ids_B`` (one new token per row) at RoPE positions
+        ``positions_B``; appends the tokens' keys and values to ``cache``. ``key_padding_BS``
+        ``[B, cache.length + 1]`` (False = padding) as in :meth:`MoETransformer.forward`."""
+        m = self.model
+        b = ids_B.shape[0]
+        cos_BD, sin_BD = m.rope(positions_B[:, None])  # [B, 1, Dh]
+        half = cos_BD.shape[-1] // 2
+        # rotate_half(x)·sin == roll(x, half)·(sin with its first half negated): one call, same values
+        sin_signed = torch.cat([-sin_BD[..., :half], sin_BD[..., half:]], dim=-1)
+        mask = build_attention_mask(1, cache.length, None, key_padding_BS, device=ids_B.device)
+        x = m.embed(ids_B)
+        for i, (block, attn, mlp) in enumerate(zip(m.blocks, self.attn, self.mlp, strict=True)):
+            nh, nkv, dh = attn.n_heads, attn.n_kv, attn.head_dim
+            qkv = attn.qkv(block.attn_norm(x))
+            qk = qkv[:, : (nh + nkv) * dh].view(b, nh + nkv, dh)
+            qk = qk * cos_BD + torch.roll(qk, half, dims=-1) * sin_signed
+            v = qkv[:, (nh + nkv) * dh :].view(b, nkv, 1, dh)
+            k_all, v_all = cache.update(i, qk[:, nh:, None], v)
+            y = F.scaled_dot_product_attention(
+                qk[:, :nh, None], k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh
+            )
+            x = x + attn.o(y.reshape(b, nh * dh))
+            x = x + mlp(block.mlp_norm(x))
+        cache.advance(1)
+        return self.lm_head(m.norm(x))
