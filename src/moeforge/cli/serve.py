@@ -41,6 +41,12 @@ def serve(
     batch_wait_ms: float = typer.Option(
         10.0, "--batch-wait-ms", min=0.0, help="How long an idle server waits for companions of a request."
     ),
+    fast_decode: bool = typer.Option(
+        True,
+        "--fast-decode/--no-fast-decode",
+        help="On CPU (float32): decode through a weight copy laid out for one-token steps, ~1.5-2x faster "
+        "and 2-3x the weights' memory more. Ignored where it does not apply (GPU).",
+    ),
 ) -> None:
     """Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI schemas, streaming), /health
     and /metrics (Prometheus). Concurrent requests are decoded in one batch."""
@@ -59,4 +65,5 @@ def serve(
         device=device,
         max_batch=max_batch,
         max_batch_wait_ms=batch_wait_ms,
+        fast_decode=None if fast_decode else False,
     )

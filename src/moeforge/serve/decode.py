@@ -22,7 +22,8 @@ is the layer's own router (same noise-free eval semantics, ghost masks, aux-free
 The math is the model's; float rounding differs (other GEMM kernels, the routing weight applied before
 the down projection in the all-experts path), on the order of 1e-6 relative. ``tests/serve/test_decode.py``
 pins the logits against ``MoETransformer.forward`` for dense, MoE, ghost, shared-expert and
-padded-batch models. The copy costs about the model's size again in memory (:attr:`Decoder.nbytes`);
+padded-batch models. The copy costs 2-3x the weights in memory (:attr:`Decoder.nbytes`; MKL's packed
+format pads);
 ``Engine(fast_decode=False)`` turns it off. Weights are checked for changes (in-place updates bump a
 tensor's version) each time a batch starts, and the copy is rebuilt when they changed.
 """
@@ -30,7 +31,6 @@ tensor's version) each time a batch starts, and the copy is rebuilt when they ch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,6 @@ __all__ = ["Decoder", "fast_decode_supported"]
 
 log = logging.getLogger(__name__)
 
-Linear = Callable[[torch.Tensor], torch.Tensor]
-
 
 def fast_decode_supported(model: MoETransformer) -> bool:
     """Whether :class:`Decoder` applies: a CPU model in float32 (on GPU the stock forward is the fast one)."""
@@ -52,9 +50,18 @@ def fast_decode_supported(model: MoETransformer) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32
 
 
-def _plain(weight_OI: torch.Tensor) -> Linear:
-    wt_IO = weight_OI.detach().t().contiguous()
-    return lambda x: x @ wt_IO
+class _Plain:
+    """``x @ W.T`` with ``W.T`` stored contiguous: a GEMV at full bandwidth for one row."""
+
+    def __init__(self, weight_OI: torch.Tensor) -> None:
+        self.wt_IO = weight_OI.detach().t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.wt_IO
+
+    @property
+    def nbytes(self) -> int:
+        return self.wt_IO.numel() * self.wt_IO.element_size()
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -96,6 +103,12 @@ class _Packed:
         if gemv or self.kind == "plain":
             self.wt_IO = w.t().contiguous()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the packed copy (MKL's format pads, about 2.4x for fp32) and the plain one."""
+        held = [t for t in (self.packed, self.wt_IO) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
     def _mkl(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, None, self.rows)
 
@@ -117,19 +130,25 @@ class _Packed:
         return torch.cat([self(x[i : i + self.rows]) for i in range(0, m, self.rows)])
 
 
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze_(-1).mul_(1.0 / x.shape[-1]).add_(eps))
+
+
 class _AttentionWeights:
-    def __init__(self, block: torch.nn.Module) -> None:
+    def __init__(self, block: torch.nn.Module, rows: int) -> None:
         a = block.attn
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
-        self.qkv = _plain(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-        self.o = _plain(a.o_proj.weight)
+        self.eps = block.attn_norm.eps
+        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * block.attn_norm.weight[None, :]
+        self.qkv = _Packed(w, rows)
+        self.o = _Plain(a.o_proj.weight)
 
 
 class _DenseMLPWeights:
     def __init__(self, mlp: SwiGLU) -> None:
         self.hidden = mlp.gate_proj.weight.shape[0]
-        self.gate_up = _plain(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        self.down = _plain(mlp.down_proj.weight)
+        self.gate_up = _Plain(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = _Plain(mlp.down_proj.weight)
 
     def __call__(self, h_BD: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(h_BD)
@@ -224,18 +243,23 @@ class Decoder:
     def _build(self) -> None:
         m, rows = self.model, self.rows
         with torch.no_grad():
-            self.attn = [_AttentionWeights(b) for b in m.blocks]
+            self.attn = [_AttentionWeights(b, rows) for b in m.blocks]
             self.mlp: list[_DenseMLPWeights | _MoEWeights] = [
                 _MoEWeights(b.mlp, rows) if isinstance(b.mlp, MoELayer) else _DenseMLPWeights(b.mlp)
                 for b in m.blocks
             ]
-            self.lm_head = _Packed(m.lm_head.weight, rows)
+            self.lm_head = _Packed(m.lm_head.weight * m.norm.weight[None, :], rows)
         self._seen = self._sources()
 
     @property
     def nbytes(self) -> int:
-        """Roughly the memory the copy takes: the model's parameter bytes (its own layout aside)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes the decode-friendly copy of the weights holds (beyond the model's own)."""
+        linears: list[_Plain | _Packed] = [self.lm_head]
+        for a in self.attn:
+            linears += [a.qkv, a.o]
+        for m in self.mlp:
+            linears += [m.w13_all, m.w2_all] if isinstance(m, _MoEWeights) else [m.gate_up, m.down]
+        return sum(lin.nbytes for lin in linears)
 
     def refresh(self) -> bool:
         """Rebuild the copy if a weight of the model was replaced or changed in place; True if it was."""
@@ -269,15 +293,15 @@ class Decoder:
         x = m.embed(ids_B)
         for i, (block, attn, mlp) in enumerate(zip(m.blocks, self.attn, self.mlp, strict=True)):
             nh, nkv, dh = attn.n_heads, attn.n_kv, attn.head_dim
-            qkv = attn.qkv(block.attn_norm(x))
+            qkv = attn.qkv(_unit_rms(x, attn.eps))
             qk = qkv[:, : (nh + nkv) * dh].view(b, nh + nkv, dh)
-            qk = qk * cos_BD + torch.roll(qk, half, dims=-1) * sin_signed
+            qk = torch.addcmul(qk * cos_BD, torch.roll(qk, half, dims=-1), sin_signed)
             v = qkv[:, (nh + nkv) * dh :].view(b, nkv, 1, dh)
             k_all, v_all = cache.update(i, qk[:, nh:, None], v)
             y = F.scaled_dot_product_attention(
                 qk[:, :nh, None], k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh
             )
-            x = x + attn.o(y.reshape(b, nh * dh))
-            x = x + mlp(block.mlp_norm(x))
+            x = torch.addmm(x, y.reshape(b, nh * dh), attn.o.wt_IO)  # residual + o_proj in one call
+            x = x + mlp(_unit_rms(x, block.mlp_norm.eps) * block.mlp_norm.weight)
         cache.advance(1)
-        return self.lm_head(m.norm(x))
+        return self.lm_head(_unit_rms(x, m.norm.eps))

@@ -19,9 +19,16 @@ class ServeError(ValueError):
     """A model path or server setting that cannot be served; the message says what to do."""
 
 
-def load_engine(path: str | os.PathLike[str], *, device: str | None = None, max_batch: int = 8) -> Engine:
+def load_engine(
+    path: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    max_batch: int = 8,
+    fast_decode: bool | None = None,
+) -> Engine:
     """An engine for a Hugging Face export directory (``config.json`` + ``*.safetensors``, with
-    ``tokenizer.json`` beside them for text), a trainer checkpoint or a training run directory."""
+    ``tokenizer.json`` beside them for text), a trainer checkpoint or a training run directory.
+    ``fast_decode``: see :class:`Engine` (None: on where it applies)."""
     p = Path(path)
     if not p.exists():
         raise ServeError(
@@ -37,9 +44,9 @@ def load_engine(path: str | os.PathLike[str], *, device: str | None = None, max_
         tokenizer = load_tokenizer(p) if (p / "tokenizer.json").is_file() else None
         if tokenizer is None:
             log.warning("%s: no tokenizer.json; the server takes token-id prompts only", p)
-        return Engine(model, tokenizer, device=device, max_batch=max_batch)
+        return Engine(model, tokenizer, device=device, max_batch=max_batch, fast_decode=fast_decode)
     if (p / "state.json").is_file() or (p / "checkpoints").is_dir():
-        return Engine.from_checkpoint(p, device=device, max_batch=max_batch)
+        return Engine.from_checkpoint(p, device=device, max_batch=max_batch, fast_decode=fast_decode)
     raise ServeError(
         f"{p}: neither a Hugging Face export (config.json + model.safetensors) nor a trainer checkpoint "
         "(state.json + model.safetensors) or run directory (checkpoints/)"
@@ -82,6 +89,7 @@ def serve(
     device: str | None = None,
     max_batch: int = 8,
     max_batch_wait_ms: float = 10.0,
+    fast_decode: bool | None = None,
 ) -> None:
     """Load ``path`` (see :func:`load_engine`) and serve it with uvicorn until interrupted.
     ``system_prompt`` None means the one the model was trained with (:func:`find_system_prompt`), if
@@ -90,7 +98,7 @@ def serve(
 
     from moeforge.serve.api import create_app  # the app module imports this one for ServeError
 
-    engine = load_engine(path, device=device, max_batch=max_batch)
+    engine = load_engine(path, device=device, max_batch=max_batch, fast_decode=fast_decode)
     if system_prompt is None:
         system_prompt = find_system_prompt(path)
         if system_prompt:
