@@ -193,7 +193,15 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [N, k], weights [N, k])`` exactly as :meth:`forward` picks them without noise (eval),
         in as few tensor operations as possible: the decode step's routing (nothing else is computed)."""
-        logits_NE = F.linear(x_ND, self.weight).float()
+        indices_Nk, weights_Nk = self.select_from_logits(F.linear(x_ND, self.weight), ghost_alpha)
+        return indices_Nk, weights_Nk.to(x_ND.dtype)
+
+    def select_from_logits(
+        self, logits_NE: torch.Tensor, ghost_alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`select` given the router logits ``x @ weight.T`` (computed elsewhere, e.g. fused into a
+        larger matmul); the weights are float32."""
+        logits_NE = logits_NE.float()
         active = self.active_mask(ghost_alpha)
         if active is not None:
             logits_NE = logits_NE.masked_fill(~active, float("-inf"))
@@ -210,7 +218,7 @@ class Router(nn.Module):
             weights_Nk = torch.ones_like(weights_Nk)  # forward's value in eval: exactly 1
         elif self.renormalize:
             weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
-        return indices_Nk, weights_Nk.to(x_ND.dtype)
+        return indices_Nk, weights_Nk
 
     @torch.no_grad()
     def step(self, ghost_alpha: torch.Tensor | None = None) -> None:

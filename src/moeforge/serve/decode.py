@@ -131,7 +131,7 @@ class _Packed:
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze_(-1).mul_(1.0 / x.shape[-1]).add_(eps))
+    return x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + eps)
 
 
 class _AttentionWeights:
@@ -156,44 +156,68 @@ class _DenseMLPWeights:
 
 
 class _MoEWeights:
-    """One MoE layer: its experts in place (loop path) and concatenated + prepacked (all-experts path)."""
+    """One MoE layer, given its input as unit-RMS rows (the norm's weight is folded in here): for batches
+    that touch most experts, all experts and the router as one prepacked GEMM, the down projections as
+    another; for the others, the chosen experts' weights in place."""
 
-    def __init__(self, layer: MoELayer, rows: int) -> None:
-        self.layer = layer
+    def __init__(self, layer: MoELayer, norm_weight: torch.Tensor, rows: int) -> None:
+        self.layer, self.norm_weight = layer, norm_weight
         slots, d, g = layer.w13.shape
-        self.slots, self.hidden = slots, g // 2
-        # all experts as one [D, E·2F] GEMM and one [E·F, D] GEMM (as linears: [out, in])
-        # (only batches of 2+ rows take this path: no GEMV copy)
-        self.w13_all = _Packed(layer.w13.detach().permute(0, 2, 1).reshape(slots * g, d), rows, gemv=False)
+        self.slots, self.hidden, self.top_k = slots, g // 2, layer.top_k
+        r = layer.router
+        self.plain_topk = r.renormalize and not (r.straight_through or r.aux_free_bias_rate or r.num_ghost)
+        # [out, in] rows: every expert's gate/up columns, then the router's logits (only batches of 2+
+        # rows take this path: no GEMV copy)
+        up = torch.cat(
+            [layer.w13.detach().permute(0, 2, 1).reshape(slots * g, d), layer.router.weight.detach()]
+        )
+        self.w13_router = _Packed(up * norm_weight[None, :], rows, gemv=False)
         self.w2_all = _Packed(layer.w2.detach().reshape(slots * self.hidden, d).t(), rows, gemv=False)
 
-    def __call__(self, h_BD: torch.Tensor) -> torch.Tensor:
+    def __call__(self, xhat_BD: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        if layer.cfg.capacity_factor is not None:
-            return layer(h_BD, stats=False)[0]  # drops depend on the whole batch: the layer decides
+        b = xhat_BD.shape[0]
+        if layer.cfg.capacity_factor is not None:  # drops depend on the whole batch: the layer decides
+            return layer(xhat_BD * self.norm_weight, stats=False)[0]
         ghost_alpha = layer.ghost_alpha if layer.num_ghost else None
-        indices_Bk, weights_Bk = layer.router.select(h_BD, ghost_alpha)
-        if ghost_alpha is not None:
-            scale_E = torch.cat([ghost_alpha.new_ones(layer.num_experts), ghost_alpha]).to(weights_Bk.dtype)
-            weights_Bk = weights_Bk * scale_E[indices_Bk]
-        chosen = indices_Bk.tolist()
-        if h_BD.shape[0] > 1 and 2 * len({e for row in chosen for e in row}) >= self.slots:
-            out = self._all_experts(h_BD, indices_Bk, weights_Bk)
+        h_BD: torch.Tensor | None = None
+        if b > 1 and b * self.top_k >= self.slots:  # most experts get a row: run them all
+            out = self._all_experts(xhat_BD, ghost_alpha)
         else:
-            out = self._chosen_experts(h_BD, chosen, weights_Bk)
+            h_BD = xhat_BD * self.norm_weight
+            indices_Bk, weights_Bk = layer.router.select(h_BD, ghost_alpha)
+            out = self._chosen_experts(h_BD, indices_Bk.tolist(), self._ghost_scaled(indices_Bk, weights_Bk))
         if layer.shared is not None:
+            h_BD = xhat_BD * self.norm_weight if h_BD is None else h_BD
             s_BD = layer.shared(h_BD)
             if layer.shared_gate is not None:
                 s_BD = torch.sigmoid(layer.shared_gate(h_BD)) * s_BD
             out = out + s_BD
         return out
 
-    def _all_experts(self, h_BD: torch.Tensor, idx_Bk: torch.Tensor, w_Bk: torch.Tensor) -> torch.Tensor:
-        b, f = h_BD.shape[0], self.hidden
-        w_BE = h_BD.new_zeros(b, self.slots).scatter_(1, idx_Bk, w_Bk)
-        h_BEG = self.w13_all(h_BD).view(b, self.slots, 2 * f)
+    def _ghost_scaled(self, indices_Bk: torch.Tensor, weights_Bk: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if not layer.num_ghost:
+            return weights_Bk
+        scale_E = torch.cat([layer.ghost_alpha.new_ones(layer.num_experts), layer.ghost_alpha])
+        return weights_Bk * scale_E.to(weights_Bk.dtype)[indices_Bk]
+
+    def _all_experts(self, xhat_BD: torch.Tensor, ghost_alpha: torch.Tensor | None) -> torch.Tensor:
+        b, f, e = xhat_BD.shape[0], self.hidden, self.slots
+        both = self.w13_router(xhat_BD)
+        logits_BE = both[:, 2 * f * e :]
+        if self.plain_topk:
+            # renormalized top-k of a softmax is the softmax of the top-k logits: two operations, not
+            # four (every distinct operation after a weight-streaming GEMM pays for a cold cache)
+            top_Bk, indices_Bk = torch.topk(logits_BE, self.top_k, dim=-1)
+            weights_Bk = torch.softmax(top_Bk, dim=-1)
+        else:
+            indices_Bk, weights_Bk = self.layer.router.select_from_logits(logits_BE, ghost_alpha)
+            weights_Bk = self._ghost_scaled(indices_Bk, weights_Bk.to(xhat_BD.dtype))
+        w_BE = xhat_BD.new_zeros(b, e).scatter_(1, indices_Bk, weights_Bk)
+        h_BEG = both[:, : 2 * f * e].view(b, e, 2 * f)
         a_BEF = F.silu(h_BEG[..., :f]) * h_BEG[..., f:]
-        return self.w2_all((a_BEF * w_BE[:, :, None]).view(b, self.slots * f))
+        return self.w2_all((a_BEF * w_BE[:, :, None]).view(b, e * f))
 
     def _chosen_experts(
         self, h_BD: torch.Tensor, chosen: list[list[int]], w_Bk: torch.Tensor
@@ -245,7 +269,9 @@ class Decoder:
         with torch.no_grad():
             self.attn = [_AttentionWeights(b, rows) for b in m.blocks]
             self.mlp: list[_DenseMLPWeights | _MoEWeights] = [
-                _MoEWeights(b.mlp, rows) if isinstance(b.mlp, MoELayer) else _DenseMLPWeights(b.mlp)
+                _MoEWeights(b.mlp, b.mlp_norm.weight, rows)
+                if isinstance(b.mlp, MoELayer)
+                else _DenseMLPWeights(b.mlp)
                 for b in m.blocks
             ]
             self.lm_head = _Packed(m.lm_head.weight * m.norm.weight[None, :], rows)
@@ -258,7 +284,7 @@ class Decoder:
         for a in self.attn:
             linears += [a.qkv, a.o]
         for m in self.mlp:
-            linears += [m.w13_all, m.w2_all] if isinstance(m, _MoEWeights) else [m.gate_up, m.down]
+            linears += [m.w13_router, m.w2_all] if isinstance(m, _MoEWeights) else [m.gate_up, m.down]
         return sum(lin.nbytes for lin in linears)
 
     def refresh(self) -> bool:
@@ -302,6 +328,7 @@ class Decoder:
                 qk[:, :nh, None], k_all, v_all, attn_mask=mask, enable_gqa=nkv != nh
             )
             x = torch.addmm(x, y.reshape(b, nh * dh), attn.o.wt_IO)  # residual + o_proj in one call
-            x = x + mlp(_unit_rms(x, block.mlp_norm.eps) * block.mlp_norm.weight)
+            xhat = _unit_rms(x, block.mlp_norm.eps)
+            x = x + (mlp(xhat) if isinstance(mlp, _MoEWeights) else mlp(xhat * block.mlp_norm.weight))
         cache.advance(1)
         return self.lm_head(_unit_rms(x, m.norm.eps))
