@@ -190,3 +190,21 @@ def test_rmsnorm_float32_is_bit_identical_to_its_formula() -> None:
     x = 5 * torch.randn(3, 11, 96)
     formula = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
     assert torch.equal(norm(x), formula)
+
+
+def test_row_argmax_equals_torch_argmax_with_ties_nan_and_infinities() -> None:
+    from moeforge.serve.sampling import row_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1024, generator=gen)
+    x[1, 700] = x[1, 300] = 50.0  # a tie across blocks: the first wins
+    x[2, 10] = x[2, 11] = 50.0  # a tie inside a block
+    x[3] = float("-inf")  # nothing but -inf: index 0
+    x[4, 900] = float("nan")  # NaN counts as the maximum
+    x[5, 5] = float("inf")
+    x[6] = 7.0  # all equal
+    assert torch.equal(row_argmax(x), x.argmax(-1))
+    wide = torch.randn(6, 3, 1024, generator=gen)[:, 1]  # a non-contiguous [B, V] view, as logits[:, -1]
+    assert torch.equal(row_argmax(wide), wide.argmax(-1))
+    odd = torch.randn(8, 1000, generator=gen)  # not a multiple of the block: torch's argmax
+    assert torch.equal(row_argmax(odd), odd.argmax(-1))

@@ -274,6 +274,10 @@ class Decoder:
                 else _DenseMLPWeights(b.mlp)
                 for b in m.blocks
             ]
+            # RoPE tables; rotate_half(x)·sin == roll(x, half)·(sin with its first half negated)
+            cos, sin = (t[0] for t in m.rope(torch.arange(m.cfg.max_seq_len)[None]))  # [S, Dh] float32
+            half = cos.shape[-1] // 2
+            self.cos, self.sin_signed = cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
             self.lm_head = _Packed(m.lm_head.weight * m.norm.weight[None, :], rows)
         self._seen = self._sources()
 
@@ -307,14 +311,15 @@ class Decoder:
         key_padding_BS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, V]`` of the next token after ``ids_B`` (one new token per row) at RoPE positions
-        ``positions_B``; appends the tokens' keys and values to ``cache``. ``key_padding_BS``
+        ``positions_B`` (below the model's ``max_seq_len``); appends the tokens' keys and values to ``cache``. ``key_padding_BS``
         ``[B, cache.length + 1]`` (False = padding) as in :meth:`MoETransformer.forward`."""
         m = self.model
         b = ids_B.shape[0]
-        cos_BD, sin_BD = m.rope(positions_B[:, None])  # [B, 1, Dh]
+        cos_BD, sin_signed = (
+            self.cos[positions_B][:, None],
+            self.sin_signed[positions_B][:, None],
+        )  # [B, 1, Dh]
         half = cos_BD.shape[-1] // 2
-        # rotate_half(x)·sin == roll(x, half)·(sin with its first half negated): one call, same values
-        sin_signed = torch.cat([-sin_BD[..., :half], sin_BD[..., half:]], dim=-1)
         mask = build_attention_mask(1, cache.length, None, key_padding_BS, device=ids_B.device)
         x = m.embed(ids_B)
         for i, (block, attn, mlp) in enumerate(zip(m.blocks, self.attn, self.mlp, strict=True)):
