@@ -2,30 +2,33 @@
 
 A decode step multiplies a handful of rows (the batch) by every weight matrix, so it is bound by
 reading weights from memory and by per-call overhead, not by arithmetic. ``nn.Linear`` keeps weights as
-``[out, in]`` and the CPU GEMM for ``x @ W.T`` with 2-16 rows runs at a third of the memory bandwidth
-(measured in ``benchmarks/generate.py``'s notes, docs/PERFORMANCE.md). :class:`Decoder` therefore keeps
-a second copy of the weights, made once per engine:
+``[out, in]``, and the CPU GEMM for ``x @ W.T`` with 8 rows streams them at a third of the memory
+bandwidth (docs/PERFORMANCE.md, "Decode"). :class:`Decoder` therefore keeps a second copy of the
+weights, made once per engine:
 
-* every projection as ``W.T`` contiguous, so one row is a GEMV at full bandwidth; the query, key and
-  value projections side by side (one call instead of three), likewise a dense MLP's gate and up;
-* the LM head and, for steps that touch most experts, the experts of each MoE layer concatenated into
-  one matrix, also prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``), whose kernel
-  keeps near full bandwidth at 2-16 rows where the plain GEMM does not. Where the kernel is missing or
-  disagrees with ``x @ W.T`` on a probe, the plain layout is used.
+* projections as ``W.T`` contiguous, so one row is a GEMV at full bandwidth; query, key and value side
+  by side (one call instead of three), likewise a dense MLP's gate and up; each RMSNorm's weight folded
+  into the projection after it;
+* the LM head, the query/key/value projection and, per MoE layer, every expert's gate/up projection
+  plus the router (one matrix) and every down projection (another) packed for MKL's packed GEMM at
+  ``rows`` rows (``torch.ops.mkl._mkl_linear``: 12-14 GB/s at 8 rows where the plain GEMM reaches 5-8),
+  else oneDNN's prepacked linear, else the plain layout, whichever first exists and agrees with
+  ``x @ W.T`` on a probe.
 
-Per MoE layer a step either loops over the experts its rows chose (few experts touched: each is read
-once, in place) or, when at least half of the experts are touched, runs all of them as two GEMMs over
-the concatenated weights with the routing weights zero for experts a row did not choose. Routing itself
-is the layer's own router (same noise-free eval semantics, ghost masks, aux-free bias). A layer with a
-``capacity_factor`` runs its own forward, since what it drops depends on the whole batch.
+An MoE layer whose batch gives every expert rows on average (``B·k >= E``) runs all experts and the
+router as one GEMM and the down projections as another, with a zero routing weight where a row did not
+choose an expert; a smaller batch routes with :meth:`Router.select` and runs only the chosen experts, on
+their weights in place. A layer with a ``capacity_factor`` runs its own forward, since what it drops
+depends on the whole batch. Every distinct operation right after a weight-streaming GEMM pays for cold
+caches (40-60 us here), so the step is written in as few operations as it can be.
 
-The math is the model's; float rounding differs (other GEMM kernels, the routing weight applied before
-the down projection in the all-experts path), on the order of 1e-6 relative. ``tests/serve/test_decode.py``
-pins the logits against ``MoETransformer.forward`` for dense, MoE, ghost, shared-expert and
-padded-batch models. The copy costs 2-3x the weights in memory (:attr:`Decoder.nbytes`; MKL's packed
-format pads);
-``Engine(fast_decode=False)`` turns it off. Weights are checked for changes (in-place updates bump a
-tensor's version) each time a batch starts, and the copy is rebuilt when they changed.
+The math is the model's; float rounding differs (other GEMM kernels, folded norm weights, the routing
+weight applied before the down projection), on the order of 1e-6 relative. ``tests/serve/test_decode.py``
+pins the logits against ``MoETransformer.forward`` for dense, MoE, ghost, shared-expert, capacity and
+padded-batch models. The copy costs about 2.5x the weights in memory (:attr:`Decoder.nbytes`; MKL's
+packed buffers are larger than the weights); ``Engine(fast_decode=False)`` turns it off. Weights are
+checked for changes (in-place updates bump a tensor's version) each time a batch starts, and the copy
+is rebuilt when they changed.
 """
 
 from __future__ import annotations
