@@ -1,0 +1,255 @@
+"""Configuration of the emergence experiment (:mod:`moeforge.eval.experiments`): the experiment YAML
+(:class:`EmergenceConfig`, one :class:`VariantConfig` per run), its loading with ``--quick`` and overrides,
+and the per-run training configs and resolved models built from it (equal active parameters checked).
+
+Design choices, so the comparison is fair and explainable:
+
+- **Equal active parameters.** Every run shares the base model (``model`` + ``model_overrides``). The
+  dense run replaces each MoE layer by a SwiGLU of width ``top_k × expert_hidden`` of the main run, so a
+  token touches the same weights except the router (``E · d_model`` per MoE layer). When MoE is in some
+  layers only, the base ``ffn_hidden`` must already equal that width (checked), so the dense layers of
+  the MoE runs and of the dense run are the same.
+- **Top-1 weights are the router probability** (Switch): with ``renormalize`` a top-1 weight is exactly 1
+  and the router would get no gradient from the language-model loss, so the MoE block of the shipped
+  config sets ``renormalize: false``; the top-2 run changes ``top_k`` only.
+- **No-LB ablation** sets ``lb_coef: 0`` and keeps the z-loss and the annealed router noise, so exactly
+  one thing differs from the main run.
+- **Collapse** is the trainer's detector (:mod:`moeforge.train.collapse`) with ``action: warn`` for every
+  MoE run, so a collapsed run keeps training on the same budget and we record the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from moeforge.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
+from moeforge.model.config import ModelConfig, MoEConfig
+from moeforge.model.sizing import count_params
+from moeforge.train.collapse import CollapseConfig
+from moeforge.train.config import OptimConfig, TrainConfig, resolve_model
+
+__all__ = [
+    "ROLES",
+    "EmergenceConfig",
+    "ExperimentError",
+    "Role",
+    "VariantConfig",
+    "load_emergence_config",
+    "resolve_models",
+    "train_config",
+]
+
+log = logging.getLogger("moeforge.eval.experiments")  # the experiment's logger, whatever the module
+
+Role = Literal["dense", "main", "no_lb", "top2"]
+ROLES: tuple[Role, ...] = ("dense", "main", "no_lb", "top2")
+# names the experiment directory uses itself; a variant may not take them
+_RESERVED = {"data", "tokenizer", "token-cache"}
+
+
+class ExperimentError(ValueError):
+    """The experiment cannot run as configured (failed data gates, a missing run …); says what to do."""
+
+
+class VariantConfig(StrictModel):
+    """One training run of the experiment."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run directory and report label")
+    role: Role = Field(description="dense | main | no_lb | top2: which of the study's comparisons it feeds")
+    description: str = ""
+    moe: dict[str, Any] = Field(
+        default_factory=dict, description="merged onto the experiment's `moe` block (not for dense)"
+    )
+
+
+class EmergenceConfig(StrictModel):
+    """``configs/experiments/emergence-*.yaml``; see ``emergence-tiny.yaml`` for a documented example."""
+
+    name: str = Field(default="emergence", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: str = Field(default="runs/emergence", description="everything the experiment writes")
+    data: str = Field(
+        default="builtin",
+        description="`builtin` (configs/data/demo.yaml: stdlib code, pydoc prose, generated math) or a "
+        "data recipe path (relative to the working directory)",
+    )
+    real_data: bool = Field(
+        default=False,
+        description="use configs/data/emergence-real.yaml (stdlib code, GSM8K, tiny Shakespeare under "
+        "$MOEFORGE_REAL_DATA) instead of `data`",
+    )
+    data_overrides: list[str] = Field(default_factory=list, description="key.path=value onto the recipe")
+    data_workers: int = Field(default=2, ge=1, description="processes for the data pipeline")
+    tokenizer_vocab: int = Field(default=4096, ge=300, description="byte-level BPE vocabulary size")
+    seq_len: int = Field(default=128, ge=8, description="tokens per packed training sequence")
+    model: str = Field(default="tiny", description="base model preset name or YAML path")
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="merged onto the preset for every run (dims, layers)"
+    )
+    moe: dict[str, Any] = Field(description="the main run's MoE block (MoEConfig fields)")
+    variants: list[VariantConfig] = Field(min_length=4)
+    steps: int = Field(ge=1, description="optimizer steps of every run (the same token budget)")
+    micro_batch: int = Field(ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1, description="routing loads and collapse checks every N steps")
+    eval_every: int = Field(default=50, ge=1, description="validation loss every N steps")
+    eval_max_batches: int | None = Field(default=8, ge=1, description="validation batches (null: all)")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="any other TrainConfig fields, for every run (device, precision)"
+    )
+    affinity_max_batches: int | None = Field(
+        default=None, ge=1, description="test batches for the expert × domain affinity (null: all)"
+    )
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="runs trained at the same time, each in its own process (1: one after another, in process)",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads per training process (null: torch's default); restored after",
+    )
+    similar_pct: float = Field(
+        default=1.0, gt=0, description="top-2 ≈ top-1 when their test losses differ by at most this %"
+    )
+    quick: dict[str, Any] = Field(
+        default_factory=dict, description="merged onto this config by --quick: a test-sized experiment"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EmergenceConfig:
+        roles = [v.role for v in self.variants]
+        wrong = {r: roles.count(r) for r in ROLES if roles.count(r) != 1}
+        if wrong:
+            raise ValueError(
+                f"variants need exactly one run per role {list(ROLES)}; got counts {wrong} (roles: {roles})"
+            )
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique (got {names})")
+        clash = sorted(set(names) & _RESERVED)
+        if clash:
+            raise ValueError(f"variant names {clash} are used by the experiment directory; rename them")
+        if self.real_data and self.data != "builtin":
+            raise ValueError(f"set either data ({self.data!r}) or real_data: true, not both")
+        if self.collapse.action != "warn":
+            raise ValueError(
+                "collapse.action must be warn: a stopped run would train on fewer tokens than the others"
+            )
+        for v in self.variants:
+            if v.role == "dense":
+                if v.moe:
+                    raise ValueError(f"variant {v.name!r} is the dense run; it takes no moe overrides")
+                continue
+            try:
+                MoEConfig.model_validate({**self.moe, **v.moe})
+            except ValueError as exc:
+                raise ValueError(f"variant {v.name!r}: moe: {exc}") from exc
+        return self
+
+    def variant(self, role: Role) -> VariantConfig:
+        return next(v for v in self.variants if v.role == role)
+
+    def moe_block(self, v: VariantConfig) -> dict[str, Any] | None:
+        """The MoE block of run ``v`` (None for the dense run)."""
+        return None if v.role == "dense" else {**self.moe, **v.moe}
+
+
+def load_emergence_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None, *, quick: bool = False
+) -> EmergenceConfig:
+    """Read an experiment YAML; with ``quick`` its ``quick:`` section is merged onto it first (nested
+    mappings merge key by key), then the ``key.path=value`` ``overrides`` apply."""
+    p = Path(path)
+    data = read_yaml(p)
+    if quick:
+        q = data.get("quick") or {}
+        if not isinstance(q, dict):
+            raise ConfigError(f"{p}: quick must be a mapping of settings merged onto the config (--quick)")
+        data = _merge(data, q)
+    data = apply_overrides(data, overrides or [])
+    return validate_config(EmergenceConfig, data, source=str(p))
+
+
+# ---- building the runs ---------------------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_config(
+    cfg: EmergenceConfig, v: VariantConfig, *, tokens_dir: Path, run_dir: Path
+) -> dict[str, Any]:
+    """The training config (plain data) of run ``v``: the shared base, the variant's model, one budget."""
+    overrides = dict(cfg.model_overrides)
+    if v.role == "dense":
+        main = cfg.moe_block(cfg.variant("main"))
+        assert main is not None
+        overrides["moe"] = None
+        overrides["ffn_hidden"] = int(main["top_k"]) * int(main["expert_hidden"])
+    else:
+        overrides["moe"] = cfg.moe_block(v)
+    data: dict[str, Any] = {
+        "name": f"{cfg.name}-{v.name}",
+        "out_dir": str(run_dir),
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "model_overrides": overrides,
+        "data": {"tokens": str(tokens_dir), "seq_len": cfg.seq_len, "attention": "document"},
+        "steps": cfg.steps,
+        "micro_batch": cfg.micro_batch,
+        "grad_accum": cfg.grad_accum,
+        "log_every": cfg.log_every,
+        "checkpoint_every": cfg.steps,
+        "keep_last": 1,
+        "eval": {"every": cfg.eval_every, "max_batches": cfg.eval_max_batches, "test_at_end": True},
+        "optim": cfg.optim.model_dump(mode="json"),
+        "collapse": cfg.collapse.model_dump(mode="json"),
+        "tensorboard": False,
+    }
+    return _merge(data, cfg.train)
+
+
+def resolve_models(
+    cfg: EmergenceConfig, train_cfgs: Mapping[str, dict[str, Any]], vocab_size: int
+) -> dict[str, ModelConfig]:
+    """Validate every run's config and resolve its model; checks the dense run's equal active size."""
+    models: dict[str, ModelConfig] = {}
+    for v in cfg.variants:
+        tc = validate_config(TrainConfig, train_cfgs[v.name], source=f"experiment run {v.name!r}")
+        models[v.name] = resolve_model(tc, vocab_size)
+    main_name, dense_name = cfg.variant("main").name, cfg.variant("dense").name
+    main = models[main_name]
+    assert main.moe is not None
+    width = main.moe.top_k * main.moe.expert_hidden
+    partial = len(main.moe_layer_indices) < main.n_layers
+    if partial and main.ffn_hidden != width:
+        raise ConfigError(
+            f"the main run has MoE in layers {main.moe_layer_indices} only, so its other layers are dense with "
+            f"ffn_hidden={main.ffn_hidden}; the dense baseline needs every layer {width} wide "
+            f"(top_k × expert_hidden) for equal active parameters: set model_overrides.ffn_hidden={width}"
+        )
+    a_main, a_dense = count_params(main).active, count_params(models[dense_name]).active
+    log.info(
+        "active parameters: main %s %d, dense %s %d (%+.2f%%, the router)",
+        main_name,
+        a_main,
+        dense_name,
+        a_dense,
+        100 * (a_main - a_dense) / a_dense,
+    )
+    return models
