@@ -9,7 +9,8 @@ prefilled in groups of equal length without padding (a padded *query* would have
 and SDPA returns NaN for it) and their keys and values copied into the shared cache; a batch whose
 prompts all have one length needs neither the copy nor the mask.
 
-Per step the batch runs one forward of ``[B, 1]`` tokens, samples all rows with one vectorized
+Per step the batch runs one forward of ``[B, 1]`` tokens (through the engine's CPU
+:class:`~moeforge.serve.decode.Decoder` when it has one), samples all rows with one vectorized
 :class:`~moeforge.serve.sampling.BatchSampler` call and moves the chosen ids to the CPU with one
 ``tolist()`` for the stop checks. Rows finish independently (stop token, stop string, ``max_tokens`` or
 the model's context) or are cancelled; once at most half of the batch is still running, the done rows
