@@ -278,7 +278,9 @@ class Decoder:
                 for b in m.blocks
             ]
             # RoPE tables; rotate_half(x)·sin == roll(x, half)·(sin with its first half negated)
-            cos, sin = (t[0] for t in m.rope(torch.arange(m.cfg.max_seq_len)[None]))  # [S, Dh] float32
+            s = m.cfg.max_seq_len
+            m.rope(torch.tensor([[s - 1]]))  # makes sure the module's float32 tables cover the context
+            cos, sin = m.rope.cos_cached[:s], m.rope.sin_cached[:s]  # [S, Dh]; cos is a view, not a copy
             half = cos.shape[-1] // 2
             self.cos, self.sin_signed = cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
             self.lm_head = _Packed(m.lm_head.weight * m.norm.weight[None, :], rows)
