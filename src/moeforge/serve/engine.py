@@ -127,6 +127,11 @@ class Engine:
         self.decoder = (
             Decoder(self.model, max_batch) if (fast_decode is None and supported) or fast_decode else None
         )
+        if self.decoder is not None:
+            log.info(
+                "CPU decode path on: %.0f MB of decode-friendly weights (fast_decode=False to save them)",
+                self.decoder.nbytes / 1e6,
+            )
 
     # ---- loading --------------------------------------------------------------------------------------
 
