@@ -1,0 +1,394 @@
+"""MinHash LSH cluster search: merge the tasks' sorted band-key files one band at a time, link the
+members of each bucket in a union-find (optionally only after a true-Jaccard check), and report stats.
+
+See :mod:`moeforge.data.dedup.minhash` (which re-exports the public names here) for the design.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeforge.data.dedup.minhash_config import MinHashConfig
+from moeforge.data.dedup.minhash_hashing import NO_KEY
+from moeforge.data.dedup.unionfind import find as _find
+from moeforge.data.dedup.unionfind import flatten as _flatten
+from moeforge.data.dedup.unionfind import union as _union
+
+__all__ = ["TASK_KEY_DTYPE", "NearDupResult", "NearDupStats", "ShinglesOf", "find_clusters"]
+
+# the logger of moeforge.data.dedup.minhash, where this code lived: log names and filters stay the same
+log = logging.getLogger("moeforge.data.dedup.minhash")
+
+ShinglesOf = Callable[[list[int]], Mapping[int, np.ndarray]]
+
+# one (key, row) pair of a task file; a file is an array of shape (bands, rows_in_task), each band sorted
+TASK_KEY_DTYPE = np.dtype([("key", "<u8"), ("idx", "<u4")])
+# bytes per row of a merge step besides the rows read: keys, global indices, sort order, sorted copies
+# (measured ~48 at the peak)
+_MERGE_TEMP_BYTES = 56
+
+
+# ------------------------------------------------------------------------------------- clustering
+
+
+@dataclass
+class NearDupStats:
+    """What the cluster search saw. Pairs are (bucket's first member, member), summed over bands."""
+
+    docs: int
+    docs_without_shingles: int
+    bands: int
+    buckets: int  # band buckets holding at least two documents, over all bands
+    candidate_pairs: int
+    verified_pairs: int  # candidate pairs whose true Jaccard was computed
+    rejected_pairs: int  # … and found below verify_jaccard
+    clusters: int
+    docs_in_clusters: int
+    cluster_sizes: dict[str, int] = field(default_factory=dict)  # "2", "3", "4-7", "8-15", …
+    merge_steps: int = 0
+    peak_bytes: int = 0  # estimate: union-find array + the largest merge / verification buffers
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class NearDupResult:
+    """``root[i]``: the global index of document ``i``'s cluster representative (its lowest index), or
+    ``i`` itself for a document in no cluster."""
+
+    root: np.ndarray
+    stats: NearDupStats
+
+    @property
+    def in_cluster(self) -> np.ndarray:
+        """True for every document that has a near-duplicate."""
+        idx = np.arange(len(self.root))
+        member = self.root != idx
+        member[self.root[member]] = True
+        return member
+
+
+def _size_bin(size: int) -> str:
+    if size < 4:
+        return str(size)
+    lo = 1 << (size.bit_length() - 1)
+    return f"{lo}-{2 * lo - 1}"
+
+
+class _Edges:
+    """Candidate pairs of one band: linked at once, or kept (spilling to disk) for verification."""
+
+    def __init__(
+        self,
+        parent: np.ndarray,
+        cfg: MinHashConfig,
+        work_dir: Path,
+        band: int,
+        spill_pairs: int,
+        shingles_of: ShinglesOf | None,
+        verify_batch_docs: int,
+    ):
+        self.parent, self.cfg, self.band = parent, cfg, band
+        self.work_dir, self.spill_pairs = work_dir, spill_pairs
+        self.shingles_of, self.verify_batch_docs = shingles_of, verify_batch_docs
+        self.pending: list[np.ndarray] = []
+        self.pending_n = 0
+        self.files: list[Path] = []
+        self.candidates = self.verified = self.rejected = 0
+        self.peak_bytes = 0
+
+    def add(self, u: np.ndarray, v: np.ndarray) -> None:
+        self.candidates += len(u)
+        if self.cfg.verify_jaccard is None:
+            _union(self.parent, u, v)
+            return
+        # nothing is linked while a band is merged, so "apart" is the state at the band's start
+        apart = _find(self.parent, u) != _find(self.parent, v)
+        if not apart.any():
+            return
+        self.pending.append(np.stack([u[apart], v[apart]], axis=1))
+        self.pending_n += int(apart.sum())
+        self.peak_bytes = max(self.peak_bytes, 16 * self.pending_n)
+        if self.pending_n >= self.spill_pairs:
+            path = self.work_dir / f"band{self.band:04d}-pairs{len(self.files):06d}.npy"
+            np.save(path, np.concatenate(self.pending), allow_pickle=False)
+            self.files.append(path)
+            self.pending, self.pending_n = [], 0
+
+    def finish(self) -> None:
+        """Verify the kept pairs (spilled files first, in order) and link those that pass."""
+        if self.cfg.verify_jaccard is None:
+            return
+        for path in self.files:
+            self._verify(np.load(path, allow_pickle=False))
+            path.unlink()
+        if self.pending:
+            self._verify(np.concatenate(self.pending))
+
+    def _verify(self, pairs: np.ndarray) -> None:
+        assert self.shingles_of is not None and self.cfg.verify_jaccard is not None
+        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # a bucket's pairs share their first doc
+        listed = pairs.tolist()
+        start = 0
+        while start < len(pairs):
+            docs: set[int] = set()
+            end = start
+            while end < len(listed):  # greedy: as many pairs as fit the docs-per-call bound
+                u, v = listed[end]
+                new = (u not in docs) + (v not in docs)
+                if docs and len(docs) + new > self.verify_batch_docs:
+                    break
+                docs.update((u, v))
+                end += 1
+            wanted = sorted(docs)
+            sets = self.shingles_of(wanted)
+            missing = [d for d in wanted if d not in sets]
+            if missing:
+                raise KeyError(f"shingles_of returned no shingle set for documents {missing[:5]}")
+            self.peak_bytes = max(self.peak_bytes, sum(int(np.asarray(sets[d]).nbytes) for d in wanted))
+            batch = pairs[start:end]
+            ok = np.fromiter(
+                (_jaccard(sets[u], sets[v]) >= self.cfg.verify_jaccard for u, v in listed[start:end]),
+                dtype=bool,
+                count=len(batch),
+            )
+            self.verified += len(batch)
+            self.rejected += int((~ok).sum())
+            _union(self.parent, batch[ok, 0], batch[ok, 1])
+            start = end
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two shingle sets (arrays; repeats ignored); two empty sets score 0."""
+    a, b = np.unique(a), np.unique(b)
+    union = len(a) + len(b)
+    if union == 0:
+        return 0.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (union - inter)
+
+
+class _TaskFile:
+    """One task's key file, read a slice at a time with plain reads: a memory map would leave every page
+    the merge touched counted in the process's resident memory."""
+
+    def __init__(self, path: Path, bands: int):
+        with open(path, "rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            except ValueError as exc:
+                raise ValueError(f"{path}: not a .npy file ({exc}); rerun its map task") from exc
+            self.offset = fh.tell()
+        if dtype != TASK_KEY_DTYPE or len(shape) != 2 or shape[0] != bands or fortran:
+            raise ValueError(
+                f"{path}: not a MinHash key file for {bands} bands (dtype {dtype}, shape {shape}); "
+                "it was written with another near_dedup.bands or by something else — rerun its map task"
+            )
+        self.path, self.n = path, int(shape[1])
+        # documents without shingles have key 0 in every band, so they open every band's sorted run
+        self.empty = 0
+        while self.empty < self.n:
+            keys = self.read(0, self.empty, 4096)["key"]
+            zeros = int(np.searchsorted(keys, NO_KEY, side="right"))
+            self.empty += zeros
+            if zeros < len(keys):
+                break
+
+    def read(self, band: int, start: int, count: int) -> np.ndarray:
+        count = max(0, min(count, self.n - start))
+        at = self.offset + (band * self.n + start) * TASK_KEY_DTYPE.itemsize
+        return np.fromfile(self.path, dtype=TASK_KEY_DTYPE, count=count, offset=at)
+
+
+class _BandRun:
+    """One band's sorted run in one task file."""
+
+    def __init__(self, task: _TaskFile, band: int):
+        self.task, self.band = task, band
+
+    def __len__(self) -> int:
+        return self.task.n
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        return self.task.read(self.band, start, count)
+
+
+def find_clusters(
+    band_key_files: Sequence[Path],
+    cfg: MinHashConfig,
+    work_dir: Path,
+    shingles_of: ShinglesOf | None = None,
+    *,
+    chunk_rows: int | None = None,
+    verify_batch_docs: int = 1024,
+) -> NearDupResult:
+    """Cluster near-duplicates over all tasks' key files (see the module docstring).
+
+    A document's global index is its row in the concatenation of the files, in the order given.
+    ``shingles_of(indices)`` (needed with ``cfg.verify_jaccard``) returns the shingle sets of those
+    global indices (:func:`shingles` of their texts); it is asked for at most ``verify_batch_docs``
+    documents per call. ``chunk_rows`` (rows read per task file per merge step) defaults to what fits
+    ``cfg.memory_mb``. Temporary files go to ``work_dir`` and are removed.
+    """
+    if cfg.verify_jaccard is not None and shingles_of is None:
+        raise ValueError("near_dedup.verify_jaccard is set but no shingles_of callback was given")
+    if verify_batch_docs < 2:
+        raise ValueError(f"verify_batch_docs must be at least 2 (got {verify_batch_docs})")
+    runs = [_TaskFile(Path(f), cfg.bands) for f in band_key_files]
+    sizes = np.array([r.n for r in runs], dtype=np.int64)
+    starts = np.zeros(len(runs) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    total = int(starts[-1])
+    budget = cfg.memory_mb * 2**20
+    live = max(1, int((sizes > 0).sum()))
+    chunk = chunk_rows or max(256, budget // (live * (TASK_KEY_DTYPE.itemsize + _MERGE_TEMP_BYTES)))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    parent = np.arange(total, dtype=np.int64)
+    peak = 0
+    stats = NearDupStats(
+        docs=total,
+        docs_without_shingles=sum(r.empty for r in runs),
+        bands=cfg.bands,
+        buckets=0,
+        candidate_pairs=0,
+        verified_pairs=0,
+        rejected_pairs=0,
+        clusters=0,
+        docs_in_clusters=0,
+    )
+    for band in range(cfg.bands):
+        cols = [_BandRun(r, band) for r in runs]
+        pos = [r.empty for r in runs]  # documents without shingles are never near-duplicates
+        edges = _Edges(parent, cfg, work_dir, band, chunk * live, shingles_of, verify_batch_docs)
+        while True:
+            step_peak = _merge_step(cols, pos, starts, chunk, edges, stats)
+            if step_peak < 0:
+                break
+            peak = max(peak, step_peak)
+        edges.finish()
+        stats.candidate_pairs += edges.candidates
+        stats.verified_pairs += edges.verified
+        stats.rejected_pairs += edges.rejected
+        peak = max(peak, edges.peak_bytes)
+    _flatten(parent, max(1 << 16, budget // 16))
+    _cluster_stats(parent, stats, max(1 << 16, budget // 16))
+    stats.peak_bytes = 8 * total + peak
+    log.info(
+        "near dedup: %d docs, %d bands, %d buckets, %d candidate pairs (%d verified, %d rejected), "
+        "%d clusters holding %d docs",
+        total, cfg.bands, stats.buckets, stats.candidate_pairs, stats.verified_pairs,
+        stats.rejected_pairs, stats.clusters, stats.docs_in_clusters,
+    )  # fmt: skip
+    return NearDupResult(root=parent, stats=stats)
+
+
+def _merge_step(
+    cols: list[_BandRun], pos: list[int], starts: np.ndarray, chunk: int, edges: _Edges, stats: NearDupStats
+) -> int:
+    """Take every complete bucket with key below the chunks' common bound from all runs and link it;
+    return the bytes held, or -1 when every run is exhausted."""
+    loaded: list[tuple[int, np.ndarray]] = []
+    bound: np.uint64 | None = None  # None: every chunk reaches its run's end, take everything
+    for t, col in enumerate(cols):
+        if pos[t] >= len(col):
+            continue
+        part = col.read(pos[t], chunk)
+        loaded.append((t, part))
+        if pos[t] + len(part) < len(col):
+            last = part["key"][-1]
+            bound = last if bound is None or last < bound else bound
+    if not loaded:
+        return -1
+    stats.merge_steps += 1
+    keys, gidx = [], []
+    for t, part in loaded:
+        take = len(part) if bound is None else int(np.searchsorted(part["key"], bound, side="left"))
+        keys.append(part["key"][:take])
+        gidx.append(part["idx"][:take].astype(np.int64) + starts[t])
+        pos[t] += take
+    k = np.concatenate(keys)
+    held = sum(p.nbytes for _, p in loaded) + _MERGE_TEMP_BYTES * len(k)
+    if not len(k):
+        assert bound is not None
+        _stream_bucket(cols, pos, starts, chunk, bound, edges, stats)
+        return held
+    g = np.concatenate(gidx)
+    del keys, gidx
+    order = np.argsort(k, kind="stable")  # runs are in global order, so ties stay in index order
+    k = k[order]
+    g = g[order]
+    del order
+    # keep only the rows of buckets with two or more documents (a small share)
+    same = k[1:] == k[:-1]
+    multi = np.zeros(len(k), dtype=bool)
+    multi[1:] |= same
+    multi[:-1] |= same
+    k, g = k[multi], g[multi]
+    if not len(k):
+        return held
+    first = np.empty(len(k), dtype=bool)
+    first[0] = True
+    first[1:] = k[1:] != k[:-1]
+    heads = np.flatnonzero(first)
+    sizes = np.diff(np.append(heads, len(k)))
+    stats.buckets += int((sizes > 1).sum())
+    anchor = np.repeat(g[heads], sizes)
+    member = ~first
+    edges.add(anchor[member], g[member])
+    return held
+
+
+def _stream_bucket(
+    cols: list[_BandRun],
+    pos: list[int],
+    starts: np.ndarray,
+    chunk: int,
+    key: np.uint64,
+    edges: _Edges,
+    stats: NearDupStats,
+) -> None:
+    """A bucket larger than a chunk: link its members to its first one, a chunk at a time."""
+    anchor, members = -1, 0
+    for t, col in enumerate(cols):
+        while pos[t] < len(col):
+            part = col.read(pos[t], chunk)
+            n = int(np.searchsorted(part["key"], key, side="right"))
+            if n == 0 or part["key"][0] != key:
+                break
+            g = part["idx"][:n].astype(np.int64) + starts[t]
+            if anchor < 0:
+                anchor, g = int(g[0]), g[1:]
+            if len(g):
+                edges.add(np.full(len(g), anchor, dtype=np.int64), g)
+            members += n
+            pos[t] += n
+            if n < len(part):
+                break
+    stats.buckets += members > 1
+
+
+def _cluster_stats(root: np.ndarray, stats: NearDupStats, chunk: int) -> None:
+    """Clusters and their size histogram, holding only clustered documents' roots."""
+    member_roots = []
+    for s in range(0, len(root), chunk):
+        part = root[s : s + chunk]
+        member_roots.append(part[part != np.arange(s, s + len(part))])
+    roots = np.concatenate(member_roots) if member_roots else np.zeros(0, dtype=np.int64)
+    ids, counts = np.unique(roots, return_counts=True)
+    stats.clusters = len(ids)
+    stats.docs_in_clusters = int(counts.sum()) + len(ids)
+    hist: dict[str, int] = {}
+    for size, n in zip(*np.unique(counts + 1, return_counts=True), strict=True):
+        b = _size_bin(int(size))
+        hist[b] = hist.get(b, 0) + int(n)
+    stats.cluster_sizes = hist
