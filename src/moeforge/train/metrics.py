@@ -19,15 +19,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moeforge.io import atomic_write_json, atomic_write_text
+from moeforge.io import atomic_write_json
 from moeforge.model.moe import MoELayer, MoEStats
 from moeforge.model.transformer import MoETransformer
+from moeforge.train.metric_log import MetricsWriter
 
 __all__ = [
     "MetricsWriter",
@@ -215,113 +215,6 @@ def _moe_layer(model: MoETransformer | None, layer: int) -> MoELayer | None:
         return None
     mlp = model.blocks[layer].mlp
     return mlp if isinstance(mlp, MoELayer) else None
-
-
-def _json_value(value: Any) -> Any:
-    """JSON-safe scalar: tensors to Python numbers, NaN/±inf to None (JSON has no spelling for them)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"metric values must be scalars; got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    raise TypeError(f"metric values must be numbers, strings, bools or None; got {type(value).__name__}")
-
-
-class MetricsWriter:
-    """Appends ``{"step": ..., "split": ..., **values}`` lines to ``<path_dir>/metrics.jsonl``.
-
-    One JSON object per line, flushed after every write so a killed run loses nothing it logged. NaN and
-    ±inf are written as ``null`` (strict JSON has no NaN, and ``jq``/pandas choke on Python's ``NaN``),
-    so a diverged loss shows up as a null, never as a broken file. Scalars also go to TensorBoard
-    (``<path_dir>/tensorboard``, tags ``{split}/{name}``, raw values there) when ``tensorboard`` is True
-    and the package is installed; otherwise that is skipped with one info line.
-
-    On ranks other than 0 every method is a no-op, so the trainer can call it unconditionally.
-    ``truncate_after_step`` (for a resumed run) first drops lines with a larger step — the steps that will
-    be trained again — and a torn last line from a crash, so the log has each step once.
-    """
-
-    def __init__(
-        self,
-        path_dir: str | os.PathLike[str],
-        *,
-        tensorboard: bool = True,
-        rank: int = 0,
-        truncate_after_step: int | None = None,
-    ) -> None:
-        self.path = Path(path_dir) / "metrics.jsonl"
-        self.enabled = rank == 0
-        self._fh: IO[str] | None = None
-        self._tb: Any = None
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after_step is not None and self.path.exists():
-            self._truncate(truncate_after_step)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.info("tensorboard is not installed; writing metrics to %s only", self.path)
-            else:
-                self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
-
-    def _truncate(self, step: int) -> None:
-        kept: list[str] = []
-        dropped = 0
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if int(obj.get("step", 0)) <= step:
-                kept.append(line)
-            else:
-                dropped += 1
-        if dropped:
-            log.info(
-                "metrics: dropped %d line(s) after step %d from %s (resumed run)", dropped, step, self.path
-            )
-            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-
-    def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
-        """Append one line; raises ValueError on a key that collides with ``step``/``split``."""
-        if not self.enabled or self._fh is None:
-            return
-        clash = {"step", "split"} & set(values)
-        if clash:
-            raise ValueError(f"metric names {sorted(clash)} are reserved; rename them")
-        record: dict[str, Any] = {"step": int(step), "split": split}
-        record.update((k, _json_value(v)) for k, v in values.items())
-        self._fh.write(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        if self._tb is not None:
-            for key, v in values.items():
-                if isinstance(v, torch.Tensor):
-                    v = v.item()
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{split}/{key}", v, step)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def peak_flops_cache_path() -> Path:

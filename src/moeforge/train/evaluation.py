@@ -1,0 +1,115 @@
+"""Evaluation: valid/test loss and perplexity, overall and per domain, eval batches, the optional splits.
+
+Split out of :mod:`moeforge.train.trainer`, which re-exports :func:`evaluate` and :func:`eval_batches`;
+the autocast and model-input helpers are shared with the training step there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moeforge.model.transformer import MoETransformer
+from moeforge.tokens.loader import TokenDataset, build_batch
+from moeforge.train.distributed import DistInfo, all_reduce_sum_tensor
+
+__all__ = ["eval_batches", "evaluate"]
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"labels_BT": batch["labels"].to(device)}
+    if document:
+        kw["doc_ids_BT"] = batch["doc_ids"].to(device)
+        kw["positions_BT"] = batch["positions"].to(device)
+    return kw
+
+
+def eval_batches(
+    ds: TokenDataset, batch_size: int, *, max_batches: int | None = None, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of an evaluation pass over ``ds``: every sample, or with ``max_batches`` an evenly
+    spaced subset of ``max_batches × batch_size × world_size`` samples (samples are stored domain by
+    domain, so taking the first ones would evaluate one domain only). Deterministic."""
+    n = len(ds)
+    if max_batches is not None and max_batches * batch_size * world_size < n:
+        idx = np.linspace(0, n - 1, max_batches * batch_size * world_size).round().astype(np.int64)
+    else:
+        idx = np.arange(n, dtype=np.int64)
+    mine = idx[rank::world_size]
+    for a in range(0, len(mine), batch_size):
+        part = mine[a : a + batch_size]
+        yield build_batch([ds], np.zeros(len(part), np.int64), part, ds.seq_len)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoETransformer,
+    batches: Iterable[dict[str, torch.Tensor]],
+    domains: list[str],
+    *,
+    device: torch.device,
+    precision: str = "auto",
+    document: bool = True,
+    info: DistInfo | None = None,
+) -> dict[str, float]:
+    """Token-weighted loss and perplexity over ``batches``, overall and per domain (``loss``, ``ppl``,
+    ``loss/<domain>``, ``ppl/<domain>``, ``tokens``). Eval forwards change nothing: the model is in eval
+    mode (no router noise, no aux-free bias or ghost updates)."""
+    was_training = model.training
+    model.eval()
+    n_dom = len(domains)
+    sums = torch.zeros(n_dom, dtype=torch.float64)
+    counts = torch.zeros(n_dom, dtype=torch.float64)
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        with _autocast(device, precision):
+            kw = _model_inputs(batch, device, document)
+            labels = kw.pop("labels_BT")
+            out = model(ids, **kw)
+        tok_loss = F.cross_entropy(
+            out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # [B, T]
+        valid = (labels != -100).to(torch.float64)
+        per_row = (tok_loss.double() * valid).sum(1).cpu()
+        per_row_n = valid.sum(1).cpu()
+        dom = batch["domain"].long()
+        sums.index_add_(0, dom, per_row)
+        counts.index_add_(0, dom, per_row_n)
+    if info is not None:
+        sums = all_reduce_sum_tensor(sums, info).cpu()
+        counts = all_reduce_sum_tensor(counts, info).cpu()
+    model.train(was_training)
+    total_n = float(counts.sum())
+    res: dict[str, float] = {"tokens": total_n}
+    if total_n > 0:
+        loss = float(sums.sum()) / total_n
+        res.update(loss=loss, ppl=math.exp(min(loss, 50.0)))
+    for d, name in enumerate(domains):
+        if counts[d] > 0:
+            dl = float(sums[d] / counts[d])
+            res[f"loss/{name}"] = dl
+            res[f"ppl/{name}"] = math.exp(min(dl, 50.0))
+    return res
+
+
+def _optional_split(tokens: Path, split: str) -> TokenDataset | None:
+    m = json.loads((tokens / "manifest.json").read_text())
+    s = (m.get("splits") or {}).get(split)
+    if not s or not s.get("samples"):
+        return None
+    return TokenDataset(tokens, split)
