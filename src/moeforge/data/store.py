@@ -7,6 +7,7 @@ to a temporary name, fsynced and renamed when closed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -135,15 +136,20 @@ class ShardWriter:
             self.abort()
 
 
-def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
-    """``(line_number, text)`` of a ``.jsonl.zst`` (or plain ``.jsonl``) file, streamed."""
+@contextlib.contextmanager
+def _raw_stream(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """The decompressed bytes of a ``.zst`` file, or the file itself."""
     p = Path(path)
     with open(p, "rb") as fh:
-        stream: IO[bytes] = (
-            zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)  # type: ignore[assignment]
-            if p.name.endswith(".zst")
-            else fh
-        )
+        if p.name.endswith(".zst"):
+            yield zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)  # type: ignore[misc]
+        else:
+            yield fh
+
+
+def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of a ``.jsonl.zst`` (or plain ``.jsonl``) file, streamed."""
+    with _raw_stream(path) as stream:
         text = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
         for n, line in enumerate(text, 1):
             line = line.rstrip("\n")
@@ -154,13 +160,7 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
 def iter_line_bytes(path: str | os.PathLike[str]) -> Iterator[bytes]:
     """The non-empty lines of a ``.jsonl.zst`` (or plain ``.jsonl``) file as raw UTF-8 bytes, newline
     included: for fast JSON parsers that take bytes (no decode to ``str`` and back)."""
-    p = Path(path)
-    with open(p, "rb") as fh:
-        stream: IO[bytes] = (
-            zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)  # type: ignore[assignment]
-            if p.name.endswith(".zst")
-            else fh
-        )
+    with _raw_stream(path) as stream:
         for line in io.BufferedReader(stream, 1 << 20):  # type: ignore[arg-type]
             if line.strip():
                 yield line
