@@ -220,23 +220,32 @@ def export_hf(
 
 
 def _refuse_unsupported(c: dict[str, Any]) -> None:
-    """Raise ExportError for config features whose math moeforge's model does not implement."""
+    """Raise ExportError naming every ``config.json`` field whose math moeforge's model does not implement."""
     problems = []
     rope = c.get("rope_scaling") or {}
-    rope_type = (c.get("rope_parameters") or {}).get(
-        "rope_type", rope.get("rope_type", rope.get("type", "default"))
-    )
+    params = c.get("rope_parameters") or {}
+    rope_type = params.get("rope_type", rope.get("rope_type", rope.get("type", "default")))
     if rope_type not in (None, "default"):
-        problems.append(f"RoPE scaling {rope_type!r}")
+        field = "rope_parameters.rope_type" if "rope_type" in params else "rope_scaling.type"
+        problems.append(f"{field}={rope_type!r} (only plain RoPE)")
     if c.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {c['hidden_act']!r} (only silu)")
+        problems.append(f"hidden_act={c['hidden_act']!r} (only silu)")
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
-            problems.append(f"{key}=true")
-    if c.get("use_sliding_window") or (c.get("model_type") == "mixtral" and c.get("sliding_window")):
-        problems.append(f"sliding-window attention (window {c.get('sliding_window')})")
+            problems.append(f"{key}=true (no biases)")
+    if c.get("model_type") == "qwen2":
+        problems.append("model_type='qwen2' has q/k/v biases (no attention biases)")
+    window = c.get("sliding_window")
+    uses_window = c.get("use_sliding_window", c.get("model_type") in ("mistral", "mixtral"))
+    if window and uses_window and window < c.get("max_position_embeddings", 0):
+        problems.append(
+            f"sliding_window={window} < max_position_embeddings={c.get('max_position_embeddings')} "
+            "(no sliding-window attention)"
+        )
+    if c.get("pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp={c['pretraining_tp']}")
     if problems:
-        raise ExportError("cannot import: moeforge does not implement " + ", ".join(problems))
+        raise ExportError("cannot import: moeforge does not implement " + "; ".join(problems))
 
 
 def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
@@ -259,9 +268,10 @@ def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
     hd = c.get("head_dim")
     if hd is not None and hd != c["hidden_size"] // c["num_attention_heads"]:
         raise ExportError(
-            f"head_dim={hd} differs from hidden_size/num_attention_heads; moeforge cannot import it"
+            f"head_dim={hd} differs from hidden_size / num_attention_heads = "
+            f"{c['hidden_size'] // c['num_attention_heads']}; moeforge's attention cannot represent it"
         )
-    if mt == "llama":
+    if mt in ("llama", "mistral"):
         return ModelConfig(**base, ffn_hidden=c["intermediate_size"])
     if mt == "mixtral":
         moe = MoEConfig(
@@ -288,7 +298,9 @@ def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
             shared_expert_gate=True,
         )
         return ModelConfig(**base, ffn_hidden=c["intermediate_size"], moe=moe)
-    raise ExportError(f"model_type {mt!r} is not supported; moeforge imports llama, mixtral and qwen2_moe")
+    raise ExportError(
+        f"model_type={mt!r} is not supported; moeforge imports llama, mistral, mixtral and qwen2_moe"
+    )
 
 
 def _expert_stack(sd: dict[str, torch.Tensor], prefix: str, n: int, names: tuple[str, str, str]):
@@ -305,20 +317,38 @@ def _expert_stack(sd: dict[str, torch.Tensor], prefix: str, n: int, names: tuple
 
 
 def import_hf(path: str | Path) -> MoETransformer:
-    """Load a llama / mixtral / qwen2_moe directory (``config.json`` + ``*.safetensors``) as our model."""
+    """Load a llama / mistral / mixtral / qwen2_moe directory (``config.json`` + ``*.safetensors``)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ExportError(f"{path}: no config.json; expected a Hugging Face model directory")
-    c = json.loads(cfg_file.read_text())
-    cfg = _config_from_hf(c)
+    try:
+        c = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ExportError(f"{cfg_file}: not valid JSON ({exc})") from exc
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ExportError(f"{path}: no *.safetensors weights found")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(load_file(str(f)))
-    sd = _TrackedDict({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in sd.items()}, path)
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own SafetensorError for damaged files
+            raise ExportError(f"{f}: not a readable safetensors file ({exc})") from exc
+    return model_from_hf(c, sd, str(path))
+
+
+def model_from_hf(
+    c: dict[str, Any], state: dict[str, torch.Tensor], source: str = "<state>"
+) -> MoETransformer:
+    """Our model from a transformers ``config.json`` dict and a state dict under transformers' names
+    (float32 is kept exactly; other dtypes are cast to float32). Every tensor must find its place and
+    every place its tensor; a missing or left-over weight raises :class:`ExportError` naming it."""
+    cfg = _config_from_hf(c)
+    path = source
+    sd = _TrackedDict(
+        {k.replace(".block_sparse_moe.", ".mlp."): v.float() for k, v in state.items()}, Path(source)
+    )
     names = ("w1", "w3", "w2") if c["model_type"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     with torch.device("meta"):
         model = MoETransformer(cfg)

@@ -3,6 +3,9 @@
 Weight decay applies to matrices only: norms, biases and embeddings (and the tied output head, which is
 the embedding) are exempt — decaying them pulls scales and token vectors toward zero for no benefit.
 
+Frozen parameters (``requires_grad=False``, see :func:`freeze_parameters`) are left out of the groups, so
+the optimizer holds (and checkpoints) state for the trainable ones only.
+
 The schedule is a pure function of the step (linear warmup to ``lr``, cosine decay to ``min_lr`` at
 ``total_steps``, constant ``min_lr`` after) rather than a stateful scheduler object: nothing to build
 without its horizon, nothing to checkpoint, and a resumed run gets the exact same rate.
@@ -11,14 +14,68 @@ without its horizon, nothing to checkpoint, and a resumed run gets the exact sam
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from moeforge.train.config import OptimConfig
+from moeforge.config import ConfigError
+from moeforge.train.config import FreezeConfig, OptimConfig
 
-__all__ = ["build_optimizer", "lr_at", "param_groups", "set_lr"]
+__all__ = ["FrozenParams", "build_optimizer", "freeze_parameters", "lr_at", "param_groups", "set_lr"]
+
+
+@dataclass(frozen=True)
+class FrozenParams:
+    """What :func:`freeze_parameters` did; counts are of distinct tensors' elements (a tied head once)."""
+
+    trainable: int
+    total: int
+    frozen_names: tuple[str, ...]
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trainable
+
+
+def freeze_parameters(model: nn.Module, cfg: FreezeConfig) -> FrozenParams:
+    """Set ``requires_grad=False`` on the parameters ``cfg`` freezes: ``embed.*`` (and so a tied LM head)
+    with ``embeddings``, ``lm_head.*`` with ``lm_head``, ``blocks.{i}.*`` for ``i < blocks``. Call it
+    before :func:`build_optimizer`. Raises ConfigError naming the ``freeze`` field that cannot apply."""
+    n_blocks = len(getattr(model, "blocks", []))
+    if cfg.blocks > n_blocks:
+        raise ConfigError(
+            f"freeze.blocks is {cfg.blocks} but the model has {n_blocks} blocks; use 0..{n_blocks}"
+        )
+    prefixes: list[str] = [f"blocks.{i}." for i in range(cfg.blocks)]
+    if cfg.embeddings:
+        prefixes.append("embed.")
+    if cfg.lm_head:
+        prefixes.append("lm_head.")
+    frozen: list[str] = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(tuple(prefixes)):
+            p.requires_grad_(False)
+            frozen.append(name)
+    if cfg.lm_head:
+        head = getattr(getattr(model, "lm_head", None), "weight", None)
+        embed = getattr(getattr(model, "embed", None), "weight", None)
+        if head is not None and head is embed and not cfg.embeddings:
+            raise ConfigError(
+                "freeze.lm_head: the LM head is tied to the token embedding; set freeze.embeddings to freeze both"
+            )
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():  # distinct tensors only
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    if trainable == 0:
+        raise ConfigError("freeze: every parameter is frozen; nothing would train")
+    return FrozenParams(trainable, total, tuple(frozen))
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:

@@ -12,6 +12,11 @@ Determinism: a seed fixes the initialization, the data order (the loader is a pu
 epoch and position) and the router noise (torch's generator, saved in checkpoints). On CPU a run
 killed at any point and resumed from its last checkpoint produces the same losses and weights, bit for
 bit, as one that never stopped.
+
+Fine-tuning (``init_from``): the model is built from the checkpoint's model config and its weights are
+loaded before the first step (not on ``--resume`` from the run's own checkpoint); ``freeze`` then sets
+``requires_grad=False`` on the frozen parameters before the optimizer is built. ``config.json`` records
+the resolved checkpoint and the sha256 of its ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -28,20 +33,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from moeforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.model.transformer import MoETransformer
 from moeforge.tokens.loader import TokenDataset, TokenLoader
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.collapse import CollapseDetector
-from moeforge.train.config import TrainConfig, resolve_model
+from moeforge.train.config import (
+    TrainConfig,
+    checkpoint_model_config,
+    resolve_init_from,
+    resolve_model,
+    resolve_tokenizer,
+)
 from moeforge.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum_tensor, barrier, wrap_model
 from moeforge.train.evaluation import _autocast, _model_inputs, _optional_split, eval_batches, evaluate
 from moeforge.train.ghost import GhostController
 from moeforge.train.guard import check_resources
 from moeforge.train.metrics import MetricsWriter, RoutingAccumulator, Throughput, measure_peak_flops, mfu
-from moeforge.train.optim import build_optimizer, lr_at, set_lr
+from moeforge.train.optim import build_optimizer, freeze_parameters, lr_at, set_lr
 
 __all__ = ["TrainResult", "Trainer", "eval_batches", "evaluate", "prepare_tokens"]
 
@@ -60,18 +71,24 @@ class TrainResult:
     collapse_events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None) -> Path:
-    """The tokenized directory for ``cfg.data``: given, or built (on rank 0) through the token cache."""
+def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint: Path | None = None) -> Path:
+    """The tokenized directory for ``cfg.data``: given, or built (on rank 0) through the token cache with
+    ``data.tokenizer`` or, when that is omitted, the ``init_from`` checkpoint's tokenizer (``checkpoint``:
+    the already-resolved init_from)."""
     if cfg.data.tokens is not None:
         return Path(cfg.data.tokens)
     from moeforge.tokens.tokenize import tokenize_run
 
-    assert cfg.data.run is not None and cfg.data.tokenizer is not None
+    assert cfg.data.run is not None
+    tokenizer = resolve_tokenizer(cfg, checkpoint)
+    assert tokenizer is not None
+    if cfg.data.tokenizer is None:
+        log.info("tokenizing %s with the init_from checkpoint's tokenizer %s", cfg.data.run, tokenizer)
 
     def build() -> Path:
         return tokenize_run(
             cfg.data.run,
-            cfg.data.tokenizer,
+            tokenizer,
             seq_len=cfg.data.seq_len,
             mode=cfg.data.mode,
             cache_root=cfg.data.cache_dir,
@@ -98,13 +115,15 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
 
-        tokens = prepare_tokens(cfg, info)
+        # init_from resolved once: a run directory's "latest" must not move between these uses
+        self.init_ckpt: Path | None = resolve_init_from(cfg.init_from) if cfg.init_from else None
+        tokens = prepare_tokens(cfg, info, checkpoint=self.init_ckpt)
         self.tokens_dir = tokens
         self.train_ds = TokenDataset(tokens, "train")
         self.valid_ds = _optional_split(tokens, "valid")
         self.test_ds = _optional_split(tokens, "test")
         vocab = int(json.loads((tokens / "manifest.json").read_text())["tokenizer"]["vocab_size"])
-        self.model_cfg: ModelConfig = resolve_model(cfg, vocab)
+        self.model_cfg: ModelConfig = resolve_model(cfg, vocab, checkpoint=self.init_ckpt)
         dtype = (
             "bfloat16"
             if (cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"))
@@ -122,6 +141,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = MoETransformer(self.model_cfg).to(self.device)
         self.ghost = GhostController(self.model, cfg.ghost)
+        self.frozen = freeze_parameters(self.model, cfg.freeze)
+        if info.is_main:
+            log.info(
+                "parameters: %d trainable of %d (%.1f%%)%s",
+                self.frozen.trainable,
+                self.frozen.total,
+                100.0 * self.frozen.trainable / max(self.frozen.total, 1),
+                f"; frozen: {_describe_freeze(cfg)}" if self.frozen.frozen else "",
+            )
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.collapse = CollapseDetector.from_config(cfg.collapse)
         self.loader = TokenLoader(
@@ -134,11 +162,15 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.best_valid: float | None = None
-        if cfg.init_from and not resume:
-            ckpt.load_checkpoint(Path(cfg.init_from), self.model, None, restore_rng_state=False)
+        self.init_sha256: str | None = None
         latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.run_dir)
+        if self.init_ckpt is not None:
+            if info.is_main:
+                self.init_sha256 = sha256_file(self.init_ckpt / "model.safetensors")
+            if latest is None:  # a resumed run continues from its own checkpoint instead
+                self._load_init(self.init_ckpt)
         if latest is not None:
             self._restore(latest)
         self.ddp_model = wrap_model(self.model, info, cfg.distributed)
@@ -160,6 +192,30 @@ class Trainer:
             self._write_config()
 
     # ---- setup helpers ---------------------------------------------------------------------------------
+    def _load_init(self, path: Path) -> None:
+        """Load the init_from weights; a mismatch caused by ``model_overrides`` says which override."""
+        try:
+            ckpt.load_checkpoint(path, self.model, None, restore_rng_state=False)
+        except ckpt.CheckpointError as exc:
+            culprits = _shape_changing_overrides(checkpoint_model_config(path), self.cfg.model_overrides)
+            if not culprits:
+                raise
+            raise ckpt.CheckpointError(
+                f"{exc}\nmodel_overrides.{', model_overrides.'.join(culprits)} changes the weight shapes of "
+                "the init_from checkpoint's model; with init_from only shape-preserving overrides apply "
+                "(router noise, lb_coef, …): remove it"
+            ) from exc
+        log.info("initialized from %s", path)
+
+    def _config_dump(self) -> dict[str, Any]:
+        """The train config as saved: without ``model`` under init_from (it may not be given then)."""
+        return self.cfg.model_dump(mode="json", exclude={"model"} if self.cfg.init_from else None)
+
+    def _init_record(self) -> dict[str, Any] | None:
+        if self.init_ckpt is None:
+            return None
+        return {"path": str(self.init_ckpt), "model_sha256": self.init_sha256}
+
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tok_src = self.tokens_dir / "tokenizer"
@@ -167,10 +223,12 @@ class Trainer:
             for f in sorted(tok_src.iterdir()):
                 atomic_write_bytes(self.run_dir / "tokenizer" / f.name, f.read_bytes())
         resolved = {
-            "train": self.cfg.model_dump(mode="json"),
+            "train": self._config_dump(),
             "model": self.model_cfg.model_dump(mode="json"),
             "tokens": str(self.tokens_dir),
             "world_size": self.info.world_size,
+            "init_from": self._init_record(),
+            "params_trainable": self.frozen.trainable,
         }
         atomic_write_json(self.run_dir / "config.json", resolved)
 
@@ -181,13 +239,24 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "collapse": self.collapse.state_dict(),
             "ghost": self.ghost.state_dict(),
-            "config": self.cfg.model_dump(mode="json"),
+            "config": self._config_dump(),
+            "init_from": self._init_record(),
             "model_config": self.model_cfg.model_dump(mode="json"),
             "world_size": self.info.world_size,
         }
 
     def _restore(self, path: Path) -> None:
-        c = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        try:
+            c = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        except ckpt.CheckpointError as exc:
+            saved = _read_state(path).get("config", {}).get("freeze")
+            now = self.cfg.freeze.model_dump(mode="json")
+            if saved is not None and saved != now:
+                raise ckpt.CheckpointError(
+                    f"{exc}\n{path} was written with freeze {saved}, this config has {now}; "
+                    "resume with the same freeze settings"
+                ) from exc
+            raise
         s = c.state
         if s.get("world_size", 1) != self.info.world_size:
             raise ckpt.CheckpointError(
@@ -383,6 +452,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "params_total": p.total,
             "params_active": p.active,
+            "params_trainable": self.frozen.trainable,
             "best_valid_loss": self.best_valid,
             "final_valid": result.final_valid,
             "test": result.test,
@@ -391,3 +461,59 @@ class Trainer:
             "tokens_dir": str(self.tokens_dir),
         }
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _describe_freeze(cfg: TrainConfig) -> str:
+    f = cfg.freeze
+    parts = (["embeddings"] if f.embeddings else []) + (["lm_head"] if f.lm_head else [])
+    if f.blocks:
+        parts.append(f"blocks 0..{f.blocks - 1}")
+    return ", ".join(parts)
+
+
+def _changed_keys(base: dict[str, Any], overrides: dict[str, Any]) -> list[tuple[list[str], Any, Any]]:
+    """``(key path, old, new)`` for every leaf of ``overrides`` whose value differs from ``base``."""
+    out: list[tuple[list[str], Any, Any]] = []
+    for k, v in overrides.items():
+        b = base.get(k)
+        if isinstance(v, dict) and isinstance(b, dict):
+            out.extend((([k, *path], old, new) for path, old, new in _changed_keys(b, v)))
+        elif v != b:
+            out.append(([k], b, v))
+    return out
+
+
+def _weight_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """State-dict shapes of a model with this config (built on the meta device); None if it is invalid."""
+    try:
+        mc = ModelConfig.model_validate(model_config)
+    except ValueError:
+        return None
+    with torch.device("meta"):
+        model = MoETransformer(mc)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _shape_changing_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """``key (old → new)`` for each override that alone changes the weight shapes of ``base`` (or makes
+    it invalid); every changed override when none does alone."""
+    ref = _weight_shapes(base)
+    changed = _changed_keys(base, overrides)
+    out = []
+    for path, old, new in changed:
+        trial = json.loads(json.dumps(base))
+        node = trial
+        for part in path[:-1]:
+            node = node[part]  # a dict in base: _changed_keys only descends into those
+        node[path[-1]] = new
+        if ref is None or _weight_shapes(trial) != ref:
+            out.append(f"{'.'.join(path)} ({old!r} → {new!r})")
+    return out or [f"{'.'.join(p)} ({o!r} → {n!r})" for p, o, n in changed]
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
