@@ -33,6 +33,7 @@ from moeforge.model.config import ModelConfig
 from moeforge.model.gguf import GGUFError, read_gguf, read_gguf_metadata
 from moeforge.model.hf import ExportError, import_hf, model_from_hf
 from moeforge.model.transformer import MoETransformer
+from moeforge.model.upcycle import UpcycleConfig, UpcycleError, upcycle
 from moeforge.tokens.chat_spec import ChatSpec, analyze_chat_template, load_chat_spec
 from moeforge.tokens.gguf_tokenizer import GGUFTokenizerError, write_gguf_tokenizer
 
@@ -42,6 +43,7 @@ __all__ = [
     "import_model",
     "load_model",
     "resolve_source",
+    "upcycle_checkpoint",
     "write_model_checkpoint",
 ]
 
@@ -251,3 +253,32 @@ def load_model(
         "path": str(ckpt),
         "chat": load_chat_spec(find_tokenizer_dir(ckpt)).model_dump(),
     }
+
+
+def upcycle_checkpoint(
+    src: str | os.PathLike[str],
+    up: UpcycleConfig,
+    out: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Upcycle the dense checkpoint ``src`` (:mod:`moeforge.model.upcycle`) into the checkpoint ``out``,
+    with the same tokenizer and a provenance record naming the source, its sha256 and the settings."""
+    model, state = load_model(src)
+    try:
+        moe = upcycle(model, up, seed=seed)
+    except UpcycleError as exc:
+        raise ModelImportError(f"{src}: {exc}") from None
+    ckpt = Path(state["path"])
+    provenance = {
+        "source": str(src),
+        "format": "moeforge",
+        "sha256": {"model.safetensors": sha256_file(ckpt / "model.safetensors")},
+        "upcycle": {**up.model_dump(mode="json"), "seed": seed},
+        "parent": state.get("provenance"),
+    }
+    tok = find_tokenizer_dir(ckpt)
+    return write_model_checkpoint(
+        out, moe, tokenizer_dir=tok, provenance=provenance, chat=load_chat_spec(tok), overwrite=overwrite
+    )

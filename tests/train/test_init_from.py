@@ -95,6 +95,8 @@ def test_model_and_init_from_together_and_bad_checkpoints_are_clear_errors(base,
     c["model"] = "tiny"
     with pytest.raises(ConfigError, match=r"`model` and `init_from` are both given"):
         _load(tmp_path / "a.yaml", c)
+    c["model"] = None  # `--set model=null` unsets a config's model for init_from
+    assert _load(tmp_path / "a.yaml", c).model is None
 
     for path, what in (
         (tmp_path / "nope", "does not exist"),

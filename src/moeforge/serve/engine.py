@@ -44,6 +44,7 @@ from moeforge.serve.chat import ChatError, chat_messages, chat_text, encode_chat
 from moeforge.serve.decode import Decoder, fast_decode_supported
 from moeforge.serve.request import Completion, FinishReason, Request
 from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams
+from moeforge.tokens.chat_spec import ChatSpec, apply_default_system, load_chat_spec
 
 __all__ = [
     "Batch",
@@ -100,6 +101,7 @@ class Engine:
         max_batch: int = 8,
         eos_ids: Sequence[int] | None = None,
         fast_decode: bool | None = None,
+        chat_spec: ChatSpec | None = None,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1 (got {max_batch})")
@@ -107,6 +109,7 @@ class Engine:
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
         self.tokenizer = tokenizer
+        self.chat_spec = chat_spec or ChatSpec()
         self.max_batch = max_batch
         self.vocab_limit: int | None = None
         if tokenizer is not None:
@@ -181,11 +184,19 @@ class Engine:
             tokenizer = _find_tokenizer(ckpt, state)
             if tokenizer is None:
                 log.warning("%s: no tokenizer.json found near the checkpoint; token-id prompts only", ckpt)
+        chat_spec = None
         if isinstance(tokenizer, (str, os.PathLike)):
+            chat_spec = load_chat_spec(tokenizer)  # an imported model's template: default system turn
             tokenizer = load_tokenizer(tokenizer)
         log.info("loaded %s (%s) on %s", ckpt, cfg.name, dev)
         return cls(
-            model, tokenizer, device=dev, max_batch=max_batch, eos_ids=eos_ids, fast_decode=fast_decode
+            model,
+            tokenizer,
+            device=dev,
+            max_batch=max_batch,
+            eos_ids=eos_ids,
+            fast_decode=fast_decode,
+            chat_spec=chat_spec,
         )
 
     # ---- text -----------------------------------------------------------------------------------------
@@ -251,12 +262,21 @@ class Engine:
         """:meth:`chat`, streamed as :meth:`stream` does."""
         return self.stream(self.chat_ids(messages, system_prompt), self.chat_params(params))
 
-    @staticmethod
-    def _messages(messages: Sequence[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    def _messages(
+        self, messages: Sequence[dict[str, str]], system_prompt: str | None
+    ) -> list[dict[str, str]]:
+        """Checked messages, opened by ``system_prompt`` or else by the model's default system turn (an
+        imported template's, see :mod:`moeforge.tokens.chat_spec`) when they have no system turn."""
+        if self.chat_spec.format != "chatml":
+            raise EngineError(
+                f"this model's chat template is not ChatML ({self.chat_spec.reason}); moeforge renders ChatML "
+                "only, so use /v1/completions with a prompt rendered by the model's own template"
+            )
         try:
-            return chat_messages(messages, system_prompt)
+            msgs = chat_messages(messages, system_prompt)
         except ChatError as exc:
             raise EngineError(str(exc)) from None
+        return apply_default_system(msgs, self.chat_spec)
 
     @functools.cached_property
     def _plain(self) -> Any:

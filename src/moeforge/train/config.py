@@ -106,9 +106,10 @@ class TrainConfig(StrictModel):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     out_dir: str = Field(default="runs/train", description="run directory: checkpoints, metrics, summary")
     seed: int = 0
-    model: str | dict[str, Any] = Field(
+    model: str | dict[str, Any] | None = Field(
         default="tiny",
-        description="preset name, YAML path or inline config; not with init_from (the checkpoint's is used)",
+        description="preset name, YAML path or inline config; not with init_from, whose checkpoint's "
+        "model config is used (null: unset, e.g. `--set model=null` on a config that names one)",
     )
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="merged onto the model config")
     vocab_from_tokenizer: bool = Field(
@@ -148,10 +149,15 @@ class TrainConfig(StrictModel):
     def _check(self) -> TrainConfig:
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
-        if self.init_from is not None and "model" in self.model_fields_set:
+        if self.init_from is not None and self.model is not None and "model" in self.model_fields_set:
             raise ValueError(
                 "`model` and `init_from` are both given: with init_from the model config comes from the "
-                "checkpoint's state.json; remove `model` (use model_overrides for router settings)"
+                "checkpoint's state.json; remove `model` or set it to null (model_overrides still apply, "
+                "e.g. for router settings)"
+            )
+        if self.init_from is None and self.model is None:
+            raise ValueError(
+                "model is null: name a preset, a YAML path or an inline config, or set init_from"
             )
         if self.data.run is not None and self.data.tokenizer is None and self.init_from is None:
             raise ValueError(
@@ -261,6 +267,7 @@ def resolve_model(
                 "with data.run) — the vocabulary of a checkpoint cannot grow"
             )
         return _validated(cfg, data)
+    assert cfg.model is not None  # the validator refuses a null model without init_from
     base = load_model_config(cfg.model).model_dump() if isinstance(cfg.model, str) else dict(cfg.model)
     data = _deep_merge(base, cfg.model_overrides)
     if cfg.vocab_from_tokenizer and vocab_size is not None:
