@@ -93,3 +93,28 @@ def emergence(
         f"{env['loadavg_end']}"
     )
     console.print(f"report: [bold]{escape(str(res.report))}[/]")
+
+
+@app.command("upcycled")
+def upcycled(
+    config: Path = typer.Argument(
+        ..., metavar="CONFIG", help="Study YAML, e.g. configs/experiments/emergence-upcycled.yaml."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (overrides out_dir)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value: key.path=value."),
+    quick: bool = typer.Option(
+        False, "--quick", help="The config's test-sized version (its quick: section)."
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Retrain every run, even finished identical ones."),
+) -> None:
+    """The emergence study on a real pretrained model: SmolLM2-135M's last blocks fine-tuned dense vs
+    upcycled into MoE (top-1 with LB, without LB, top-2) over a frozen, cached trunk, several seeds;
+    writes report.md and results.json with verdicts derived from the numbers."""
+    from moeforge.eval.upcycled import load_study_config, run_upcycled_study
+
+    cfg = load_study_config(config, overrides, quick=quick)
+    if out is not None:
+        cfg = cfg.model_copy(update={"out_dir": str(out)})
+    report = run_upcycled_study(cfg, fresh=fresh)
+    console.print(report.read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"report: {escape(str(report))}")

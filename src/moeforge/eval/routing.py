@@ -8,7 +8,7 @@ specialized in it. Padding positions (``doc_ids == -1``) are left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -28,8 +28,11 @@ def expert_domain_affinity(
     *,
     device: torch.device | str = "cpu",
     document: bool = True,
+    forward: Callable[[dict[str, torch.Tensor]], object] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Layer index → ``[E, D]`` assignment shares (columns sum to 1; a domain never seen is all zeros)."""
+    """Layer index → ``[E, D]`` assignment shares (columns sum to 1; a domain never seen is all zeros).
+    ``forward`` runs the model on one batch instead of ``model(input_ids, …)`` (e.g. from cached hidden
+    states over a frozen trunk)."""
     layers = {b.index: b.mlp for b in model.blocks if isinstance(b.mlp, MoELayer)}
     counts = {i: np.zeros((m.router.weight.shape[0], num_domains)) for i, m in layers.items()}
     captured: dict[int, torch.Tensor] = {}
@@ -46,12 +49,15 @@ def expert_domain_affinity(
         for batch in batches:
             ids = batch["input_ids"].to(device)
             kw = {}
-            if document:
+            if forward is not None:
+                forward(batch)
+            elif document:
                 kw = {
                     "doc_ids_BT": batch["doc_ids"].to(device),
                     "positions_BT": batch["positions"].to(device),
                 }
-            model(ids, **kw)
+            if forward is None:
+                model(ids, **kw)
             T = ids.shape[1]
             real = (batch["doc_ids"] >= 0).reshape(-1).numpy()
             dom = np.repeat(batch["domain"].numpy(), T)[real]

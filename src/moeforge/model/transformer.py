@@ -122,6 +122,8 @@ class MoETransformer(nn.Module):
         key_padding_BS: torch.Tensor | None = None,
         ignore_index: int = -100,
         logits_to_keep: int = 0,
+        hidden_BTD: torch.Tensor | None = None,
+        start_layer: int = 0,
     ) -> ModelOutput:
         """Logits ``[B, T, V]``; with ``labels`` (already shifted: ``labels[t]`` is the target at ``t``),
         the mean cross-entropy over labels ≠ ``ignore_index``.
@@ -133,6 +135,9 @@ class MoETransformer(nn.Module):
         gets NaN from SDPA, so padding is for keys only: prefill each prompt unpadded.
         ``logits_to_keep`` > 0 computes logits for the last that many positions only (``[B, n, V]``): a
         prefill needs the last position's, and the LM head over every prompt position is most of its cost.
+        ``hidden_BTD`` with ``start_layer`` = L resumes from the residual stream entering block L (what
+        :meth:`trunk` returned for the same ids, positions and documents), skipping the embedding and the
+        blocks before L: training only the last blocks over a frozen trunk computes the trunk once.
         """
         if logits_to_keep and labels_BT is not None:
             raise ValueError("logits_to_keep is for generation; a loss needs the logits of every position")
@@ -143,9 +148,11 @@ class MoETransformer(nn.Module):
         cos_sin = self.rope(positions_BT)
         mask = build_attention_mask(T, past, doc_ids_BT, key_padding_BS, device=input_ids_BT.device)
 
-        x = self.embed(input_ids_BT)
+        if hidden_BTD is not None and cache is not None:
+            raise ValueError("hidden_BTD resumes a full-sequence forward; it cannot be combined with a cache")
+        x = self.embed(input_ids_BT) if hidden_BTD is None else hidden_BTD
         stats: dict[int, MoEStats] = {}
-        for block in self.blocks:
+        for block in self.blocks[start_layer if hidden_BTD is not None else 0 :]:
             x, s = block(x, cos_sin, mask, cache)
             if s is not None:
                 stats[block.index] = s
@@ -166,6 +173,28 @@ class MoETransformer(nn.Module):
                 logits.float().view(-1, logits.shape[-1]), labels_BT.reshape(-1), ignore_index=ignore_index
             )
         return out
+
+    def trunk(
+        self,
+        input_ids_BT: torch.Tensor,
+        stop_layer: int,
+        *,
+        doc_ids_BT: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The residual stream ``[B, T, D]`` entering block ``stop_layer`` (0 = the embeddings); pass it to
+        ``forward(hidden_BTD=..., start_layer=stop_layer)`` with the same ids, documents and positions."""
+        if not 0 <= stop_layer <= self.cfg.n_layers:
+            raise ValueError(f"stop_layer must be in 0..{self.cfg.n_layers} (got {stop_layer})")
+        B, T = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+        cos_sin = self.rope(positions_BT)
+        mask = build_attention_mask(T, 0, doc_ids_BT, None, device=input_ids_BT.device)
+        x = self.embed(input_ids_BT)
+        for block in self.blocks[:stop_layer]:
+            x, _ = block(x, cos_sin, mask, None)
+        return x
 
     def router_step(self) -> None:
         """Call after every optimizer step: anneal router noise, update aux-free biases."""

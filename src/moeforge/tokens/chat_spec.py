@@ -87,16 +87,18 @@ def analyze_chat_template(template: str | None) -> ChatSpec:
             format="unsupported", reason=f"the template does not render: {exc}", template_sha256=digest
         )
     default: str | None = None
+    plain = False  # a chat without a system turn rendered with no default system turn
+    sometimes = ChatSpec(
+        format="unsupported", reason="the default system turn is added only sometimes", template_sha256=digest
+    )
     for n, (msgs, text) in enumerate(outputs):
         generation = n % 2 == 1
         want = render_chat(msgs) + (f"{IM_START}assistant\n" if generation else "")
         if text == want:
-            if msgs[0]["role"] != "system" and default is not None:
-                return ChatSpec(
-                    format="unsupported",
-                    reason="the default system turn is added only sometimes",
-                    template_sha256=digest,
-                )
+            if msgs[0]["role"] != "system":
+                if default is not None:
+                    return sometimes
+                plain = True
             continue
         head = f"{IM_START}system\n"
         if msgs[0]["role"] != "system" and text.startswith(head) and text.endswith(want):
@@ -104,6 +106,8 @@ def analyze_chat_template(template: str | None) -> ChatSpec:
             body = prefix[len(head) :]
             if body.endswith(f"{IM_END}\n") and IM_END not in body[: -len(IM_END) - 1]:
                 found = body[: -len(IM_END) - 1]
+                if plain:
+                    return sometimes
                 if default not in (None, found):
                     return ChatSpec(
                         format="unsupported",
