@@ -162,6 +162,8 @@ def import_model(
     Raises :class:`ModelImportError` with what is wrong and where. The logits of the result equal those of
     transformers on the same weights (tests hold this to 1e-4 in float32)."""
     path = resolve_source(src)
+    if Path(out).exists() and not overwrite:
+        raise ModelImportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     scratch = Path(out).with_name(f".{Path(out).name}.import-tmp")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -265,6 +267,8 @@ def upcycle_checkpoint(
 ) -> Path:
     """Upcycle the dense checkpoint ``src`` (:mod:`moeforge.model.upcycle`) into the checkpoint ``out``,
     with the same tokenizer and a provenance record naming the source, its sha256 and the settings."""
+    if Path(out).exists() and not overwrite:
+        raise ModelImportError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     model, state = load_model(src)
     try:
         moe = upcycle(model, up, seed=seed)
