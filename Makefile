@@ -45,6 +45,8 @@ $(BENCH_STAMP): $(STAMP)
 # Every benchmark prints JSON lines with the ratio against its peer; figures go to docs/PERFORMANCE.md.
 bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/generate.py --model smollm2
 	$(PY) benchmarks/pipeline.py --systems moeforge,datatrove_ws,langid
 	$(PY) benchmarks/langid.py
 	$(PY) benchmarks/decontam.py --quick

@@ -9,6 +9,7 @@ the reference. Slow (the two loads take ~1 minute); `make setup` installs the wh
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,44 @@ def test_upcycled_equals_dense_at_step_zero_and_exports_as_qwen2_moe(ckpt: Path,
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     with torch.no_grad():
         assert (hf(ids).logits - ours).abs().max().item() <= 1e-4
+
+
+def test_sft_fine_tune_of_the_imported_model_with_its_own_chat_template(
+    ckpt: Path, token_run: Path, tmp_path: Path
+) -> None:
+    """init_from the imported checkpoint with its own tokenizer (no retraining) and chat spec, SFT on ChatML
+    chats, the first 28 blocks and the embeddings frozen; the result still serves and answers."""
+    from moeforge.serve.engine import Engine, SamplingParams
+    from moeforge.tokens.loader import TokenDataset
+    from moeforge.train.config import TrainConfig
+    from moeforge.train.run import run_training
+
+    cfg = {
+        "name": "smol-sft",
+        "out_dir": str(tmp_path / "sft"),
+        "model": None,
+        "init_from": str(ckpt),
+        "data": {"run": str(token_run), "seq_len": 128, "mode": "sft", "max_records": 16,
+                 "cache_dir": str(tmp_path / "cache")},
+        "freeze": {"embeddings": True, "blocks": 28},
+        "steps": 2, "micro_batch": 2, "log_every": 1, "checkpoint_every": 2,
+        "eval": {"every": 2, "max_batches": 1}, "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 0},
+        "tensorboard": False,
+    }  # fmt: skip
+    path = tmp_path / "sft.yaml"
+    import yaml
+
+    TrainConfig.model_validate(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    run_training(path)
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    resolved = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert resolved["init_from"]["path"] == str(ckpt.resolve())
+    tokens = Path(resolved["tokens"])
+    assert (tokens / "tokenizer" / "chat.json").is_file()  # SmolLM2's default system turn travels along
+    ds = TokenDataset(tokens, "train")
+    assert int(ds[0]["input_ids"].max()) < 49152  # SmolLM2's own ids: no retrained tokenizer
+    engine = Engine.from_checkpoint(tmp_path / "sft")
+    reply = engine.chat(CAPITAL, SamplingParams(max_tokens=16, temperature=0.0))
+    assert "Paris" in reply.text

@@ -235,3 +235,31 @@ def test_a_chat_one_newline_too_long_is_kept_without_the_newline(
 def test_the_tokenizer_learns_role_headers_as_single_tokens(token_tokenizer: Path) -> None:
     tok = load_tokenizer(token_tokenizer)
     assert tok.encode("<|im_start|>assistant\n").tokens[:2] == ["<|im_start|>", "assistant"]
+
+
+def test_default_system_turn_opens_sft_chats_without_one_and_is_never_trained(
+    token_run: Path, token_tokenizer: Path, tmp_path: Path
+) -> None:
+    """An imported model's template adds a system turn to chats that have none (SmolLM2's does): SFT
+    renders chats the same way, and that turn is context (mask 0), like every non-assistant turn."""
+    chats = [r for r in _records(token_run) if r["messages"] is not None][:20]
+    for r in chats[::2]:  # half the chats lose their own system turn
+        r["messages"] = [m for m in r["messages"] if m["role"] != "system"]
+    tok = load_tokenizer(token_tokenizer)
+    eos, _ = token_ids(tok)
+    writer = IndexedShardWriter(tmp_path / "s", np.dtype(np.uint16), loss_mask=True, domains=True)
+    pack_records(
+        chats, tok, writer, seq_len=256, mode="sft", domains=["math", "prose"], eos_id=eos,
+        default_system="You are a careful tutor.",
+    )  # fmt: skip
+    writer.close()
+    shard = IndexedShard(tmp_path / "s")
+    texts, trained = [], []
+    for i in range(len(shard)):
+        for ids, mask in _segments(shard, i):
+            assert mask is not None
+            texts.append(tok.decode(ids.tolist(), skip_special_tokens=False))
+            trained.append(tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False))
+    opened = [t for t in texts if t.startswith("<|im_start|>system\nYou are a careful tutor.<|im_end|>\n")]
+    assert len(opened) == len(chats[::2])  # exactly the chats without a system turn of their own
+    assert not any("careful tutor" in t for t in trained)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -37,7 +38,7 @@ def emergence(
     fresh: bool = typer.Option(False, "--fresh", help="Retrain every run, even completed identical ones."),
 ) -> None:
     """Dense vs MoE top-1 (LB + z loss, annealed noise) vs MoE without LB vs MoE top-2 on code / math /
-    prose with one token budget; writes report.md, results.json and charts."""
+    prose with one token budget, each variant over its seeds; writes report.md, results.json and charts."""
     from moeforge.eval.experiments import load_emergence_config, run_emergence
 
     sets = [*overrides, *([f"out_dir={out}"] if out is not None else [])]
@@ -50,7 +51,7 @@ def emergence(
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        tasks = {v.name: bar.add_task(v.name, total=cfg.steps, loss="-", start=False) for v in cfg.variants}
+        tasks = {sp.name: bar.add_task(sp.name, total=cfg.steps, loss="-", start=False) for sp in cfg.runs()}
 
         def progress(name: str, step: int, total: int, scalars: dict[str, float]) -> None:
             task = tasks[name]
@@ -63,28 +64,49 @@ def emergence(
         )
     r = res.results
     domains: list[str] = r["domains"]
-    table = Table(title=f"{escape(r['name'])}: {r['settings']['tokens_per_run']:,} training tokens per run")
-    for col in ("run", "active", "total", "test loss", *(f"test {d}" for d in domains), "Δ vs dense"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    table = Table(
+        title=f"{escape(r['name'])}: {r['settings']['tokens_per_run']:,} training tokens per run, "
+        "test loss mean ± std over seeds"
+    )
+    for col in (
+        "variant",
+        "seeds",
+        "active",
+        "total",
+        "test loss",
+        *(f"test {d}" for d in domains),
+        "Δ vs dense",
+    ):
+        table.add_column(col, justify="left" if col == "variant" else "right")
     table.add_column("peak load", justify="right")
-    table.add_column("collapse step", justify="right")
-    for run in r["runs"]:
-        test = run.get("test") or {}
-        rt = run.get("routing") or {}
-        fc = rt.get("first_collapse")
-        delta = run.get("delta_vs_dense_pct")
+    table.add_column("collapsed seeds", justify="right")
+
+    def ms(st: dict[str, Any] | None) -> str:
+        if st is None:
+            return "—"
+        return f"{st['mean']:.4f}" if st["n"] == 1 else f"{st['mean']:.4f} ± {st['std']:.4f}"
+
+    for a in r["variants"]:
+        test = a.get("test") or {}
+        peaks = [
+            run["routing"]["load_max_peak"]
+            for run in r["runs"]
+            if run["role"] == a["role"] and run.get("routing")
+        ]
+        delta = a.get("delta_vs_dense_pct")
         table.add_row(
-            f"{escape(run['name'])} [dim]({run['role']})[/]",
-            f"{run['params_active']:,}",
-            f"{run['params_total']:,}",
-            f"{test['loss']:.4f}" if "loss" in test else "—",
-            *(f"{test[f'loss/{d}']:.4f}" if f"loss/{d}" in test else "—" for d in domains),
-            "—" if run["role"] == "dense" or delta is None else f"{delta:+.2f}%",
-            f"{100 * rt['load_max_peak']:.1f}%" if rt else "—",
-            str(fc["step"]) if fc else "—",
+            f"{escape(a['name'])} [dim]({a['role']})[/]",
+            ", ".join(map(str, a["seeds"])),
+            f"{a['params_active']:,}",
+            f"{a['params_total']:,}",
+            ms(test.get("loss")),
+            *(ms(test.get(f"loss/{d}")) for d in domains),
+            "—" if a["role"] == "dense" or delta is None else f"{delta:+.2f}%",
+            f"{100 * max(peaks):.1f}%" if peaks else "—",
+            (", ".join(map(str, a["collapsed_seeds"])) or "none") if peaks else "—",
         )
     console.print(table)
-    colour = {"held": "green", "did not hold": "red", "not measured": "yellow"}
+    colour = {"held": "green", "did not hold": "red", "inconclusive": "yellow", "not measured": "yellow"}
     for f in r["findings"]:
         console.print(f"[bold {colour[f['verdict']]}]{f['verdict']}[/]: {escape(f['claim'])}")
     env = r["environment"]

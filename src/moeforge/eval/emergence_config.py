@@ -16,6 +16,10 @@ Design choices, so the comparison is fair and explainable:
   one thing differs from the main run.
 - **Collapse** is the trainer's detector (:mod:`moeforge.train.collapse`) with ``action: warn`` for every
   MoE run, so a collapsed run keeps training on the same budget and we record the step.
+- **Seeds.** A variant's ``seeds`` (default: the top-level ``seed``) make one training run each; the seed
+  sets the model's initialization, the data order and the router noise (``TrainConfig.seed``). A variant
+  with exactly the default seed keeps its plain run directory (``<variant>``), so runs completed before
+  variants had seeds are reused; otherwise each run is ``<variant>-seed<k>``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +44,7 @@ __all__ = [
     "EmergenceConfig",
     "ExperimentError",
     "Role",
+    "RunSpec",
     "VariantConfig",
     "load_emergence_config",
     "resolve_models",
@@ -66,6 +72,30 @@ class VariantConfig(StrictModel):
     moe: dict[str, Any] = Field(
         default_factory=dict, description="merged onto the experiment's `moe` block (not for dense)"
     )
+    seeds: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        description="one training run per seed (model init, data order, router noise); null: the "
+        "experiment's `seed`",
+    )
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> VariantConfig:
+        if self.seeds is not None:
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"variant {self.name!r}: seeds must be distinct (got {self.seeds})")
+            if min(self.seeds) < 0:
+                raise ValueError(f"variant {self.name!r}: seeds must be >= 0 (got {self.seeds})")
+        return self
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a variant with one of its seeds, trained in ``out_dir/<name>``."""
+
+    variant: VariantConfig
+    seed: int
+    name: str
 
 
 class EmergenceConfig(StrictModel):
@@ -96,7 +126,7 @@ class EmergenceConfig(StrictModel):
     steps: int = Field(ge=1, description="optimizer steps of every run (the same token budget)")
     micro_batch: int = Field(ge=1)
     grad_accum: int = Field(default=1, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="the seed of every variant that sets no `seeds`")
     log_every: int = Field(default=10, ge=1, description="routing loads and collapse checks every N steps")
     eval_every: int = Field(default=50, ge=1, description="validation loss every N steps")
     eval_max_batches: int | None = Field(default=8, ge=1, description="validation batches (null: all)")
@@ -140,6 +170,13 @@ class EmergenceConfig(StrictModel):
         clash = sorted(set(names) & _RESERVED)
         if clash:
             raise ValueError(f"variant names {clash} are used by the experiment directory; rename them")
+        for v in self.variants:
+            if v.seeds is None:
+                v.seeds = [self.seed]
+        dirs = [r.name for r in self.runs()]
+        clash = sorted({d for d in dirs if dirs.count(d) > 1} | (set(dirs) & _RESERVED))
+        if clash:
+            raise ValueError(f"run directories {clash} clash (a variant named like another's seed run?)")
         if self.real_data and self.data != "builtin":
             raise ValueError(f"set either data ({self.data!r}) or real_data: true, not both")
         if self.collapse.action != "warn":
@@ -160,6 +197,18 @@ class EmergenceConfig(StrictModel):
     def variant(self, role: Role) -> VariantConfig:
         return next(v for v in self.variants if v.role == role)
 
+    def seeds_of(self, v: VariantConfig) -> list[int]:
+        return list(v.seeds) if v.seeds is not None else [self.seed]
+
+    def run_name(self, v: VariantConfig, seed: int) -> str:
+        """``v.name`` when the variant has exactly the default seed (the pre-seeds directory, reused), else
+        ``<name>-seed<k>``."""
+        return v.name if self.seeds_of(v) == [self.seed] == [seed] else f"{v.name}-seed{seed}"
+
+    def runs(self) -> list[RunSpec]:
+        """Every training run: per variant (in order), per seed."""
+        return [RunSpec(v, k, self.run_name(v, k)) for v in self.variants for k in self.seeds_of(v)]
+
     def moe_block(self, v: VariantConfig) -> dict[str, Any] | None:
         """The MoE block of run ``v`` (None for the dense run)."""
         return None if v.role == "dense" else {**self.moe, **v.moe}
@@ -169,7 +218,8 @@ def load_emergence_config(
     path: str | os.PathLike[str], overrides: list[str] | None = None, *, quick: bool = False
 ) -> EmergenceConfig:
     """Read an experiment YAML; with ``quick`` its ``quick:`` section is merged onto it first (nested
-    mappings merge key by key), then the ``key.path=value`` ``overrides`` apply."""
+    mappings merge key by key; a mapping onto ``variants`` merges into the variants it names, e.g.
+    ``variants: {dense: {seeds: [0, 1]}}``), then the ``key.path=value`` ``overrides`` apply."""
     p = Path(path)
     data = read_yaml(p)
     if quick:
@@ -187,14 +237,32 @@ def load_emergence_config(
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif k == "variants" and isinstance(v, Mapping) and isinstance(out.get(k), list):
+            out[k] = _merge_by_name(out[k], v)
+        else:
+            out[k] = v
     return out
 
 
+def _merge_by_name(items: list[Any], extra: Mapping[str, Any]) -> list[Any]:
+    """``extra`` (name → settings) merged into the mappings of ``items`` with those names."""
+    names = [x.get("name") for x in items if isinstance(x, dict)]
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        raise ConfigError(f"variants {unknown} to merge settings into are not in the config (have {names})")
+    return [
+        _merge(x, extra[x["name"]]) if isinstance(x, dict) and x.get("name") in extra else x for x in items
+    ]
+
+
 def train_config(
-    cfg: EmergenceConfig, v: VariantConfig, *, tokens_dir: Path, run_dir: Path
+    cfg: EmergenceConfig, v: VariantConfig, *, tokens_dir: Path, run_dir: Path, seed: int | None = None
 ) -> dict[str, Any]:
-    """The training config (plain data) of run ``v``: the shared base, the variant's model, one budget."""
+    """The training config (plain data) of variant ``v`` with ``seed`` (default: the variant's first): the
+    shared base, the variant's model, one budget."""
+    seed = cfg.seeds_of(v)[0] if seed is None else seed
     overrides = dict(cfg.model_overrides)
     if v.role == "dense":
         main = cfg.moe_block(cfg.variant("main"))
@@ -204,9 +272,9 @@ def train_config(
     else:
         overrides["moe"] = cfg.moe_block(v)
     data: dict[str, Any] = {
-        "name": f"{cfg.name}-{v.name}",
+        "name": f"{cfg.name}-{cfg.run_name(v, seed)}",
         "out_dir": str(run_dir),
-        "seed": cfg.seed,
+        "seed": seed,
         "model": cfg.model,
         "model_overrides": overrides,
         "data": {"tokens": str(tokens_dir), "seq_len": cfg.seq_len, "attention": "document"},
@@ -227,7 +295,8 @@ def train_config(
 def resolve_models(
     cfg: EmergenceConfig, train_cfgs: Mapping[str, dict[str, Any]], vocab_size: int
 ) -> dict[str, ModelConfig]:
-    """Validate every run's config and resolve its model; checks the dense run's equal active size."""
+    """Validate every variant's training config (``train_cfgs`` by variant name; the seed does not change the
+    model) and resolve its model; checks the dense run's equal active size."""
     models: dict[str, ModelConfig] = {}
     for v in cfg.variants:
         tc = validate_config(TrainConfig, train_cfgs[v.name], source=f"experiment run {v.name!r}")

@@ -7,11 +7,13 @@ load-balancing (LB) loss one expert took 73.6% of the tokens by step 500; top-2 
 :func:`run_emergence` repeats that at tiny scale on CPU, with the same token budget for every run:
 
     data run (reused when done) → BPE tokenizer → packed token shards (document attention)
-    → one training run per variant (dense, main top-1, no-LB, top-2) → test loss overall and per domain
-    → expert × domain affinity per MoE layer on the test split → ``report.md``, ``results.json``, PNGs
+    → one training run per variant (dense, main top-1, no-LB, top-2) and seed → test loss overall and per
+    domain → expert × domain affinity per MoE layer on the test split → per-variant mean ± std over seeds
+    → ``report.md``, ``results.json``, PNGs
 
 The report's findings are computed from the numbers by :func:`derive_findings` (a pure function of
-``results.json``), never written in advance: each of the study's three claims is marked held or not held.
+``results.json``), never written in advance: each of the study's three claims is marked held, not held
+or — for MoE vs dense, when the difference of the means is inside the seeds' noise band — inconclusive.
 
 Design choices, so the comparison is fair and explainable (equal active parameters, top-1 weights, the
 no-LB ablation, collapse) are set out in :mod:`moeforge.eval.emergence_config`; the runner's own:
@@ -44,6 +46,7 @@ import yaml
 from moeforge.eval.emergence_config import (
     EmergenceConfig,
     ExperimentError,
+    RunSpec,
     VariantConfig,
     load_emergence_config,
     resolve_models,
@@ -55,6 +58,7 @@ from moeforge.eval.findings import (
     Finding,
     _pct,
     _test_loss,
+    aggregate_runs,
     derive_findings,
     render_report,
     routing_stats,
@@ -150,9 +154,7 @@ def _affinity(run_dir: Path, tokens_dir: Path, batch: int, max_batches: int | No
     return expert_domain_affinity(model, eval_batches(ds, batch, max_batches=max_batches), len(ds.domains))
 
 
-def _prepare_run(
-    cfg: EmergenceConfig, v: VariantConfig, tc: dict[str, Any], run_dir: Path, *, fresh: bool
-) -> bool:
+def _prepare_run(cfg: EmergenceConfig, name: str, tc: dict[str, Any], run_dir: Path, *, fresh: bool) -> bool:
     """True when ``run_dir`` holds a completed run of exactly ``tc`` (reused); otherwise empty ``run_dir``
     and write ``tc`` as its ``config.yaml``, ready to train."""
     text = yaml.safe_dump(tc, sort_keys=False)
@@ -161,7 +163,7 @@ def _prepare_run(
     if not fresh and cfg_path.is_file() and summary_path.is_file() and cfg_path.read_text() == text:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         if summary.get("status") == "completed" and summary.get("steps") == cfg.steps:
-            log.info("%s: reusing the completed run in %s", v.name, run_dir)
+            log.info("%s: reusing the completed run in %s", name, run_dir)
             return True
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -261,8 +263,9 @@ def run_emergence(
 
     Finished stages are reused: the data run (same recipe), the tokenizer (same data and vocabulary), the
     token shards (a cache keyed by their inputs) and every run whose ``config.yaml`` and budget match a
-    completed run (``fresh`` retrains all runs). ``progress(variant, step, total, scalars)`` follows
-    training; ``notify`` receives one line per stage. Raises :class:`ExperimentError` or ConfigError.
+    completed run (``fresh`` retrains all runs). A run is a variant with one of its seeds, in
+    ``out_dir/<run name>`` (:meth:`EmergenceConfig.run_name`); ``progress(run name, step, total, scalars)``
+    follows training; ``notify`` receives one line per stage. Raises :class:`ExperimentError` or ConfigError.
     """
 
     import torch
@@ -313,20 +316,24 @@ def _run(
     domains: list[str] = list(tok.manifest["domains"])
     vocab = int(tok.manifest["tokenizer"]["vocab_size"])
 
+    specs: list[RunSpec] = cfg.runs()
     train_cfgs = {
-        v.name: train_config(cfg, v, tokens_dir=tokens_dir, run_dir=out / v.name) for v in cfg.variants
+        sp.name: train_config(cfg, sp.variant, tokens_dir=tokens_dir, run_dir=out / sp.name, seed=sp.seed)
+        for sp in specs
     }
-    models = resolve_models(cfg, train_cfgs, vocab)
+    # the model does not depend on the seed: resolved (and checked) once per variant
+    first = {v.name: next(sp for sp in specs if sp.variant is v).name for v in cfg.variants}
+    models = resolve_models(cfg, {v: train_cfgs[n] for v, n in first.items()}, vocab)
 
     reused = {
-        v.name: _prepare_run(cfg, v, train_cfgs[v.name], out / v.name, fresh=fresh) for v in cfg.variants
+        sp.name: _prepare_run(cfg, sp.name, train_cfgs[sp.name], out / sp.name, fresh=fresh) for sp in specs
     }
-    pending = [(v.name, out / v.name / "config.yaml") for v in cfg.variants if not reused[v.name]]
-    for v in cfg.variants:
-        state = "reused" if reused[v.name] else "to train"
-        say(f"run {v.name} ({v.role}, {state}): {v.description}".rstrip())
-        if reused[v.name] and progress is not None:
-            progress(v.name, cfg.steps, cfg.steps, {})
+    pending = [(sp.name, out / sp.name / "config.yaml") for sp in specs if not reused[sp.name]]
+    for sp in specs:
+        state = "reused" if reused[sp.name] else "to train"
+        say(f"run {sp.name} ({sp.variant.role}, seed {sp.seed}, {state}): {sp.variant.description}".rstrip())
+        if reused[sp.name] and progress is not None:
+            progress(sp.name, cfg.steps, cfg.steps, {})
     if pending:
         say(f"training {len(pending)} run(s), {min(cfg.parallel, len(pending))} at a time")
     t = time.perf_counter()
@@ -336,20 +343,23 @@ def _run(
     runs: list[dict[str, Any]] = []
     files: dict[str, Path] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
-    for v in cfg.variants:
-        run_dir = out / v.name
+    for sp in specs:
+        v, name = sp.variant, sp.name
+        run_dir = out / name
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         timing = (
             json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else {}
         )
-        train_s = train_seconds.get(v.name, float(timing.get("train_seconds", 0.0)))
+        train_s = train_seconds.get(name, float(timing.get("train_seconds", 0.0)))
         rows = load_metrics(run_dir)
-        curves[v.name] = rows
+        curves[name] = rows
         t = time.perf_counter()
         aff = _affinity(run_dir, tokens_dir, cfg.micro_batch, cfg.affinity_max_batches)
         mcfg = models[v.name]
         record: dict[str, Any] = {
-            "name": v.name,
+            "name": name,
+            "variant": v.name,
+            "seed": sp.seed,
             "role": v.role,
             "description": v.description,
             "status": summary["status"],
@@ -372,27 +382,28 @@ def _run(
             ],
             "train_seconds": round(train_s, 1),
             "train_loadavg": [timing.get("loadavg_start"), timing.get("loadavg_end")],
-            "reused": reused[v.name],
+            "reused": reused[name],
         }
         if mcfg.moe is not None and record["routing"]:
             record["routing"]["balanced_share"] = mcfg.moe.top_k / mcfg.moe.num_experts
         tps = [r["tokens_per_s"] for r in rows if r.get("split") == "train" and r.get("tokens_per_s")]
         record["tokens_per_s"] = round(float(sum(tps) / len(tps)), 1) if tps else None
         if aff:
-            files[f"affinity_{v.name}"] = affinity_heatmaps(
-                aff, domains, out / f"affinity_{v.name}.png", title=f"{v.name}: share of each domain's tokens"
+            files[f"affinity_{name}"] = affinity_heatmaps(
+                aff, domains, out / f"affinity_{name}.png", title=f"{name}: share of each domain's tokens"
             )
-            files[f"routing_load_{v.name}"] = routing_load_curves(
-                rows, out / f"routing_load_{v.name}.png", title=f"{v.name}: largest expert's token share"
+            files[f"routing_load_{name}"] = routing_load_curves(
+                rows, out / f"routing_load_{name}.png", title=f"{name}: largest expert's token share"
             )
-        timings[f"run:{v.name}"] = train_s
-        timings[f"affinity:{v.name}"] = time.perf_counter() - t
+        timings[f"run:{name}"] = train_s
+        timings[f"affinity:{name}"] = time.perf_counter() - t
         runs.append(record)
 
-    ld = _test_loss(next(r for r in runs if r["role"] == "dense"))
-    for r in runs:
+    variants = aggregate_runs(runs)
+    dense_mean = next(a for a in variants if a["role"] == "dense")["test"].get("loss", {}).get("mean")
+    for r in runs:  # each run against the dense mean over seeds
         lt = _test_loss(r)
-        r["delta_vs_dense_pct"] = None if lt is None or ld is None else round(_pct(lt, ld), 3)
+        r["delta_vs_dense_pct"] = None if lt is None or dense_mean is None else round(_pct(lt, dense_mean), 3)
     files = {
         "loss": loss_curves(curves, out / "loss.png", title=f"{cfg.name}: train and validation loss")
     } | files
@@ -418,6 +429,8 @@ def _run(
             "seq_len": cfg.seq_len,
             "tokens_per_run": cfg.steps * cfg.micro_batch * cfg.grad_accum * cfg.seq_len,
             "seed": cfg.seed,
+            "seeds": {v.name: cfg.seeds_of(v) for v in cfg.variants},
+            "n_runs": len(specs),
             "n_layers": main_model.n_layers,
             "d_model": main_model.d_model,
             "moe_layers": main_model.moe_layer_indices,
@@ -428,6 +441,7 @@ def _run(
             "similar_pct": cfg.similar_pct,
         },
         "runs": runs,
+        "variants": variants,
         "files": {k: str(p) for k, p in files.items()},
     }
     results["environment"] = {

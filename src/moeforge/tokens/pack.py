@@ -142,6 +142,7 @@ def _prepare(
     dom_index: dict[str, int],
     domains: list[str],
     size: int,
+    default_system: str | None = None,
 ) -> Iterator[_Batch]:
     """Batches of ``size`` records or ``_BATCH_CHARS`` characters: large enough that the encoder's
     threads stay busy (a small batch ends with one core waiting for the longest document)."""
@@ -153,6 +154,14 @@ def _prepare(
         if dom not in dom_index:
             raise ValueError(f"record {obj.get('id')}: domain {dom!r} is not in the run's domains {domains}")
         msgs = obj.get("messages")
+        sft = mode == "sft"
+        if (
+            sft
+            and msgs is not None
+            and default_system is not None
+            and (not msgs or msgs[0]["role"] != "system")
+        ):
+            msgs = [{"role": "system", "content": default_system}, *msgs]
         batch.doms.append(dom_index[dom])
         batch.texts.append(obj["text"] if msgs is None else render_chat(msgs))
         batch.chats.append(msgs if mode == "sft" else None)
@@ -368,17 +377,21 @@ def pack_records(
     eos_id: int,
     batch_size: int = 8192,
     progress: Callable[[int], None] | None = None,
+    default_system: str | None = None,
 ) -> PackStats:
     """Tokenize and pack ``records`` (record dicts of the dataset contract) into ``writer``.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer``; ``domains`` maps domain names to the ids written per
     sample (a record whose domain is not listed is an error: the caller builds the list from the run's
     manifest). ``progress`` is called with the number of records finished after each batch.
+    ``default_system`` opens every SFT chat that has no system turn (an imported model's chat template does
+    that, see :mod:`moeforge.tokens.chat_spec`); it is context, never trained on. Pretraining text renders
+    chats as they are.
     """
     packer = _Packer(tokenizer, writer, seq_len, domains, eos_id)
     handle = packer.pretrain if mode == "pretrain" else packer.sft
     dom_index = {d: i for i, d in enumerate(domains)}
-    batches = _prefetch(_prepare(records, mode, dom_index, domains, batch_size))
+    batches = _prefetch(_prepare(records, mode, dom_index, domains, batch_size, default_system))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-encode") as pool:
         pending: tuple[_Batch, Future[Any]] | None = None
         for batch in batches:

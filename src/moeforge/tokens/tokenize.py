@@ -33,6 +33,7 @@ from moeforge.data.manifest import load_manifest
 from moeforge.data.store import iter_line_bytes
 from moeforge.io import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_file
 from moeforge.tokens import cache as token_cache
+from moeforge.tokens.chat_spec import load_chat_spec
 from moeforge.tokens.pack import PackMode, PackStats, pack_records, parse_record
 from moeforge.tokens.shards import IndexedShardWriter, token_dtype
 from moeforge.tokens.tokenizer import load_tokenizer, token_ids, tokenizer_files, tokenizer_sha256
@@ -97,6 +98,9 @@ def tokenize_run(
     manifest = load_manifest(run)
     tok_sha = tokenizer_sha256(tokenizer)
     tok = load_tokenizer(tokenizer)
+    chat_spec = load_chat_spec(
+        tokenizer
+    )  # an imported model's default system turn, rendered as its template does
     eos_id, pad_id = token_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
@@ -146,6 +150,7 @@ def tokenize_run(
                     domains=domains,
                     eos_id=eos_id,
                     progress=step,
+                    default_system=chat_spec.default_system_prompt,
                 )
                 info = writer.close()
             except BaseException:
@@ -164,8 +169,9 @@ def tokenize_run(
         tok_files: dict[str, Any] = {}
         (target / "tokenizer").mkdir(exist_ok=True)
         sources = tokenizer_files(tokenizer)
-        if (sources[0].parent / "tokenizer_config.json").is_file():  # the chat template
-            sources.append(sources[0].parent / "tokenizer_config.json")
+        for extra in ("tokenizer_config.json", "chat.json"):  # the chat template and its spec
+            if (sources[0].parent / extra).is_file():
+                sources.append(sources[0].parent / extra)
         for f in sources:
             data = f.read_bytes()
             atomic_write_bytes(target / "tokenizer" / f.name, data)

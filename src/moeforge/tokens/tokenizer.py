@@ -187,9 +187,12 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 def tokenizer_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 over the bytes of the files that define the tokenizer (changes whenever it does)."""
+    """sha256 over the bytes of the files that define the tokenizer (changes whenever it does), including
+    an imported model's ``chat.json`` (its default system turn changes how chats are rendered)."""
     h = hashlib.sha256()
-    for f in tokenizer_files(path):
+    files = tokenizer_files(path)
+    chat = files[0].parent / "chat.json"
+    for f in [*files, *([chat] if chat.is_file() else [])]:
         h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
