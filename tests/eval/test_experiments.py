@@ -455,7 +455,7 @@ def test_variants_default_to_the_top_level_seed_and_quick_merges_seeds_by_name()
     [
         ("variants.0.seeds=[1, 1]", "seeds must be distinct"),
         ("variants.0.seeds=[]", "at least 1 item"),
-        ("variants.0.name=moe-top1-seed0", "clash"),
+        ("variants.2.name=moe-top1-seed0", "clash"),
     ],
 )
 def test_bad_seeds_are_refused(override: str, message: str) -> None:

@@ -371,17 +371,21 @@ def small_hf(bpe) -> Any:
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"arch": "qwen2"}, r"general\.architecture='qwen2' is not supported"),
+        ({"arch": "gptneox"}, r"general\.architecture='gptneox' is not supported"),
         ({"kv": {"llama.rope.scaling.type": "yarn"}}, r"llama\.rope\.scaling\.type='yarn'"),
         ({"kv": {"llama.attention.sliding_window": 32}}, r"llama\.attention\.sliding_window=32"),
         ({"kv": {"llama.rope.dimension_count": 8}}, r"llama\.rope\.dimension_count=8"),
         (
+            {"extra_tensors": {"blk.0.ffn_up.bias": np.zeros(FFN, np.float32)}},
+            r"bias tensors \(blk\.0\.ffn_up\.bias",
+        ),
+        (
             {"extra_tensors": {"blk.0.attn_q.bias": np.zeros(HIDDEN, np.float32)}},
-            r"bias tensors \(blk\.0\.attn_q\.bias",
+            r"llama file with q/k/v bias tensors",
         ),
         ({"extra_tensors": {"blk.0.mystery.weight": np.zeros(4, np.float32)}}, r"'blk\.0\.mystery\.weight'"),
     ],
-    ids=["arch", "yarn", "sliding-window", "partial-rope", "bias", "unknown-tensor"],
+    ids=["arch", "yarn", "sliding-window", "partial-rope", "mlp-bias", "llama-qkv-bias", "unknown-tensor"],
 )
 def test_model_refusals_name_the_field(small_hf, bpe, tmp_path: Path, kwargs, pattern) -> None:
     src = write_gguf(tmp_path / "bad.gguf", small_hf, bpe, **kwargs)

@@ -69,6 +69,8 @@ def _config(kind: str, **extra: Any) -> Any:
         return transformers.LlamaConfig(**COMMON, **theta, **extra)
     if kind == "mistral":
         return transformers.MistralConfig(**COMMON, **theta, **extra)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**COMMON, **theta, **extra)
     if kind == "mixtral":
         return transformers.MixtralConfig(
             **{**COMMON, "intermediate_size": 48},
@@ -95,6 +97,10 @@ def _hf_dir(path: Path, kind: str, *, seed: int = 0, **extra: Any) -> tuple[Path
     """A random tiny transformers model of ``kind`` saved with save_pretrained (safetensors)."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(kind, **extra), dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers starts biases at 0, which would hide a bias left behind
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
     model.save_pretrained(path)
     return path, model
 
@@ -149,6 +155,8 @@ CASES = {
     "mistral-window-covers-context": ("mistral", {"sliding_window": 128}),
     "mixtral": ("mixtral", {}),
     "qwen2-moe": ("qwen2_moe", {}),
+    "qwen2-moe-qkv-bias": ("qwen2_moe", {"qkv_bias": True}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
 }
 
 
@@ -206,11 +214,26 @@ def test_mistral_sliding_window_smaller_than_context_is_refused(tmp_path: Path) 
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_qwen2_moe_with_qkv_bias_is_refused_naming_the_bias(tmp_path: Path) -> None:
-    src, _ = _hf_dir(tmp_path / "hf", "qwen2_moe", qkv_bias=True)
-    with pytest.raises(ModelImportError, match="qkv_bias"):
+def test_llama_attention_bias_is_refused_naming_the_field(tmp_path: Path) -> None:
+    src, _ = _hf_dir(tmp_path / "hf", "llama", attention_bias=True)
+    with pytest.raises(ModelImportError, match="attention_bias=true"):
         import_model(src, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_moe"])
+def test_qwen2_biases_survive_import_and_export(kind: str, tmp_path: Path) -> None:
+    from moeforge.model.hf import export_hf
+
+    extra = {"qkv_bias": True} if kind == "qwen2_moe" else {}
+    src, hf = _hf_dir(tmp_path / "hf", kind, **extra)
+    model, _ = load_model(import_model(src, tmp_path / "ckpt"))
+    assert model.cfg.qkv_bias and model.blocks[0].attn.q_proj.bias is not None
+    export_hf(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf).__name__
+    ids = _ids()
+    assert (_logits(back, ids) - _logits(hf, ids)).abs().max().item() <= 1e-4
 
 
 def test_resolve_source_of_a_missing_wheel_says_how_to_install_it(tmp_path: Path) -> None:

@@ -250,7 +250,9 @@ def test_grouped_swiglu_rows_go_through_their_own_expert(backend: str) -> None:
     expert = [0] * 5 + [2] * 7
     for i, e in enumerate(expert):
         h = x[i] @ w13[e]
-        torch.testing.assert_close(y[i], (F.silu(h[:FH]) * h[FH:]) @ w2[e], atol=1e-5, rtol=1e-5)
+        # a vector-matrix product against a batched one: float32 summation order differs by CPU (seen
+        # 1.3e-5 absolute on values of ~0.2 on one machine), so the bound is float32 noise, not 1e-5
+        torch.testing.assert_close(y[i], (F.silu(h[:FH]) * h[FH:]) @ w2[e], atol=1e-4, rtol=1e-4)
 
 
 def test_loop_backend_chunks_large_groups_like_padded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,6 +89,9 @@ class ModelConfig(StrictModel):
     rope_theta: float = Field(default=10000.0, gt=0.0)
     norm_eps: float = Field(default=1e-5, gt=0.0)
     tie_embeddings: bool = Field(default=False)
+    qkv_bias: bool = Field(
+        default=False, description="biases on the q/k/v projections (Qwen2); o_proj has none"
+    )
     init_std: float = Field(default=0.02, gt=0.0)
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="training/storage dtype")
     moe: MoEConfig | None = Field(default=None, description="MoE settings; null builds a dense model")

@@ -5,7 +5,8 @@
 imports share one mapping onto our model. Quantized tensors (Q4_0, Q4_1, Q8_0, the K-quants, …) are
 dequantized by the ``gguf`` package, the format's own reader; nothing here decodes blocks by hand.
 
-Architectures: ``llama`` (Llama, Mistral, SmolLM; Mixtral when it has experts) and ``qwen2moe``. Two
+Architectures: ``llama`` (Llama, Mistral, SmolLM; Mixtral when it has experts), ``qwen2`` (with its q/k/v
+biases) and ``qwen2moe``. Two
 things llama.cpp's converter changed are undone: the Q and K projections of ``llama`` files are stored
 with their rows permuted for llama.cpp's interleaved RoPE (we restore the rotate-half order transformers
 and moeforge use), and experts are stored stacked (``ffn_gate_exps`` ``[E, F, D]``) rather than one
@@ -29,7 +30,7 @@ __all__ = ["GGUFError", "GGUFModel", "read_gguf", "read_gguf_metadata"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen2moe")
 
 # GGUF tensor name (after ``blk.N.``) → transformers' name (after ``model.layers.N.``)
 _BLOCK_NAMES = {
@@ -39,6 +40,9 @@ _BLOCK_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -180,6 +184,12 @@ def _config(meta: dict[str, Any], arch: str, n_experts: int, tied: bool, path: P
             "norm_topk_prob": False,
             "qkv_bias": False,
         }
+    if arch == "qwen2":
+        return {
+            **common,
+            "model_type": "qwen2",
+            "intermediate_size": int(get("feed_forward_length", required=True)),
+        }
     if n_experts:
         return {
             **common,
@@ -205,16 +215,24 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     if arch not in SUPPORTED_ARCHS:
         raise GGUFError(
             f"{p}: general.architecture={arch!r} is not supported; moeforge imports {', '.join(SUPPORTED_ARCHS)} "
-            "(Llama, Mistral, SmolLM, Mixtral and Qwen2-MoE files)"
+            "(Llama, Mistral, SmolLM, Qwen2, Mixtral and Qwen2-MoE files)"
         )
     names = {t.name for t in reader.tensors}
-    biases = sorted(n for n in names if n.endswith(".bias"))
+    qkv = (".attn_q.bias", ".attn_k.bias", ".attn_v.bias")
+    biases = sorted(n for n in names if n.endswith(".bias") and not n.endswith(qkv))
     if biases:
         raise GGUFError(
-            f"{p}: has bias tensors ({', '.join(biases[:3])}…); moeforge's attention and MLPs have no biases"
+            f"{p}: has bias tensors ({', '.join(biases[:3])}…); moeforge has biases on q/k/v only (Qwen2)"
+        )
+    qkv_bias = any(n.endswith(qkv) for n in names)
+    if qkv_bias and arch == "llama":
+        raise GGUFError(
+            f"{p}: a llama file with q/k/v bias tensors; moeforge imports those as qwen2 files only"
         )
     n_experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
     cfg = _config(meta, arch, n_experts, tied="output.weight" not in names, path=p)
+    if arch == "qwen2moe":
+        cfg["qkv_bias"] = qkv_bias
     n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     moe_prefix = "block_sparse_moe." if cfg["model_type"] == "mixtral" else "mlp."
     types: Counter[str] = Counter()

@@ -2,14 +2,18 @@
 
 Layouts, chosen by :func:`hf_layout`:
 
-- ``mixtral`` (``MixtralForCausalLM``) when every layer is MoE, there are no shared experts and the
-  top-k weights are renormalized (or top-1 straight-through, whose weight is 1). Expert weights use the
+- ``mixtral`` (``MixtralForCausalLM``) when every layer is MoE, there are no shared experts, no q/k/v
+  biases and the top-k weights are renormalized (or top-1 straight-through, whose weight is 1). Expert weights use the
   legacy per-expert keys ``model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight``, which both
   transformers 4.x and 5.x (via its conversion mapping) load.
 - ``qwen2_moe`` (``Qwen2MoeForCausalLM``) otherwise: dense layers become ``mlp_only_layers``, shared
   experts map to its sigmoid-gated ``shared_expert``. An ungated shared expert is exported exactly by a
   zero gate (sigmoid(0) = ½) and a down projection scaled by 2.
-- ``llama`` (``LlamaForCausalLM``) for dense models.
+- ``llama`` (``LlamaForCausalLM``) for dense models; ``qwen2`` (``Qwen2ForCausalLM``) for dense models
+  with q/k/v biases (``qkv_bias``).
+
+Import (:func:`import_hf`, :func:`model_from_hf`) reads those layouts and Mistral's; the GGUF reader
+(:mod:`moeforge.model.gguf`) feeds the same mapping.
 
 Refused, with the reason: ghost experts partly awake (0 < alpha < 1, which no target format can
 represent), a non-zero aux-free routing bias (HF routers have none).
@@ -64,10 +68,13 @@ def _ghost_mode(model: MoETransformer) -> str:
 
 
 def hf_layout(cfg: ModelConfig) -> str:
-    """The transformers architecture this config exports to: 'mixtral', 'qwen2_moe' or 'llama'."""
+    """The transformers architecture this config exports to: 'mixtral', 'qwen2_moe', 'llama' or 'qwen2'
+    (dense with q/k/v biases)."""
     m = cfg.moe
     if m is None or not cfg.moe_layer_indices:
-        return "llama"
+        return "qwen2" if cfg.qkv_bias else "llama"
+    if cfg.qkv_bias:
+        return "qwen2_moe"
     all_moe = len(cfg.moe_layer_indices) == cfg.n_layers
     weight_is_renormalized = m.renormalize or m.straight_through
     if all_moe and m.num_shared_experts == 0 and weight_is_renormalized:
@@ -96,6 +103,16 @@ def _hf_config(model: MoETransformer, layout: str, n_slots: int) -> dict[str, An
         "moeforge_name": cfg.name,
     }
     m = cfg.moe
+    if layout == "qwen2":
+        return {
+            **common,
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "intermediate_size": cfg.ffn_hidden,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": cfg.n_layers,
+        }
     if layout == "llama":
         return {
             **common,
@@ -131,7 +148,7 @@ def _hf_config(model: MoETransformer, layout: str, n_slots: int) -> dict[str, An
         "norm_topk_prob": m.renormalize or m.straight_through,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
-        "qkv_bias": False,
+        "qkv_bias": cfg.qkv_bias,
         "use_sliding_window": False,
         "sliding_window": None,
         "router_aux_loss_coef": m.lb_coef,
@@ -150,6 +167,12 @@ def to_hf_state_dict(
             "Mixtral needs every layer MoE, no shared experts and renormalized top-k weights; "
             f"this model exports as {hf_layout(cfg)!r}"
         )
+    if cfg.qkv_bias and layout in ("llama", "mixtral"):
+        raise ExportError(
+            f"{layout} has no q/k/v biases; this model (qkv_bias) exports as {hf_layout(cfg)!r}"
+        )
+    if layout == "qwen2" and cfg.moe_layer_indices:
+        raise ExportError(f"qwen2 is a dense layout; this MoE model exports as {hf_layout(cfg)!r}")
     ghosts = _ghost_mode(model)
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight}
     for block in model.blocks:
@@ -158,6 +181,13 @@ def to_hf_state_dict(
         sd[p + "post_attention_layernorm.weight"] = block.mlp_norm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             sd[p + f"self_attn.{name}.weight"] = getattr(block.attn, name).weight
+            bias = getattr(block.attn, name).bias
+            if bias is not None:
+                sd[p + f"self_attn.{name}.bias"] = bias
+            elif layout == "qwen2" and name != "o_proj":  # Qwen2 always has q/k/v biases: zero is exact
+                sd[p + f"self_attn.{name}.bias"] = getattr(block.attn, name).weight.new_zeros(
+                    getattr(block.attn, name).weight.shape[0]
+                )
         mlp = block.mlp
         if not isinstance(mlp, MoELayer):
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -232,9 +262,7 @@ def _refuse_unsupported(c: dict[str, Any]) -> None:
         problems.append(f"hidden_act={c['hidden_act']!r} (only silu)")
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
-            problems.append(f"{key}=true (no biases)")
-    if c.get("model_type") == "qwen2":
-        problems.append("model_type='qwen2' has q/k/v biases (no attention biases)")
+            problems.append(f"{key}=true (biases on o_proj / the MLP; only q/k/v biases, as Qwen2 has)")
     window = c.get("sliding_window")
     uses_window = c.get("use_sliding_window", c.get("model_type") in ("mistral", "mixtral"))
     if window and uses_window and window < c.get("max_position_embeddings", 0):
@@ -273,6 +301,8 @@ def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
         )
     if mt in ("llama", "mistral"):
         return ModelConfig(**base, ffn_hidden=c["intermediate_size"])
+    if mt == "qwen2":
+        return ModelConfig(**base, ffn_hidden=c["intermediate_size"], qkv_bias=True)
     if mt == "mixtral":
         moe = MoEConfig(
             num_experts=c["num_local_experts"],
@@ -281,8 +311,6 @@ def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
         )
         return ModelConfig(**base, ffn_hidden=c["intermediate_size"], moe=moe)
     if mt == "qwen2_moe":
-        if c.get("qkv_bias", True):
-            raise ExportError("qwen2_moe with qkv_bias=true has attention biases moeforge's attention lacks")
         dense = set(c.get("mlp_only_layers") or [])
         step = c.get("decoder_sparse_step", 1)
         layers = [i for i in range(c["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
@@ -297,9 +325,11 @@ def _config_from_hf(c: dict[str, Any]) -> ModelConfig:
             shared_expert_hidden=shared or None,
             shared_expert_gate=True,
         )
-        return ModelConfig(**base, ffn_hidden=c["intermediate_size"], moe=moe)
+        return ModelConfig(
+            **base, ffn_hidden=c["intermediate_size"], moe=moe, qkv_bias=bool(c.get("qkv_bias", True))
+        )
     raise ExportError(
-        f"model_type={mt!r} is not supported; moeforge imports llama, mistral, mixtral and qwen2_moe"
+        f"model_type={mt!r} is not supported; moeforge imports llama, mistral, qwen2, mixtral and qwen2_moe"
     )
 
 
@@ -366,6 +396,9 @@ def model_from_hf(
             block.mlp_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(block.attn, name).weight.copy_(sd[p + f"self_attn.{name}.weight"])
+                bias = getattr(block.attn, name).bias
+                if bias is not None:
+                    bias.copy_(sd[p + f"self_attn.{name}.bias"])
             mlp = block.mlp
             if not isinstance(mlp, MoELayer):
                 for name in ("gate_proj", "up_proj", "down_proj"):

@@ -160,14 +160,14 @@ def build_attention_mask(
 class Attention(nn.Module):
     """Causal grouped-query attention through ``F.scaled_dot_product_attention`` (flash kernels on GPU)."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def forward(

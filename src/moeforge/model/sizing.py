@@ -52,7 +52,8 @@ class ParamCount:
 
 def _layer_attention(cfg: ModelConfig) -> int:
     hd = cfg.head_dim
-    return 2 * cfg.d_model * cfg.n_heads * hd + 2 * cfg.d_model * cfg.kv_heads * hd
+    bias = (cfg.n_heads + 2 * cfg.kv_heads) * hd if cfg.qkv_bias else 0
+    return 2 * cfg.d_model * cfg.n_heads * hd + 2 * cfg.d_model * cfg.kv_heads * hd + bias
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:

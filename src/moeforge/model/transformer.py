@@ -3,7 +3,7 @@
 Initialization (GPT-2 / Megatron "scaled init"): every weight matrix is drawn from N(0, init_std²),
 except the two projections that write into the residual stream (attention ``o_proj`` and the MLP /
 expert down projection), whose std is ``init_std / sqrt(2 · n_layers)`` so the residual's variance
-does not grow with depth. Norm weights start at 1, the router at N(0, init_std²).
+does not grow with depth. Norm weights start at 1, q/k/v biases (qkv_bias) at 0, the router at N(0, init_std²).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp: MoELayer | SwiGLU
         if cfg.is_moe_layer(index):
@@ -88,7 +88,9 @@ class MoETransformer(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.ndim == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)  # q/k/v biases (qkv_bias)
+            elif p.ndim == 1:
                 nn.init.ones_(p)  # RMSNorm weights
             elif name.endswith(("o_proj.weight", "down_proj.weight")) or name.endswith(".w2"):
                 nn.init.normal_(p, std=out_std)

@@ -145,6 +145,8 @@ class _AttentionWeights:
         w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * block.attn_norm.weight[None, :]
         self.qkv = _Packed(w, rows)
         self.o = _Plain(a.o_proj.weight)
+        biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]  # Qwen2's q/k/v biases (qkv_bias)
+        self.qkv_bias = torch.cat(biases).detach() if a.q_proj.bias is not None else None
 
 
 class _DenseMLPWeights:
@@ -330,6 +332,8 @@ class Decoder:
         for i, (block, attn, mlp) in enumerate(zip(m.blocks, self.attn, self.mlp, strict=True)):
             nh, nkv, dh = attn.n_heads, attn.n_kv, attn.head_dim
             qkv = attn.qkv(_unit_rms(x, attn.eps))
+            if attn.qkv_bias is not None:
+                qkv = qkv + attn.qkv_bias
             qk = qkv[:, : (nh + nkv) * dh].view(b, nh + nkv, dh)
             qk = torch.addcmul(qk * cos_BD, torch.roll(qk, half, dims=-1), sin_signed)
             v = qkv[:, (nh + nkv) * dh :].view(b, nkv, 1, dh)
