@@ -43,6 +43,8 @@ def test_count_params_equals_meta_instance(preset: str) -> None:
     "overrides",
     [
         ["tie_embeddings=false"],
+        ["qkv_bias=true"],
+        ["qkv_bias=true", "moe=null"],
         ["moe.num_ghost_experts=2", "moe.num_shared_experts=2", "moe.shared_expert_hidden=48"],
         [
             "moe.layers=[0,2]",

@@ -30,6 +30,7 @@ VARIANTS = {
     ],
     "capacity factor": ["moe.capacity_factor=1.0"],
     "untied": ["tie_embeddings=false"],
+    "q/k/v biases": ["qkv_bias=true"],
 }
 
 
@@ -37,6 +38,9 @@ def _model(overrides: list[str], seed: int = 0) -> MoETransformer:
     torch.manual_seed(seed)
     model = MoETransformer(load_model_config("tiny", overrides)).eval()
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)  # they start at 0, which would hide a bias the decode path drops
         for layer in model.moe_layers():
             layer.router.weight.normal_(std=0.5)  # decisive routing: ties would make choices arbitrary
             if layer.router.aux_free_bias_rate:

@@ -313,8 +313,8 @@ def _train_run(
             record["train"].append(
                 {
                     "step": step + 1,
-                    "loss": float(out.loss),
-                    "aux": float(out.aux_loss) if out.aux_loss is not None else 0.0,
+                    "loss": float(out.loss.detach()),
+                    "aux": float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0,
                 }
             )
             if shares:
