@@ -240,12 +240,7 @@ def load_model(
         cfg = ModelConfig.model_validate(state["model_config"])
     except ValueError as exc:
         raise ModelImportError(f"{state_file}: model_config is invalid ({exc})") from None
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.rope.reset(device=device)
+    model = MoETransformer.uninitialized(cfg, device)
     try:
         load_checkpoint(ckpt, model, restore_rng_state=False)
     except CheckpointError as exc:

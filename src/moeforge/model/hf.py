@@ -380,12 +380,7 @@ def model_from_hf(
         {k.replace(".block_sparse_moe.", ".mlp."): v.float() for k, v in state.items()}, Path(source)
     )
     names = ("w1", "w3", "w2") if c["model_type"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-    model = model.to_empty(device="cpu")
-    model.rope.reset(device="cpu")  # non-persistent buffers are not in the file: recompute them
-    if cfg.tie_embeddings:  # to_empty replaces each module's parameter separately, breaking the tie
-        model.lm_head.weight = model.embed.weight
+    model = MoETransformer.uninitialized(cfg, "cpu")
     with torch.no_grad():
         for layer in model.moe_layers():
             layer.ghost_alpha.zero_()

@@ -82,6 +82,19 @@ class MoETransformer(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
+    @classmethod
+    def uninitialized(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> MoETransformer:
+        """A model whose weights are allocated on ``device`` but not drawn — for loading a state dict into
+        (random init of a large model costs seconds for nothing). The tied head is re-tied and the RoPE
+        tables (non-persistent buffers, never in a file) are rebuilt; every other tensor is garbage."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty gives each module its own tensor, breaking the tie
+            model.lm_head.weight = model.embed.weight
+        model.rope.reset(device=device)
+        return model
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Apply the documented initialization (module docstring)."""

@@ -202,12 +202,8 @@ def upcycle(model: MoETransformer, up: UpcycleConfig, *, seed: int = 0) -> MoETr
     """
     cfg = upcycle_config(model.cfg, up)
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
-    with torch.device("meta"):
-        new = MoETransformer(cfg)
-    new = new.to_empty(device=device).to(dtype)
-    new.rope.reset(device=device)  # non-persistent buffers: recompute
-    if cfg.tie_embeddings:  # to_empty replaces each module's parameter separately, breaking the tie
-        new.lm_head.weight = new.embed.weight
+    new = MoETransformer.uninitialized(cfg, device).to(dtype)
+    new.rope.reset(device=device)  # the cast rounded the float32 RoPE tables: rebuild them from theta
 
     moe_idx = set(cfg.moe_layer_indices)
     moe_prefixes = tuple(f"blocks.{i}.mlp." for i in moe_idx)

@@ -171,12 +171,7 @@ class Engine:
         except ValidationError as exc:
             raise EngineError(format_validation_error(exc, f"{state_file} model_config")) from exc
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        with torch.device("meta"):  # the weights come from the file: skip the random init
-            model = MoETransformer(cfg)
-        model.to_empty(device=dev)
-        if cfg.tie_embeddings:  # to_empty gives each module its own tensor
-            model.lm_head.weight = model.embed.weight
-        model.rope.reset(device=dev)  # a non-persistent buffer: rebuilt, never loaded
+        model = MoETransformer.uninitialized(cfg, dev)  # the weights come from the file
         load_checkpoint(ckpt, model, restore_rng_state=False)
         if dtype is not None:
             model.to(dtype)
