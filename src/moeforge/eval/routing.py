@@ -59,8 +59,8 @@ def expert_domain_affinity(
             if forward is None:
                 model(ids, **kw)
             T = ids.shape[1]
-            real = (batch["doc_ids"] >= 0).reshape(-1).numpy()
-            dom = np.repeat(batch["domain"].numpy(), T)[real]
+            real = (batch["doc_ids"] >= 0).reshape(-1).cpu().numpy()
+            dom = np.repeat(batch["domain"].cpu().numpy(), T)[real]
             for i, idx in captured.items():
                 chosen = idx.cpu().numpy()[real]  # [N_real, k]
                 for j in range(chosen.shape[1]):

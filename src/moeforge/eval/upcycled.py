@@ -132,7 +132,7 @@ def _prepare(cfg: UpcycledStudyConfig, out: Path) -> tuple[Path, Path, dict[str,
     tokens = tokenize_run(
         data_dir, base / "tokenizer", seq_len=cfg.seq_len, out=out / "tokens", overwrite=True
     ).path
-    model, _ = load_model(base)
+    model, _ = load_model(base, device=_device())
     trunk_layers = model.cfg.n_layers - cfg.train_layers
     if trunk_layers < 0:
         raise ValueError(f"train_layers={cfg.train_layers} exceeds the model's {model.cfg.n_layers} layers")
@@ -150,29 +150,27 @@ def _prepare(cfg: UpcycledStudyConfig, out: Path) -> tuple[Path, Path, dict[str,
             idx = np.flatnonzero(doms == d)
             picks.append(np.sort(rng.permutation(idx)[:per]))
         sel[split] = np.concatenate(picks)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "base": sha256_file(base / "model.safetensors"),
-                "tokens": json.loads((tokens / "manifest.json").read_text()).get("fingerprint"),
-                "sel": {k: v.tolist() for k, v in sel.items()},
-                "trunk": trunk_layers,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+    from moeforge.tokens.loader import build_batch
+
+    batches = {
+        split: build_batch([ds[split]], np.zeros(len(idx), np.int64), idx, ds[split].seq_len)
+        for split, idx in sel.items()
+    }
+    # the cache is a function of the trunk's weights and of exactly these samples' tokens
+    digest = hashlib.sha256(f"{sha256_file(base / 'model.safetensors')}:{trunk_layers}".encode())
+    for split in sorted(batches):
+        for f in FIELDS:
+            digest.update(f"{split}/{f}".encode() + batches[split][f].numpy().tobytes())
+    fingerprint = digest.hexdigest()
     cache = out / "cache"
     info_file = cache / "info.json"
     if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
         return base, cache, json.loads(info_file.read_text())
     cache.mkdir(parents=True, exist_ok=True)
-    from moeforge.tokens.loader import build_batch
-
     t0 = time.time()
     model.eval()
     counts = {}
-    for split, idx in sel.items():
-        b = build_batch([ds[split]], np.zeros(len(idx), np.int64), idx, ds[split].seq_len)
+    for split, b in batches.items():
         for f in FIELDS:
             np.save(cache / f"{split}_{f}.npy", b[f].numpy(), allow_pickle=False)
         n, t = b["input_ids"].shape
@@ -181,13 +179,14 @@ def _prepare(cfg: UpcycledStudyConfig, out: Path) -> tuple[Path, Path, dict[str,
         )
         with torch.no_grad():
             for i in range(0, n, 8):
+                dev = model.embed.weight.device
                 h = model.trunk(
-                    b["input_ids"][i : i + 8],
+                    b["input_ids"][i : i + 8].to(dev),
                     trunk_layers,
-                    doc_ids_BT=b["doc_ids"][i : i + 8],
-                    positions_BT=b["positions"][i : i + 8],
+                    doc_ids_BT=b["doc_ids"][i : i + 8].to(dev),
+                    positions_BT=b["positions"][i : i + 8].to(dev),
                 )
-                hidden[i : i + 8] = h.numpy()
+                hidden[i : i + 8] = h.float().cpu().numpy()
                 log.info("trunk cache %s: %d/%d samples", split, min(i + 8, n), n)
         hidden.flush()
         del hidden
@@ -213,8 +212,13 @@ def _load(cache: Path, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _batch(data: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.items()}
+    dev = _device()
+    return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(dev) for k, v in data.items()}
 
 
 def _forward(model: MoETransformer, b: dict[str, torch.Tensor], start: int, labels: bool = True) -> Any:
@@ -244,9 +248,9 @@ def _evaluate(
         ce = F.cross_entropy(
             logits.flatten(0, 1), b["labels"].reshape(-1), ignore_index=-100, reduction="none"
         )
-        valid = (b["labels"].reshape(-1) != -100).numpy()
-        dom = np.repeat(b["domain"].numpy(), b["labels"].shape[1])
-        np.add.at(sums, dom[valid], ce.numpy()[valid])
+        valid = (b["labels"].reshape(-1) != -100).cpu().numpy()
+        dom = np.repeat(b["domain"].cpu().numpy(), b["labels"].shape[1])
+        np.add.at(sums, dom[valid], ce.cpu().numpy()[valid])
         np.add.at(counts, dom[valid], 1)
     model.train(was)
     res = {"overall": float(sums.sum() / max(counts.sum(), 1))}
@@ -270,7 +274,7 @@ def _train_run(
     start, domains = int(info["trunk_layers"]), list(info["domains"])
     t0 = time.time()
     torch.manual_seed(seed)
-    model, _ = load_model(base)
+    model, _ = load_model(base, device=_device())
     trained = list(range(start, model.cfg.n_layers))
     if arm.moe:
         up = UpcycleConfig.model_validate({**cfg.upcycle.model_dump(), **arm.upcycle, "layers": trained})

@@ -85,25 +85,45 @@ def derive_upcycled_findings(results: Mapping[str, Any]) -> list[dict[str, str]]
     return out
 
 
+def _affinity_table(run: Mapping[str, Any], domains: list[str]) -> list[str]:
+    """Per MoE layer: one row per expert, the share of each domain's tokens it received."""
+    out = []
+    for layer, mat in sorted(run.get("affinity", {}).items(), key=lambda kv: int(kv[0])):
+        spec = run.get("specialization", {}).get(layer, 0.0)
+        out += [
+            f"Layer {layer} (specialization {spec:.3f}):",
+            "",
+            "| expert | " + " | ".join(domains) + " |",
+            "|---|" + "---|" * len(domains),
+        ]
+        out += [f"| {e} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for e, row in enumerate(mat)]
+        out.append("")
+    return out
+
+
 def render_upcycled_report(results: Mapping[str, Any]) -> str:
-    """Markdown: setup, per-arm table (mean ± std, per domain), verdicts, routing, step-0 parity."""
+    """Markdown: setup, per-arm and per-run tables, validation curves, verdicts, routing."""
     cfg = results["config"]
     domains = results["cache"]["domains"]
+    roles = ("dense", "main", "no_lb", "top2")
     lines = [
         f"# {cfg['name']}: the emergence study on a real pretrained model",
         "",
-        f"Base: `{cfg['base']}`, the last {cfg['train_layers']} of its blocks trained over a frozen, cached trunk "
-        f"({results['cache']['trunk_layers']} blocks); {cfg['steps']} steps × {cfg['micro_batch']} × {cfg['seq_len']} "
-        f"= {results['tokens_per_run']:,} tokens per run, the same tokens for every run (a seed changes their "
-        f"order and the router). Wall time {results['wall_seconds'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
-        f"(trunk cache {results['cache']['seconds']:.0f} s).",
+        f"Base: `{cfg['base']}`, its last {cfg['train_layers']} blocks (and the final norm) trained over a frozen, "
+        f"cached trunk of {results['cache']['trunk_layers']} blocks; {cfg['steps']} steps × {cfg['micro_batch']} "
+        f"sequences × {cfg['seq_len']} tokens = {results['tokens_per_run']:,} tokens per run, the same tokens "
+        "for every run (a seed changes their order and, for MoE arms, the router's initialization and noise). "
+        f"Validation: {cfg['valid_per_domain']} sequences per domain; test: {cfg['test_per_domain']} per domain. "
+        f"Wall time {results['wall_seconds'] / 60:.1f} min on {results['machine']['cpus']} CPUs "
+        f"({cfg['parallel']} runs at a time, {cfg['threads']} thread each; trunk cache "
+        f"{results['cache']['seconds']:.0f} s).",
         "",
-        "| arm | seeds | test loss (mean ± std) | "
-        + " | ".join(domains)
-        + " | step-0 valid | collapse step |",
+        "## Arms (mean ± std over seeds; test cross-entropy, nats per token)",
+        "",
+        "| arm | seeds | test | " + " | ".join(domains) + " | step-0 valid | collapse step |",
         "|---|---|---|" + "---|" * len(domains) + "---|---|",
     ]
-    for role in ("dense", "main", "no_lb", "top2"):
+    for role in roles:
         runs = _by_role(results, role)
         if not runs:
             continue
@@ -113,25 +133,52 @@ def render_upcycled_report(results: Mapping[str, Any]) -> str:
         for d in domains:
             ds = _stats(runs, d)
             per.append(
-                f"{ds[0]:.4f} ± {ds[1]:.4f}" if ds and len(runs) > 1 else (f"{ds[0]:.4f}" if ds else "–")
+                "–" if ds is None else (f"{ds[0]:.4f} ± {ds[1]:.4f}" if len(runs) > 1 else f"{ds[0]:.4f}")
             )
-        v0 = sorted({round(r["valid"][0]["overall"], 4) for r in runs})
+        v0 = sorted({f"{r['valid'][0]['overall']:.4f}" for r in runs})
         col = [str(r["collapse_step"]) for r in runs if r.get("collapse_step") is not None]
+        test = f"{s[0]:.4f} ± {s[1]:.4f}" if len(runs) > 1 else f"{s[0]:.4f}"
         lines.append(
-            f"| {runs[0]['arm']} | {len(runs)} | {s[0]:.4f} ± {s[1]:.4f} | "
+            f"| {runs[0]['arm']} | {', '.join(str(r['seed']) for r in runs)} | {test} | "
             + " | ".join(per)
-            + f" | {', '.join(map(str, v0))} | {', '.join(col) or 'none'} |"
+            + f" | {', '.join(v0)} | {', '.join(col) or 'none'} |"
         )
-    lines += ["", "## Verdicts (derived from the numbers)", ""]
+    lines += [
+        "",
+        "The step-0 column is every run's validation loss before its first step: upcycled arms start exactly "
+        "where the dense model starts (step-0 parity), so the differences below are what training made of "
+        "the extra capacity.",
+        "",
+        "## Verdicts (derived from the numbers)",
+        "",
+    ]
     for f in derive_upcycled_findings(results):
         lines.append(f"- **{f['verdict']}** — {f['claim']}: {f['evidence']}")
-    lines += ["", "## Routing at the end (test split): expert × domain shares per layer", ""]
-    for r in _by_role(results, "main")[:1] + _by_role(results, "no_lb")[:1] + _by_role(results, "top2")[:1]:
-        for layer, mat in sorted(r.get("affinity", {}).items(), key=lambda kv: int(kv[0])):
-            spec = r.get("specialization", {}).get(layer, 0.0)
-            rows = "; ".join(
-                f"{d}: " + " ".join(f"{row[j]:.2f}" for row in mat) for j, d in enumerate(domains)
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | seed | test | " + " | ".join(domains) + " | valid by step | peak expert share | seconds |",
+        "|---|---|---|" + "---|" * len(domains) + "---|---|---|",
+    ]
+    for role in roles:
+        for r in _by_role(results, role):
+            curve = " → ".join(f"{v['overall']:.3f}" for v in r["valid"])
+            peak = max((x["max_share"] for x in r.get("load", [])), default=None)
+            lines.append(
+                f"| {r['arm']} | {r['seed']} | {r['test']['overall']:.4f} | "
+                + " | ".join(f"{r['test'].get(d, float('nan')):.4f}" for d in domains)
+                + f" | {curve} | {'–' if peak is None else f'{peak:.1%}'} | {r['seconds']:.0f} |"
             )
-            lines.append(f"- {r['arm']} (seed {r['seed']}) layer {layer}, specialization {spec:.3f} — {rows}")
-    lines.append("")
+    lines += [
+        "",
+        f"Validation at steps {', '.join(str(v['step']) for v in next(iter(results['runs'].values()))['valid'])}.",
+        "",
+    ]
+    lines += ["## Routing at the end: expert × domain shares on the test split", ""]
+    for role in ("main", "no_lb", "top2"):
+        runs = _by_role(results, role)
+        if runs:
+            lines += [f"### {runs[0]['arm']}, seed {runs[0]['seed']}", ""]
+            lines += _affinity_table(runs[0], domains)
     return "\n".join(lines)
