@@ -121,7 +121,8 @@ def write_gguf(
     extra_tensors: dict[str, np.ndarray] | None = None,
     template: str | None = SMOLLM_TEMPLATE,
 ) -> Path:
-    """Write ``model`` as llama.cpp's converter would: metadata, permuted Q/K, mixed Q8_0/F16/F32 tensors."""
+    """Write ``model`` as llama.cpp's converter would: metadata, permuted Q/K (llama files only; qwen2 files
+    keep Q/K as they are and carry the q/k/v biases), mixed Q8_0/F16/F32 tensors."""
     cfg = model.config
     tokens, merges = bpe
     w = gguf.GGUFWriter(str(path), arch)
@@ -171,16 +172,14 @@ def write_gguf(
         p = f"model.layers.{i}."
         mat = "f32" if i == 0 else "q8_0"  # layer 0 exact: its weights must come back bit for bit
         put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], "f32")
-        put(
-            f"blk.{i}.attn_q.weight",
-            _permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
-            mat,
-        )
-        put(
-            f"blk.{i}.attn_k.weight",
-            _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
-            mat,
-        )
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
+        put(f"blk.{i}.attn_q.weight", q, mat)
+        put(f"blk.{i}.attn_k.weight", k, mat)
+        for name in ("q", "k", "v"):
+            if p + f"self_attn.{name}_proj.bias" in sd:
+                put(f"blk.{i}.attn_{name}.bias", sd[p + f"self_attn.{name}_proj.bias"], "f32")
         put(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], "f16" if i == 0 else mat)
         put(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], mat)
         put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], "f32")
@@ -441,3 +440,26 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelImportError, match="no such file"):
         import_model(tmp_path / "absent.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_gguf_with_qkv_biases_matches_transformers(bpe, tmp_path: Path) -> None:
+    """A qwen2 file: Q/K stored unpermuted, q/k/v biases; logits equal transformers' GGUF load."""
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(bpe[0]), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=128, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True,
+        initializer_range=0.1,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    src = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    path = write_gguf(tmp_path / "qwen2.gguf", src, bpe, arch="qwen2", pre="qwen2")
+    g = read_gguf(path)
+    assert g.config["model_type"] == "qwen2"
+    ours = model_from_hf(g.config, g.state, str(path)).eval()
+    assert ours.cfg.qkv_bias
+    ids = _ids(ours.cfg.vocab_size)
+    assert (_logits(ours, ids) - _logits(_hf_gguf_model(path), ids)).abs().max().item() <= 1e-4
