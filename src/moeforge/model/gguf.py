@@ -1,6 +1,6 @@
 """GGUF checkpoints in: llama.cpp's single-file format read as a Hugging Face config and state dict.
 
-:func:`read_gguf` turns a ``.gguf`` file into what :func:`moeforge.model.hf.model_from_hf` takes — a
+:func:`read_gguf` turns a ``.gguf`` file into what :func:`moeforge.model.hf_import.model_from_hf` takes — a
 ``config.json``-style dict and float32 tensors under transformers' key names — so GGUF and safetensors
 imports share one mapping onto our model. Quantized tensors (Q4_0, Q4_1, Q8_0, the K-quants, …) are
 dequantized by the ``gguf`` package, the format's own reader; nothing here decodes blocks by hand.

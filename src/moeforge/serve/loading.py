@@ -37,7 +37,7 @@ def load_engine(
     if not p.is_dir():
         raise ServeError(f"{p}: is a file; pass the directory holding model.safetensors")
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
-        from moeforge.model.hf import import_hf
+        from moeforge.model.hf_import import import_hf
         from moeforge.tokens.tokenizer import load_tokenizer
 
         model = import_hf(p)
