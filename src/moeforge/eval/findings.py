@@ -473,7 +473,13 @@ def render_report(results: Mapping[str, Any]) -> str:
             "—" if not peaks else f"{100 * max(peaks):.1f}%",
             "—"
             if not peaks
-            else (", ".join(str(k) for k in a["collapsed_seeds"]) or "none") + f" of {len(peaks)}",
+            else (
+                f"{len(a['collapsed_seeds'])} of {len(peaks)} (seed "
+                + ", ".join(str(k) for k in a["collapsed_seeds"])
+                + ")"
+                if a["collapsed_seeds"]
+                else f"none of {len(peaks)}"
+            ),
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Per run (Δ against the dense mean):", ""]
