@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
+from moeforge.config import format_validation_error
 from moeforge.io import atomic_directory, atomic_write_json, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.model.gguf import GGUFError, read_gguf, read_gguf_metadata
@@ -236,11 +238,11 @@ def load_model(
         raise ModelImportError(f"{ckpt}: not a checkpoint (needs model.safetensors and state.json)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if "model_config" not in state:
-        raise ModelImportError(f"{state_file}: has no model_config")
+        raise ModelImportError(f"{state_file}: has no model_config; was it written by moeforge?")
     try:
         cfg = ModelConfig.model_validate(state["model_config"])
-    except ValueError as exc:
-        raise ModelImportError(f"{state_file}: model_config is invalid ({exc})") from None
+    except ValidationError as exc:
+        raise ModelImportError(format_validation_error(exc, f"{state_file} model_config")) from None
     model = MoETransformer.uninitialized(cfg, device)
     try:
         load_checkpoint(ckpt, model, restore_rng_state=False)

@@ -25,7 +25,6 @@ training. The engine is not thread-safe; a server serializes calls into it.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -34,10 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
-from moeforge.config import format_validation_error
-from moeforge.model.config import ModelConfig
 from moeforge.model.transformer import MoETransformer
 from moeforge.serve.batch import Batch, prefill
 from moeforge.serve.chat import ChatError, chat_messages, chat_text, encode_chat, plain_tokenizer
@@ -154,25 +150,16 @@ class Engine:
         or a run directory (its latest checkpoint). ``tokenizer``: a tokenizer, a path to one, or None to
         use a ``tokenizer.json`` in or up to three levels above the checkpoint, else the one the training
         config names. Weights load strictly; a tied LM head may be stored once or twice."""
+        from moeforge.pretrained import ModelImportError, load_model
         from moeforge.tokens.tokenizer import load_tokenizer
-        from moeforge.train.checkpoint import latest_checkpoint, load_checkpoint
 
-        ckpt = Path(path).resolve()
-        if not (ckpt / "model.safetensors").is_file() and (ckpt / "checkpoints").is_dir():
-            ckpt = latest_checkpoint(ckpt) or ckpt
-        state_file = ckpt / "state.json"
-        if not state_file.is_file() or not (ckpt / "model.safetensors").is_file():
-            raise EngineError(f"{ckpt}: not a checkpoint (needs model.safetensors and state.json)")
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        if "model_config" not in state:
-            raise EngineError(f"{state_file}: has no model_config; was it written by `moeforge train`?")
-        try:
-            cfg = ModelConfig.model_validate(state["model_config"])
-        except ValidationError as exc:
-            raise EngineError(format_validation_error(exc, f"{state_file} model_config")) from exc
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        model = MoETransformer.uninitialized(cfg, dev)  # the weights come from the file
-        load_checkpoint(ckpt, model, restore_rng_state=False)
+        try:
+            model, state = load_model(path, device=dev)
+        except ModelImportError as exc:
+            raise EngineError(str(exc)) from None
+        ckpt = Path(state["path"]).resolve()
+        cfg = model.cfg
         if dtype is not None:
             model.to(dtype)
         if tokenizer is None:
