@@ -41,6 +41,9 @@ def serve(
     batch_wait_ms: float = typer.Option(
         10.0, "--batch-wait-ms", min=0.0, help="How long an idle server waits for companions of a request."
     ),
+    max_body_mb: float = typer.Option(
+        1.0, "--max-body-mb", min=0.001, help="Largest request body accepted; above it: 413 (MB)."
+    ),
     fast_decode: bool = typer.Option(
         True,
         "--fast-decode/--no-fast-decode",
@@ -66,4 +69,5 @@ def serve(
         max_batch=max_batch,
         max_batch_wait_ms=batch_wait_ms,
         fast_decode=None if fast_decode else False,
+        max_body_bytes=int(max_body_mb * 1_000_000),
     )

@@ -336,11 +336,13 @@ def create_app(
     request_timeout: float = 120.0,
     default_system_prompt: str | Mapping[str, str] | None = None,
     max_batch_wait_ms: float = 10.0,
+    max_body_bytes: int | None = 1 << 20,
 ) -> FastAPI:
     """The OpenAI-compatible app for one engine (named ``model_name``, default its config's name) or a
     mapping ``{model name: engine}``. ``default_system_prompt`` (one for all models, or one per name)
     opens every chat that does not start with a system turn. ``max_concurrency`` choices decode at once;
-    requests beyond ``max_concurrency + max_queue`` in flight get 429; ``request_timeout`` seconds → 504.
+    requests beyond ``max_concurrency + max_queue`` in flight get 429; ``request_timeout`` seconds → 504;
+    a body above ``max_body_bytes`` (default 1 MiB; None: no limit) → 413 before it is parsed.
     ``api_key``: when set, ``/v1/*`` needs ``Authorization: Bearer <key>`` (``/health`` and ``/metrics``
     stay open). The worker threads start and stop with the app's lifespan. Raises :class:`ServeError`
     for bad settings."""
@@ -386,7 +388,7 @@ def create_app(
             await asyncio.gather(*(asyncio.to_thread(s.scheduler.stop) for s in served.values()))
 
     app = FastAPI(title="moeforge", summary="OpenAI-compatible moeforge server", lifespan=lifespan)
-    app.add_middleware(AuthAndMetrics, metrics=metrics, api_key=api_key)
+    app.add_middleware(AuthAndMetrics, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
     add_error_handlers(app)
     api = _API(served, metrics, max_concurrency, max_queue, request_timeout)
     app.get("/health")(api.health)

@@ -3,9 +3,11 @@ a run directory; the identity system prompt the model was trained with; uvicorn.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 from moeforge.serve.engine import Engine
@@ -90,14 +92,17 @@ def serve(
     max_batch: int = 8,
     max_batch_wait_ms: float = 10.0,
     fast_decode: bool | None = None,
+    max_body_bytes: int | None = 1 << 20,
 ) -> None:
     """Load ``path`` (see :func:`load_engine`) and serve it with uvicorn until interrupted.
     ``system_prompt`` None means the one the model was trained with (:func:`find_system_prompt`), if
-    any; ``""`` means none."""
+    any; ``""`` means none. The socket is bound before anything is announced: a port in use is a
+    :class:`ServeError`, and the address logged is the real one (``port=0`` picks a free port)."""
     import uvicorn
 
     from moeforge.serve.api import create_app  # the app module imports this one for ServeError
 
+    sock = bind_socket(host, port)  # first: a busy port fails in a second, not after loading the model
     engine = load_engine(path, device=device, max_batch=max_batch, fast_decode=fast_decode)
     if system_prompt is None:
         system_prompt = find_system_prompt(path)
@@ -113,8 +118,39 @@ def serve(
         request_timeout=request_timeout,
         default_system_prompt=system_prompt or None,
         max_batch_wait_ms=max_batch_wait_ms,
+        max_body_bytes=max_body_bytes,
     )
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
     log.info(
-        "serving %s as %r on http://%s:%d/v1 (api key %s)", path, name, host, port, "on" if api_key else "off"
+        "serving %s as %r on http://%s:%d/v1 (api key %s)",
+        path,
+        name,
+        shown,
+        bound,
+        "on" if api_key else "off",
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[sock])
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0: a free one); :class:`ServeError` naming the
+    address and what to do when it cannot be bound (in use, no such interface, no permission)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, IndexError) as exc:
+        raise ServeError(f"--host {host!r}: not an address this machine has ({exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = "another process listens there; pick another --port (0: any free port)"
+        if exc.errno != errno.EADDRINUSE:
+            hint = "check --host and --port (ports below 1024 need privileges)"
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+    sock.set_inheritable(True)
+    return sock

@@ -23,13 +23,22 @@ log = logging.getLogger(__name__)
 
 
 class AuthAndMetrics:
-    """Pure ASGI (streaming-safe): the API key check on ``/v1/*`` and per-endpoint request metrics."""
+    """Pure ASGI (streaming-safe): the API key check on ``/v1/*``, the request body limit and
+    per-endpoint request metrics.
+
+    A request body larger than ``max_body_bytes`` is answered 413 without reading more of it than the
+    limit: a declared ``Content-Length`` above the limit is refused before any byte is read, and a body
+    without one is read up to the limit. Bodies within it are read here and handed to the route whole
+    (FastAPI would buffer them anyway), so a multi-megabyte prompt never reaches JSON parsing."""
 
     ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, api_key: str | None, max_body_bytes: int | None = None
+    ) -> None:
         self.app, self.metrics = app, metrics
         self.key = api_key.encode() if api_key is not None else None
+        self.max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,10 +68,41 @@ class AuthAndMetrics:
                     code="invalid_api_key",
                 )
                 await err.response({"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
+            elif self.max_body is not None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(scope, receive, self.max_body)
+                if body is None:
+                    err = APIError(
+                        413,
+                        f"request body larger than {self.max_body:,} bytes; send a shorter prompt (the "
+                        "server's --max-body-mb sets the limit)",
+                        code="request_too_large",
+                    )
+                    await err.response()(scope, receive, send_status)
+                else:
+                    await self.app(scope, _replay(body, receive), send_status)
             else:
                 await self.app(scope, receive, send_status)
         finally:
             self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+
+    @staticmethod
+    async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        """The whole body, or None as soon as it is known to exceed ``limit`` bytes."""
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to serve
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     @staticmethod
     def _authorized(scope: Scope, key: bytes) -> bool:
@@ -71,6 +111,21 @@ class AuthAndMetrics:
                 scheme, _, token = value.partition(b" ")
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
         return False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the already-read ``body`` once, then the client's own messages (so a
+    streaming route still sees the disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def add_error_handlers(app: FastAPI) -> None:
