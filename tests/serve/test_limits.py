@@ -87,3 +87,59 @@ def test_cli_serve_on_a_busy_port_exits_2_without_loading(tmp_path) -> None:
         busy.close()
     assert r.returncode == 2
     assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+PROSE = "The miller counted the sacks of grain every morning and wrote the number beside the date. " * 20
+
+
+@pytest.fixture(scope="module")
+def text_engine(make_bpe) -> Engine:
+    torch.manual_seed(0)
+    return Engine(MoETransformer(load_model_config("tiny")).eval(), make_bpe(PROSE))
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_encoding(
+    text_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(
+        text_engine.tokenizer, "encode", lambda *a, **k: calls.append(a) or None, raising=False
+    )
+    huge = "word " * 200_000  # 1 MB of text against a 256-token context
+    with TestClient(create_app(text_engine, model_name="m", max_body_bytes=None)) as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": huge, "max_tokens": 2})
+        chat = c.post(
+            "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": huge}]}
+        )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "characters" in r.json()["error"]["message"]
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []  # refused by the character bound: the tokenizer never saw the text
+
+
+def test_tokenizing_a_prompt_does_not_block_other_requests(
+    text_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    real = text_engine.encode
+
+    def slow_encode(text: str) -> list[int]:
+        time.sleep(2.0)  # a long prompt's tokenization
+        return real(text)
+
+    monkeypatch.setattr(text_engine, "encode", slow_encode)
+    with TestClient(create_app(text_engine, model_name="m")) as c:
+        worker = threading.Thread(
+            target=lambda: c.post(
+                "/v1/completions", json={"model": "m", "prompt": "The miller", "max_tokens": 1}
+            )
+        )
+        worker.start()
+        time.sleep(0.3)  # the completion is now encoding
+        start = time.monotonic()
+        assert c.get("/health").status_code == 200
+        waited = time.monotonic() - start
+        worker.join()
+    assert waited < 1.0, f"/health waited {waited:.1f} s behind a prompt being tokenized"

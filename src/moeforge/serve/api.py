@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import Request as HTTPRequest
 
 from moeforge.serve.calls import Call
-from moeforge.serve.engine import Engine, EngineError
+from moeforge.serve.engine import Engine, EngineError, PromptTooLongError
 from moeforge.serve.loading import ServeError, find_system_prompt, load_engine, serve
 from moeforge.serve.metrics import Metrics
 from moeforge.serve.middleware import AuthAndMetrics, add_error_handlers
@@ -142,7 +142,10 @@ class _API:
         parts, prompt_tokens = [], 0
         for prompt in prompts:
             try:
-                ids = s.engine.encode(prompt) if isinstance(prompt, str) else prompt
+                # off the event loop: a long text takes a while to encode and must not stall other requests
+                ids = await asyncio.to_thread(s.engine.encode, prompt) if isinstance(prompt, str) else prompt
+            except PromptTooLongError as exc:
+                raise APIError(400, str(exc), param="prompt", code="context_length_exceeded") from None
             except EngineError as exc:
                 raise APIError(400, f"{exc}; this model takes token-id prompts", param="prompt") from None
             if not ids:
@@ -189,9 +192,12 @@ class _API:
         ]
         system = s.system_prompt if messages[0]["role"] != "system" else None
         try:
-            ids = s.engine.chat_ids(messages, system)  # message text cannot forge special tokens
+            # message text cannot forge special tokens; encoded off the event loop like completions
+            ids = await asyncio.to_thread(s.engine.chat_ids, messages, system)
             max_tokens = self._max_tokens(s, len(ids), asked, param, "messages")
             params = s.engine.chat_params(body.sampling(max_tokens, logprobs=bool(body.logprobs)))
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except EngineError as exc:
             raise APIError(400, str(exc), param="messages") from None
         call = self._admit(s, self._jobs(s, [(ids, params)], body.n or 1, bool(body.stream)))

@@ -189,7 +189,28 @@ class Engine:
         :meth:`chat_ids`, which keeps them out of message content."""
         if self.tokenizer is None:
             raise EngineError("a text prompt needs a tokenizer; pass token ids or create the Engine with one")
+        self.check_text_fits(len(text), "the prompt")
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    @functools.cached_property
+    def _longest_token_chars(self) -> int:
+        """The longest vocabulary entry in characters: one token covers at most that many characters of
+        text (byte-level entries spell one byte per character, and a character is at least one byte)."""
+        return max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    def check_text_fits(self, n_chars: int, what: str) -> None:
+        """Raise :class:`PromptTooLongError` when text of ``n_chars`` characters cannot fit the context
+        whatever its tokens: it would take more than ``max_seq_len`` tokens even if every token were the
+        vocabulary's longest. A cheap bound checked before tokenizing, so a megabyte of text is refused
+        without being encoded; prompts that pass are checked exactly after encoding."""
+        if self.tokenizer is None:
+            return
+        bound = self.cfg.max_seq_len * self._longest_token_chars
+        if n_chars > bound:
+            raise PromptTooLongError(
+                f"{what} has {n_chars:,} characters, more than the model's context of {self.cfg.max_seq_len} "
+                f"tokens can hold (at most {self._longest_token_chars} characters a token); shorten it"
+            )
 
     def chat_prompt(self, messages: Sequence[dict[str, str]], system_prompt: str | None = None) -> str:
         """The ChatML text of ``messages`` (the tokenizer's chat template) opening an assistant turn, with
@@ -204,6 +225,7 @@ class Engine:
         ``system_prompt`` is the operator's and trusted: its special tokens (an identity token) keep their
         ids. Equal to ``encode(chat_prompt(...))`` when the messages hold no special-token strings."""
         msgs = self._messages(messages, system_prompt)
+        self.check_text_fits(sum(len(m["content"]) for m in msgs), "the chat")
         if self.tokenizer is None:
             raise EngineError("chat needs a tokenizer with the ChatML tokens (`moeforge tokenizer train`)")
         try:
