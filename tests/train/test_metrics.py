@@ -205,3 +205,13 @@ def test_all_reduce_over_a_process_group_keeps_the_sums(tmp_path: Path) -> None:
     assert (acc.summary(), acc.load_fractions()) == before
     acc.add({0: _stats([10, 5, 5, 0], 10, 2, entropy=1.0, lb=1.0)})  # still accumulates afterwards
     assert acc.summary()["moe/L0/load/e0"] == pytest.approx(1.0)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_untouched(tmp_path, monkeypatch) -> None:
+    """Two fresh runs with one seed save the same RNG state whether or not the peak was cached: the
+    measurement draws its matrices from a generator of its own."""
+    monkeypatch.setenv("MOEFORGE_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(7)
+    expected = torch.get_rng_state()
+    measure_peak_flops(torch.device("cpu"), seconds=0.01, refresh=True)  # measures: draws matrices
+    assert torch.equal(torch.get_rng_state(), expected)

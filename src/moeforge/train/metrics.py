@@ -247,8 +247,11 @@ def _sync(device: torch.device) -> None:
 def _measure(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     """Best FLOP/s of square ``n×n @ n×n`` matmuls (2n³ FLOPs each) over a few timed trials."""
     n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # a generator of its own: drawing from the global one would leave a run's RNG state (router noise,
+    # the saved rng.safetensors) depending on whether this machine's peak was already cached
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(3):  # warm-up: kernel selection, thread pool start, clocks ramping up
         torch.mm(a, b)
     _sync(device)
