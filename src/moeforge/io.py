@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "sha256_file"]
+__all__ = [
+    "DirectoryLock",
+    "DirectoryLockedError",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "sha256_file",
+]
 
 _CHUNK = 1 << 20
 
@@ -113,3 +121,45 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class DirectoryLockedError(ValueError):
+    """Another process holds the directory's lock; the message names the directory and the holder."""
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on ``DIR/.lock``, held until :meth:`release` (or the process ends — the
+    kernel drops the lock with the process, so a killed holder never leaves a stale lock). The holder's
+    pid is written into the file for the message another process gets. Raises
+    :class:`DirectoryLockedError` when the lock is held."""
+
+    def __init__(self, directory: str | os.PathLike[str], what: str = "this directory") -> None:
+        import fcntl
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / ".lock"
+        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise DirectoryLockedError(
+                f"{d}: {what} is in use by another process (pid {holder}); wait for it to finish, or use "
+                "another directory"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh: Any = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None

@@ -200,6 +200,7 @@ def test_the_tokenizer_comes_from_the_checkpoint_when_data_tokenizer_is_omitted(
     manifest = json.loads((t.tokens_dir / "manifest.json").read_text())
     assert manifest["tokenizer"]["sha256"] == tokenizer_sha256(token_tokenizer)
     assert t.model_cfg.vocab_size == 640  # the checkpoint's (600 rounded when it was trained)
+    t.close()  # a trainer that is not run releases its directory explicitly
 
     # an imported checkpoint carries tokenizer/ itself, and that one wins
     imported = tmp_path / "imported"

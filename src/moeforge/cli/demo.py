@@ -62,7 +62,9 @@ def demo(
     for name, path in res.files.items():
         table.add_row(name, escape(str(path)))
     console.print(table)
+    more = f"--set out_dir={res.out / 'train'} --set data.tokens={res.out / 'tokens'}"
     console.print(
-        "next: [bold]moeforge train configs/train/demo.yaml --set steps=800[/] to train longer, "
+        f"next: [bold]moeforge train configs/train/demo.yaml --resume {escape(more)} --set steps=800[/] "
+        "continues this run to 800 steps, "
         f"or inspect {escape(str(res.out / 'data' / 'report.html'))} and {escape(str(res.out / 'loss.png'))}"
     )

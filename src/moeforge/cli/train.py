@@ -27,6 +27,9 @@ def train(
         [], "--set", help="Override a config value: key.path=value (repeatable)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier run's checkpoints and metrics in out_dir."
+    ),
 ) -> None:
     """Train (pretrain or SFT) with MoE losses, eval, checkpoints, routing metrics and collapse detection.
 
@@ -49,7 +52,7 @@ def train(
         def progress(step: int, total: int, scalars: dict[str, float]) -> None:
             bar.update(task, completed=step, total=total, loss=f"{scalars['loss']:.4f}")
 
-        result = run_training(config, overrides, resume=resume, progress=progress)
+        result = run_training(config, overrides, resume=resume, overwrite=overwrite, progress=progress)
     line = f"{result.status}: {result.steps} steps → {escape(str(result.run_dir))}"
     if result.final_valid.get("loss") is not None:
         line += f"; valid loss {result.final_valid['loss']:.4f} (ppl {result.final_valid['ppl']:.2f})"

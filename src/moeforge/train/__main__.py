@@ -14,12 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="training config YAML")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value override")
     ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from moeforge.train.run import run_training
 
     try:
-        result = run_training(args.config, args.overrides, resume=args.resume)
+        result = run_training(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ def run_training(
     overrides: list[str] | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train from a config file. SIGINT/SIGTERM finish the current step, write a checkpoint and stop
@@ -37,8 +38,11 @@ def run_training(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        trainer = Trainer(cfg, info, resume=resume)
-        return trainer.run(progress=progress if info.is_main else None, should_stop=lambda: stop["asked"])
+        trainer = Trainer(cfg, info, resume=resume, overwrite=overwrite)
+        try:
+            return trainer.run(progress=progress if info.is_main else None, should_stop=lambda: stop["asked"])
+        finally:
+            trainer.close()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

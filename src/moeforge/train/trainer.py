@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from moeforge.io import DirectoryLock, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.model.transformer import MoETransformer
@@ -105,11 +106,50 @@ def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs it; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False, overwrite: bool = False
+    ) -> None:
+        """``resume`` continues from the run's latest checkpoint; without it a directory that holds an
+        earlier run's checkpoints is refused (:class:`~moeforge.train.checkpoint.CheckpointError`) unless
+        ``overwrite``, which deletes that run's checkpoints, metrics and summary first. The main process
+        holds ``RUN/.lock`` from here until :meth:`run` ends or :meth:`close` (a second trainer on the same
+        directory gets :class:`~moeforge.io.DirectoryLockedError`)."""
         self.cfg = cfg
         self.info = info
         self.device = info.device
         self.run_dir = Path(cfg.out_dir)
+        self._lock = DirectoryLock(self.run_dir, "the training run") if info.is_main else None
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; :meth:`run` calls it when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _start_over(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to train over an earlier run's checkpoints unless told to (see :meth:`__init__`)."""
+        found = ckpt.list_checkpoints(self.run_dir)
+        if resume or not found:
+            return
+        if not overwrite:
+            raise ckpt.CheckpointError(
+                f"{self.run_dir} holds an earlier run's checkpoints (latest step {found[-1][0]}); continue it "
+                "with --resume, train elsewhere with --set out_dir=DIR, or replace it with --overwrite"
+            )
+        if self.info.is_main:
+            log.warning("--overwrite: deleting the earlier run's checkpoints and metrics in %s", self.run_dir)
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json"):
+                (self.run_dir / name).unlink(missing_ok=True)
+
+    def _setup(self, resume: bool, overwrite: bool) -> None:
+        cfg, info = self.cfg, self.info
+        self._start_over(resume, overwrite)
         self.document = cfg.data.attention == "document"
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -384,6 +424,7 @@ class Trainer:
         if self.info.is_main:
             self._write_summary(result)
         self.writer.close()
+        self.close()
         return result
 
     def _eval(self, ds: TokenDataset, split: str, max_batches: int | None) -> dict[str, float]:
