@@ -79,3 +79,20 @@ def test_cli_refusal_is_a_clear_error(make_config, tmp_path: Path) -> None:
         [sys.executable, "-m", "moeforge", "train", str(path)], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_fresh_runs_with_one_seed_save_the_same_rng_state(
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first run on a machine measures the peak FLOP/s (and caches it), the second reads the cache:
+    their saved RNG states must still be equal."""
+    monkeypatch.setenv("MOEFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    states = []
+    for name in ("a", "b"):
+        c = make_config(tmp_path / name, steps=2, checkpoint_every=2)
+        c.pop("peak_flops", None)  # measured (first run) or read from the cache (second run)
+        run_training(make_config.write(tmp_path / f"{name}.yaml", c))
+        (ck,) = [p for _, p in list_checkpoints(tmp_path / name)]
+        states.append((ck / "rng.safetensors").read_bytes())
+    assert (tmp_path / "cache" / "peak_flops.json").is_file()
+    assert states[0] == states[1]
