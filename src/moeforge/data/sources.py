@@ -22,6 +22,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import lzma
 import os
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ __all__ = [
     "expand_inputs",
     "read_source",
 ]
+
+log = logging.getLogger(__name__)
 
 Format = Literal["auto", "jsonl", "json", "txt", "csv", "parquet"]
 TxtMode = Literal["file", "paragraphs", "lines"]
@@ -197,6 +200,14 @@ def _read_jsonl(path: str) -> Iterator[RawItem | Quarantined]:
                         line=n,
                     )
                     continue
+                except Exception as exc:  # nesting too deep (RecursionError), a 5,000-digit number …
+                    yield Quarantined(
+                        uri=path,
+                        error=f"unparsable JSON: {type(exc).__name__}: {exc}",
+                        raw=_cut(text),
+                        line=n,
+                    )
+                    continue
                 if not isinstance(obj, dict):
                     kind = type(obj).__name__ if obj is not None else "null"
                     yield Quarantined(
@@ -250,6 +261,15 @@ def _read_json_array(path: str) -> Iterator[RawItem | Quarantined]:
                                 offset=index,
                             )
                             return
+                    except Exception as exc:  # nesting too deep, a 5,000-digit number …
+                        yield Quarantined(
+                            uri=path,
+                            error=f"array element {index}: unparsable JSON ({type(exc).__name__}: {exc}); "
+                            "where it ends cannot be told, so the rest of the file is not read",
+                            raw=_cut(buf[pos:]),
+                            offset=index,
+                        )
+                        return
                     if end >= 0 and (end < len(buf) or eof):
                         if isinstance(obj, dict):
                             yield RawItem(data=obj, uri=path, offset=index)
@@ -385,14 +405,36 @@ def read_source(
     plan = [(f, detect_format(f) if fmt == "auto" else fmt) for f in files]
     for f, kind in plan:
         if kind == "jsonl":
-            yield from _read_jsonl(f)
+            reader = _read_jsonl(f)
         elif kind == "json":
-            yield from _read_json_array(f)
+            reader = _read_json_array(f)
         elif kind == "txt":
-            yield from _read_txt(f, txt_mode)
+            reader = _read_txt(f, txt_mode)
         elif kind == "csv":
-            yield from _read_csv(f)
+            reader = _read_csv(f)
         elif kind == "parquet":
-            yield from _read_parquet(f)
+            reader = _read_parquet(f)
         else:  # pragma: no cover - Literal keeps this unreachable
             raise SourceError(f"unknown format {kind!r}")
+        yield from _guarded(reader, f)
+
+
+def _guarded(reader: Iterator[RawItem | Quarantined], path: str) -> Iterator[RawItem | Quarantined]:
+    """``reader``'s items; an exception a reader did not expect from its content ends that file with a
+    quarantine record naming it and the position reached, instead of aborting the whole run."""
+    last: RawItem | Quarantined | None = None
+    try:
+        for item in reader:
+            last = item
+            yield item
+    except SourceError:
+        raise
+    except Exception as exc:
+        where = f"after line {last.line}" if last is not None and last.line else "while reading"
+        log.warning("%s: reading stopped %s: %s: %s", path, where, type(exc).__name__, exc)
+        yield Quarantined(
+            uri=path,
+            error=f"reading stopped {where}: {type(exc).__name__}: {exc}",
+            line=(last.line + 1) if last is not None and last.line else None,
+            offset=0 if last is None or not last.line else None,
+        )
