@@ -58,3 +58,28 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 10_000
     f.write_bytes(data)
     assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_directory_gives_weights_the_umask_modes_not_owner_only(tmp_path):
+    """safetensors writes 0600; a checkpoint or export must be readable like every other file (0644)."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from moeforge.io import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "ckpt") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "tokenizer").mkdir(mode=0o700)
+            (tmp / "tokenizer" / "a.json").write_text("{}")
+    finally:
+        os.umask(old)
+    out = tmp_path / "ckpt"
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "tokenizer").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "tokenizer" / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -83,12 +83,24 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _readable_modes(path: Path) -> None:
+    """Give every file and directory under ``path`` the mode the umask allows (0644 / 0755 under 022):
+    some writers create owner-only files (safetensors writes 0600), which would make weights the one
+    part of a run another user or a serving container cannot read."""
+    mask = _umask()
+    for f in path.rglob("*"):
+        if f.is_symlink():
+            continue
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when the block succeeds.
 
     Yields the temporary directory to write into. If the block raises, the temporary directory is
-    removed and ``path`` is untouched. With ``overwrite``, an existing ``path`` is replaced;
+    removed and ``path`` is untouched. Files and directories in it get the umask's modes before the
+    rename, whatever mode their writer chose. With ``overwrite``, an existing ``path`` is replaced;
     without it, an existing ``path`` raises :class:`FileExistsError` before any work is done.
     """
     target = Path(path)
@@ -99,6 +111,7 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        _readable_modes(tmp)
         fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
