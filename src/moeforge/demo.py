@@ -143,9 +143,11 @@ def _charts(out: Path, train_dir: Path, tokens_dir: Path) -> dict[str, Path]:
     from moeforge.train.trainer import eval_batches
 
     rows = load_metrics(train_dir)
+    moe = json.loads((train_dir / "config.json").read_text(encoding="utf-8"))["model"].get("moe") or {}
+    balanced = moe["top_k"] / moe["num_experts"] if moe else None
     files = {
         "loss": loss_curves({"tiny MoE": rows}, out / "loss.png", title="demo: train and validation loss"),
-        "routing_load": routing_load_curves(rows, out / "routing_load.png"),
+        "routing_load": routing_load_curves(rows, out / "routing_load.png", balanced=balanced),
     }
     ckpt_dir = _last_checkpoint(train_dir)
     if ckpt_dir is not None:

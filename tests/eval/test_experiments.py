@@ -479,3 +479,16 @@ def test_partial_moe_needs_dense_layers_as_wide_as_the_active_experts(tmp_path: 
     tcs = {v.name: train_config(cfg, v, tokens_dir=tmp_path, run_dir=tmp_path / v.name) for v in cfg.variants}
     with pytest.raises(ConfigError, match=re.escape("model_overrides.ffn_hidden=256")):
         resolve_models(cfg, tcs, vocab_size=4096)
+
+
+def test_the_routing_load_chart_draws_the_balanced_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moeforge.eval import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    rows = [{"split": "train", "step": s, "moe/L2/load_max": 0.3 + 0.01 * s} for s in range(1, 6)]
+    plots.routing_load_curves(rows, tmp_path / "r.png", balanced=0.125)
+    ys = [set(line.get_ydata()) for line in figs[0].axes[0].get_lines()]
+    assert {0.125} in ys  # the dashed balanced line beside the layer's curve

@@ -393,7 +393,10 @@ def _run(
                 aff, domains, out / f"affinity_{name}.png", title=f"{name}: share of each domain's tokens"
             )
             files[f"routing_load_{name}"] = routing_load_curves(
-                rows, out / f"routing_load_{name}.png", title=f"{name}: largest expert's token share"
+                rows,
+                out / f"routing_load_{name}.png",
+                title=f"{name}: largest expert's token share",
+                balanced=(record.get("routing") or {}).get("balanced_share"),
             )
         timings[f"run:{name}"] = train_s
         timings[f"affinity:{name}"] = time.perf_counter() - t

@@ -65,9 +65,15 @@ def loss_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, *, tit
 
 
 def routing_load_curves(
-    rows: Sequence[dict[str, Any]], path: Path, *, title: str = "largest expert load"
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    title: str = "largest expert load",
+    balanced: float | None = None,
 ) -> Path:
-    """Per MoE layer, the largest expert's token share over training (the collapse detector's signal)."""
+    """Per MoE layer, the largest expert's token share over training (the collapse detector's signal);
+    ``balanced`` (top_k / experts, the share of every expert when routing is even) is drawn as a dashed
+    line, so a reader sees how far from even the routing is."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     train = [r for r in rows if r.get("split") == "train"]
@@ -78,12 +84,14 @@ def routing_load_curves(
         pts = [(r["step"], r[f"moe/{name}/load_max"]) for r in train if f"moe/{name}/load_max" in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), label=name)
+    if balanced is not None:
+        ax.axhline(balanced, color="0.4", linestyle="--", linewidth=1, label=f"balanced ({balanced:.3g})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("max token share")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if layers:
+    if layers or balanced is not None:
         ax.legend(fontsize=7, ncol=4)
     return _save(fig, path)
 
