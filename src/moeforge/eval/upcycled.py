@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import time
@@ -409,10 +408,3 @@ def run_upcycled_study(cfg: UpcycledStudyConfig, *, fresh: bool = False) -> Path
     report = out / "report.md"
     atomic_write_text(report, render_upcycled_report(summary))
     return report
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd

@@ -12,9 +12,10 @@ Each of the reference study's three claims is judged from the measured numbers:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from moeforge.eval.findings import band_verdict, mean_std, noise_band_pct
 
 __all__ = ["derive_upcycled_findings", "render_upcycled_report"]
 
@@ -27,11 +28,7 @@ def _by_role(results: Mapping[str, Any], role: str) -> list[dict[str, Any]]:
 
 def _stats(runs: list[dict[str, Any]], key: str = "overall") -> tuple[float, float] | None:
     xs = [r["test"][key] for r in runs if key in r["test"]]
-    if not xs:
-        return None
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
+    return mean_std(xs) if xs else None
 
 
 def derive_upcycled_findings(results: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -41,8 +38,8 @@ def derive_upcycled_findings(results: Mapping[str, Any]) -> list[dict[str, str]]
     dense, main = _stats(_by_role(results, "dense")), _stats(_by_role(results, "main"))
     if dense and main:
         diff = (main[0] - dense[0]) / dense[0] * 100
-        band = 2 * max(dense[1], main[1]) / dense[0] * 100
-        verdict = "inconclusive" if abs(diff) <= band else ("held" if diff < 0 else "not held")
+        band = noise_band_pct(dense[1], main[1], dense[0])
+        verdict = {None: "inconclusive", True: "held", False: "not held"}[band_verdict(diff, band)]
         out.append(
             {
                 "claim": "MoE (upcycled, top-1) reaches a lower eval loss than dense (study: −3.6%)",
