@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +95,18 @@ def _readable_modes(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike[str],
+    overwrite: bool = False,
+    guard: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when the block succeeds.
 
     Yields the temporary directory to write into. If the block raises, the temporary directory is
     removed and ``path`` is untouched. Files and directories in it get the umask's modes before the
     rename, whatever mode their writer chose. With ``overwrite``, an existing ``path`` is replaced;
-    without it, an existing ``path`` raises :class:`FileExistsError` before any work is done.
+    without it, an existing ``path`` raises :class:`FileExistsError` before any work is done. With
+    ``guard``, the rename runs inside ``guard()``, which may refuse it by raising (a run's fence).
     """
     target = Path(path)
     if target.exists() and not overwrite:
@@ -113,15 +118,16 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         yield tmp
         _readable_modes(tmp)
         fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
+        with guard() if guard is not None else contextlib.nullcontext():
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+            fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

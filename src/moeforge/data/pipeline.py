@@ -24,13 +24,12 @@ import contextlib
 import fcntl
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from moeforge.data.recipe import Recipe, recipe_hash
 from moeforge.data.reduce import reduce_tasks
 from moeforge.data.stages import MAP_STAGES, StageCount, run_map_task, task_dir
 from moeforge.io import atomic_write_json
+from moeforge.procs import FenceError, RunFence, spawn_pool
 
 __all__ = ["PipelineError", "RunResult", "run_pipeline"]
 
@@ -73,6 +73,9 @@ class RunResult:
         return all(g.passed for g in self.gates)
 
 
+_CONTROL_FILES = {".lock", ".holders", ".commit.lock", ".generation"}  # locks and the fence, not data
+
+
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
     with open(out / ".lock", "w") as fh:
@@ -83,6 +86,19 @@ def _lock(out: Path) -> Iterator[None]:
                 f"{out} is in use by another `moeforge data run`; wait for it or use another --out"
             ) from exc
         yield
+
+
+@contextlib.contextmanager
+def _fence(out: Path) -> Iterator[RunFence]:
+    """This invocation's generation (after the run lock: refuses while an old run's workers live)."""
+    try:
+        fence = RunFence.begin(out, "`moeforge data run`")
+    except FenceError as exc:
+        raise PipelineError(str(exc)) from exc
+    try:
+        yield fence
+    finally:
+        fence.release()
 
 
 def _prepare(recipe: Recipe, out: Path, force: bool) -> str:
@@ -106,7 +122,7 @@ def _prepare(recipe: Recipe, out: Path, force: bool) -> str:
                 else:
                     p.unlink(missing_ok=True)
     elif any(out.iterdir()) and not (out / "work").exists():
-        entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        entries = sorted(p.name for p in out.iterdir() if p.name not in _CONTROL_FILES)
         if entries:
             raise PipelineError(
                 f"{out} is not empty and holds no moeforge run ({', '.join(entries[:5])}); use another --out"
@@ -153,25 +169,31 @@ def _task_error(task: Task, exc: BaseException) -> PipelineError:
 
 
 def _run_tasks(
-    tasks: list[Task], recipe: Recipe, work: Path, sha: str, workers: int, progress: Progress | None
+    tasks: list[Task],
+    recipe: Recipe,
+    work: Path,
+    sha: str,
+    workers: int,
+    progress: Progress | None,
+    fence: RunFence,
 ) -> None:
     data = recipe.resolved()
+    token = (str(fence.directory), fence.generation, fence.parent_pid)
     total = len(tasks)
     if progress:
         progress("map", 0, total)
     if workers <= 1 or total <= 1:
         for n, t in enumerate(tasks, 1):
             try:
-                run_map_task(t, data, str(work), sha)
+                run_map_task(t, data, str(work), sha, token)
             except Exception as exc:
                 raise _task_error(t, exc) from exc
             if progress:
                 progress("map", n, total)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as pool:
+    with spawn_pool(min(workers, total)) as pool:
         futures: dict[Future[dict[str, Any]], Task] = {
-            pool.submit(run_map_task, t, data, str(work), sha): t for t in tasks
+            pool.submit(run_map_task, t, data, str(work), sha, token): t for t in tasks
         }
         done_count = 0
         pending = set(futures)
@@ -199,14 +221,14 @@ def run_pipeline(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    with _lock(out_dir):
+    with _lock(out_dir), _fence(out_dir) as fence:
         sha = _prepare(recipe, out_dir, force)
         work = out_dir / "work"
         tasks = plan_tasks(recipe)
         pending = [t for t in tasks if not _task_done(work, t)]
         log.info("%d tasks (%d already done)", len(tasks), len(tasks) - len(pending))
         t0 = time.perf_counter()
-        _run_tasks(pending, recipe, work, sha, workers, progress)
+        _run_tasks(pending, recipe, work, sha, workers, progress, fence)
         t_map = time.perf_counter() - t0
         stats = [json.loads((task_dir(work, t) / "stats.json").read_text(encoding="utf-8")) for t in tasks]
         stages = {s: StageCount(s) for s in MAP_STAGES}

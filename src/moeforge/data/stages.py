@@ -46,6 +46,7 @@ from moeforge.data.sources import Quarantined
 from moeforge.data.split import assign_split
 from moeforge.data.store import ShardWriter, write_jsonl_line
 from moeforge.io import atomic_directory, atomic_write_json, sha256_file
+from moeforge.procs import worker_fence
 
 __all__ = ["MAP_STAGES", "StageCount", "run_map_task", "task_dir"]
 
@@ -143,8 +144,19 @@ def _length(record: Record) -> int:
     return sum(map(len, record.contents()))
 
 
-def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha: str) -> dict[str, Any]:
-    """Run one task into ``work/map/<task_id>``; return its stats (also written as ``stats.json``)."""
+def run_map_task(
+    task: Task,
+    recipe_data: dict[str, Any],
+    work: str,
+    recipe_sha: str,
+    fence: tuple[str, str, int] | None = None,
+) -> dict[str, Any]:
+    """Run one task into ``work/map/<task_id>``; return its stats (also written as ``stats.json``).
+
+    ``fence`` is the invocation's ``(run_dir, generation, parent_pid)``: the task directory is renamed
+    into place only under that generation's commit lock, so a worker orphaned by a killed run can
+    never commit into the run that resumed it (:class:`moeforge.procs.FenceError` instead).
+    """
     recipe = Recipe.model_validate(recipe_data)
     src = recipe.sources[task.source_index]
     holdout = src.family in recipe.split.holdout_families
@@ -164,7 +176,8 @@ def run_map_task(task: Task, recipe_data: dict[str, Any], work: str, recipe_sha:
         else None
     )
     out = task_dir(Path(work), task)
-    with atomic_directory(out, overwrite=True) as tmp:
+    guard = worker_fence(*fence).commit if fence is not None else None
+    with atomic_directory(out, overwrite=True, guard=guard) as tmp:
         with (
             ShardWriter(tmp, 1 << 62, recipe.output.zstd_level, "records") as rw,
             ShardWriter(tmp, 1 << 62, recipe.output.zstd_level, "review") as review,

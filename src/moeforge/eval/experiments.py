@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict
 from pathlib import Path
 from queue import Empty
@@ -65,6 +65,7 @@ from moeforge.eval.findings import (
 )
 from moeforge.io import atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
+from moeforge.procs import spawn_pool
 
 __all__ = [
     "STUDY",
@@ -231,12 +232,7 @@ def _train_all(
                 progress(*item)
 
     seconds: dict[str, float] = {}
-    with ProcessPoolExecutor(
-        max_workers=min(cfg.parallel, len(pending)),
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(queue, cfg.threads),
-    ) as pool:
+    with spawn_pool(min(cfg.parallel, len(pending)), _worker_init, (queue, cfg.threads)) as pool:
         futures = {pool.submit(_train_one, name, str(path)): name for name, path in pending}
         remaining = set(futures)
         while remaining:

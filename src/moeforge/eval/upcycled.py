@@ -29,10 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from moeforge.config import StrictModel, load_yaml_config
 from moeforge.io import atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.transformer import MoETransformer
 from moeforge.model.upcycle import UpcycleConfig
+from moeforge.procs import spawn_pool
 from moeforge.train.config import OptimConfig
 
 __all__ = ["ArmConfig", "UpcycledStudyConfig", "load_study_config", "run_upcycled_study"]
@@ -375,8 +374,7 @@ def run_upcycled_study(cfg: UpcycledStudyConfig, *, fresh: bool = False) -> Path
         else:
             todo.append((arm, seed))
     log.info("study: %d runs to train, %d reused", len(todo), len(results))
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=ctx) as pool:
+    with spawn_pool(cfg.parallel) as pool:
         futures = {
             pool.submit(
                 _train_run,

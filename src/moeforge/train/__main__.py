@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from moeforge.config import ConfigError
@@ -16,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir")
     args = ap.parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank: never outlive the agent that started it
+        from moeforge.procs import die_with_parent
+
+        die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from moeforge.train.run import run_training
 
