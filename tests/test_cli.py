@@ -116,3 +116,23 @@ def test_solve_rejects_active_larger_than_total():
     out = _run_main(["model", "solve", "--total", "10B", "--active", "20B", "--experts", "8", "--top-k", "2"])
     assert out.returncode == 2
     assert "active" in out.stderr
+
+
+def test_help_shows_flags_without_a_type_and_joins_wrapped_sentences() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "moeforge", "train", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "100"},
+        timeout=60,
+    )
+    assert r.returncode == 0
+    assert "<bool>" not in r.stdout
+    assert "--resume " in r.stdout
+    # the docstring's two source lines flow into one paragraph instead of breaking after "Ctrl-C writes a"
+    assert "Ctrl-C writes a checkpoint and stops" in " ".join(r.stdout.split())
+    text = r.stdout.splitlines()
+    assert not any(line.strip().endswith("Ctrl-C writes a") for line in text)

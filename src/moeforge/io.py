@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from moeforge.faults import point
+
 __all__ = [
     "DirectoryLock",
     "DirectoryLockedError",
@@ -25,6 +27,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "sha256_file",
+    "verify_checksums",
+    "write_checksums",
 ]
 
 _CHUNK = 1 << 20
@@ -53,15 +57,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
+            point("write")
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        point("rename")
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+    point("written")
     return target
 
 
@@ -115,7 +122,9 @@ def atomic_directory(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
+        point("directory")
         yield tmp
+        point("directory-built")
         _readable_modes(tmp)
         fsync_tree(tmp)
         with guard() if guard is not None else contextlib.nullcontext():
@@ -128,6 +137,7 @@ def atomic_directory(
             else:
                 os.replace(tmp, target)
             fsync_dir(target.parent)
+        point("directory-renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,6 +150,47 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(directory: str | os.PathLike[str]) -> Path:
+    """Write ``DIR/checksums.json``: the size and sha256 of every other file under ``DIR``.
+
+    Written last, inside the temporary directory of :func:`atomic_directory`, so a directory that has it
+    is complete, and any later change to any byte is found by :func:`verify_checksums`."""
+    d = Path(directory)
+    files = {
+        p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
+    return atomic_write_json(d / CHECKSUMS, {"algorithm": "sha256", "files": files})
+
+
+def verify_checksums(directory: str | os.PathLike[str]) -> list[str]:
+    """Problems found comparing ``DIR`` with its ``checksums.json`` (empty: every byte as written).
+
+    Names each listed file that is missing or has another size or sha256 (files added later are not
+    checked); a missing or unreadable ``checksums.json`` is itself a problem."""
+    d = Path(directory)
+    try:
+        listed = json.loads((d / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return [f"{d / CHECKSUMS}: missing (written by an older moeforge, or the directory is incomplete)"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{d / CHECKSUMS}: unreadable ({exc})"]
+    problems = []
+    for rel, want in sorted(listed.items()):
+        p = d / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, {want['size']} when written")
+        elif sha256_file(p) != want["sha256"]:
+            problems.append(f"{p}: sha256 differs from when it was written (the file is corrupt)")
+    return problems
 
 
 class DirectoryLockedError(ValueError):

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from moeforge.config import format_validation_error
-from moeforge.io import atomic_directory, atomic_write_json, sha256_file
+from moeforge.io import atomic_directory, atomic_write_json, sha256_file, write_checksums
 from moeforge.model.config import ModelConfig
 from moeforge.model.gguf import GGUFError, read_gguf, read_gguf_metadata
 from moeforge.model.hf import ExportError
@@ -128,6 +128,7 @@ def write_model_checkpoint(
             "provenance": provenance,
         }
         atomic_write_json(tmp / "state.json", state)
+        write_checksums(tmp)
     log.info("wrote checkpoint %s (%s)", out, model.cfg.name)
     return Path(out)
 
@@ -228,7 +229,12 @@ def load_model(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[MoETransformer, dict]:
     """``(model in eval mode, state.json)`` of a checkpoint directory (or a run's latest checkpoint)."""
-    from moeforge.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from moeforge.train.checkpoint import (
+        CheckpointError,
+        latest_checkpoint,
+        load_checkpoint,
+        verify_checkpoint,
+    )
 
     ckpt = Path(path)
     if not (ckpt / "model.safetensors").is_file() and (ckpt / "checkpoints").is_dir():
@@ -236,7 +242,13 @@ def load_model(
     state_file = ckpt / "state.json"
     if not state_file.is_file() or not (ckpt / "model.safetensors").is_file():
         raise ModelImportError(f"{ckpt}: not a checkpoint (needs model.safetensors and state.json)")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
+    try:
+        verify_checkpoint(ckpt)
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except CheckpointError as exc:
+        raise ModelImportError(str(exc)) from None
+    except ValueError as exc:
+        raise ModelImportError(f"{state_file}: not valid JSON ({exc})") from None
     if "model_config" not in state:
         raise ModelImportError(f"{state_file}: has no model_config; was it written by moeforge?")
     try:
@@ -245,7 +257,7 @@ def load_model(
         raise ModelImportError(format_validation_error(exc, f"{state_file} model_config")) from None
     model = MoETransformer.uninitialized(cfg, device)
     try:
-        load_checkpoint(ckpt, model, restore_rng_state=False)
+        load_checkpoint(ckpt, model, restore_rng_state=False, verify=False)
     except CheckpointError as exc:
         raise ModelImportError(str(exc)) from None
     return model.eval(), {

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moeforge.export import ExportError, export_checkpoint, upload_to_hub
+from moeforge.io import write_checksums
 from moeforge.model.config import load_model_config
 from moeforge.model.transformer import MoETransformer
 from moeforge.serve.engine import Engine
@@ -110,6 +111,7 @@ def test_half_awake_ghost_experts_are_refused_with_a_reason(token_tokenizer: Pat
         if k.endswith("ghost_alpha"):
             w[k] = torch.tensor([0.5, 0.0])
     save_file(w, str(ckpt / "model.safetensors"))
+    write_checksums(ckpt)  # a checkpoint written this way, not a corrupted one
     with pytest.raises(ExportError, match="half-awake"):
         export_checkpoint(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -9,9 +9,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moeforge.cli._progress import Bars
 from moeforge.data.contract import record_json_schema
 from moeforge.io import atomic_write_json
 
@@ -73,17 +73,11 @@ def run(
     from moeforge.data.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
-    ) as bar:  # fmt: skip
-        ids: dict[str, int] = {}
+    with Bars(Console(stderr=True), transient=True) as bars:
         labels = {"map": "read/clean/label tasks", "write": "dedup + split + write"}
 
         def progress(stage: str, done: int, total: int) -> None:
-            if stage not in ids:
-                ids[stage] = bar.add_task(labels.get(stage, stage), total=total)
-            bar.update(ids[stage], completed=done, total=total)
+            bars.update(stage, labels.get(stage, stage), done, total)
 
         result = run_pipeline(recipe, out, workers=workers, progress=progress, force=force)
     from moeforge.data.report import write_report

@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from moeforge.cli._progress import Bars, train_fields
 
 console = Console()
 
@@ -21,19 +22,10 @@ def demo(
     """The whole flow on built-in data: recipe → records → tokenizer → token shards → train → eval → charts."""
     from moeforge.demo import run_demo
 
-    with Progress(
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("train", total=None, loss="-", visible=False)
+    with Bars(console, transient=True) as bars:
 
         def progress(step: int, total: int, scalars: dict[str, float]) -> None:
-            bar.update(task, completed=step, total=total, loss=f"{scalars['loss']:.3f}", visible=True)
+            bars.update("train", "train", step, total, **train_fields(scalars))
 
         res = run_demo(out, quick=quick, workers=workers, notify=lambda s: console.print(f"[cyan]{s}[/]"),
                        train_progress=progress)  # fmt: skip

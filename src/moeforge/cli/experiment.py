@@ -8,8 +8,9 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from moeforge.cli._progress import Bars, train_fields
 
 app = typer.Typer(
     help="Experiments: several training runs compared in one report.",
@@ -43,24 +44,14 @@ def emergence(
 
     sets = [*overrides, *([f"out_dir={out}"] if out is not None else [])]
     cfg = load_emergence_config(config, sets, quick=quick)
-    with Progress(
-        TextColumn("[bold]{task.description:<16}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        tasks = {sp.name: bar.add_task(sp.name, total=cfg.steps, loss="-", start=False) for sp in cfg.runs()}
+    with Bars(console) as bars:
 
         def progress(name: str, step: int, total: int, scalars: dict[str, float]) -> None:
-            task = tasks[name]
-            bar.start_task(task)
-            loss = f"{scalars['loss']:.3f}" if "loss" in scalars else "reused"
-            bar.update(task, completed=step, total=total, loss=loss)
+            fields = train_fields(scalars) if "loss" in scalars else {"_reused": "reused"}
+            bars.update(name, f"{name:<16}", step, total, **fields)
 
         res = run_emergence(
-            cfg, progress=progress, notify=lambda s: bar.console.print(f"[cyan]{escape(s)}[/]"), fresh=fresh
+            cfg, progress=progress, notify=lambda s: bars.print(f"[cyan]{escape(s)}[/]"), fresh=fresh
         )
     r = res.results
     domains: list[str] = r["domains"]

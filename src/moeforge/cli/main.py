@@ -22,8 +22,10 @@ from moeforge.cli import model as model_cli
 from moeforge.cli import serve as serve_cli
 from moeforge.cli import tokenizer as tokenizer_cli
 from moeforge.cli import train as train_cli
+from moeforge.cli._help import tidy_help
 from moeforge.config import ConfigError
 
+tidy_help()
 app = typer.Typer(
     name="moeforge",
     help="Raw text to a trained, evaluated and served Mixture-of-Experts language model.",
@@ -34,7 +36,7 @@ app = typer.Typer(
 app.add_typer(data_cli.app, name="data")
 app.add_typer(model_cli.app, name="model")
 app.add_typer(tokenizer_cli.app, name="tokenizer")
-app.command("train")(train_cli.train)
+app.add_typer(train_cli.app, name="train")
 app.command("demo")(demo_cli.demo)
 app.add_typer(experiment_cli.app, name="experiment")
 app.add_typer(export_cli.app, name="export")

@@ -9,9 +9,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moeforge.cli._progress import Bars
 from moeforge.cli._util import human_bytes
 
 console = Console()
@@ -48,20 +48,10 @@ def tokenize(
     """Tokenize and pack a run's splits into Megatron-format token shards (+ loss mask, domains, manifest)."""
     from moeforge.tokens.tokenize import tokenize_run
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, int] = {}
+    with Bars(console, transient=True) as bars:
 
         def progress(split: str, done: int, total: int) -> None:
-            if split not in tasks:
-                tasks[split] = bar.add_task(f"tokenize {split}", total=total)
-            bar.update(tasks[split], completed=done)
+            bars.update(split, f"tokenize {split}", done, total)
 
         res = tokenize_run(
             run_dir,

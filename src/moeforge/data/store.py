@@ -21,6 +21,7 @@ from typing import IO, Any
 import zstandard
 
 from moeforge.data.contract import Record
+from moeforge.faults import point
 
 __all__ = ["ShardInfo", "ShardWriter", "iter_line_bytes", "iter_lines", "read_records", "write_jsonl_line"]
 
@@ -59,11 +60,13 @@ class _AtomicZstdFile:
         self.records += 1
 
     def close(self) -> ShardInfo:
+        point("shard")
         self._zw.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
         os.chmod(self._tmp, 0o644)
+        point("shard-rename")
         os.replace(self._tmp, self.path)
         return ShardInfo(self.path, self.records, self._size, self._hash.hexdigest())
 

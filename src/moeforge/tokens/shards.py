@@ -35,6 +35,7 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from moeforge.faults import point
 from moeforge.io import atomic_write_bytes, sha256_file
 from moeforge.tokens.shard_format import _CODE_OF, _HEADER, MAGIC, VERSION, ShardError, _paths, token_dtype
 from moeforge.tokens.shard_format import DTYPE_CODES as DTYPE_CODES
@@ -67,6 +68,7 @@ class _HashedTemp:
 
     def finish(self) -> None:
         """Flush and fsync, leaving the file under its temporary name."""
+        point("token-shard")
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moeforge.io import atomic_directory, atomic_write_json
+from moeforge.io import CHECKSUMS, atomic_directory, atomic_write_json, verify_checksums, write_checksums
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +40,7 @@ __all__ = [
     "model_state",
     "restore_rng",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def save_checkpoint(
         save_file(rng_t, str(tmp / "rng.safetensors"))
         full = {**state, "step": step, "metric": metric, "rng": rng_js, "optimizer_groups": groups}
         atomic_write_json(tmp / "state.json", full)
+        write_checksums(tmp)
     _prune(ckpts, keep_last)
     log.info("checkpoint %s", final)
     return final
@@ -198,10 +200,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     restore_rng_state: bool = True,
+    verify: bool = True,
 ) -> Checkpoint:
-    """Load weights (strict), optimizer and RNG states from a checkpoint directory."""
+    """Load weights (strict), optimizer and RNG states from a checkpoint directory, after checking its
+    files against ``checksums.json`` (``verify=False`` when the caller just did)."""
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (needs model.safetensors and state.json)")
+    if verify:
+        verify_checkpoint(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     weights = load_file(str(path / "model.safetensors"))
     current = model.state_dict()
@@ -227,6 +233,20 @@ def load_checkpoint(
     if restore_rng_state:
         restore_rng(state["rng"], load_file(str(path / "rng.safetensors")))
     return Checkpoint(path, state)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint against its ``checksums.json``; raise :class:`CheckpointError`
+    naming each corrupt file. A checkpoint written before checksums existed is accepted with a warning."""
+    if not (path / CHECKSUMS).is_file():
+        log.warning("%s: no %s (written by an older moeforge); its bytes cannot be verified", path, CHECKSUMS)
+        return
+    problems = verify_checksums(path)
+    if problems:
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint — {'; '.join(problems[:5])}. Delete this checkpoint directory to "
+            "resume from an earlier one (`moeforge train verify RUN` checks them all)"
+        )
 
 
 def _tied_alias(key: str, current: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> bool:

@@ -408,7 +408,7 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or status != "completed":
                 self.save(metric=valid.get("loss") if valid and self.step % cfg.eval.every == 0 else None)
             if progress is not None:
-                progress(self.step, cfg.steps, scalars)
+                progress(self.step, cfg.steps, {**scalars, "tokens_per_s": self.throughput.tokens_per_s})
             if status != "completed":
                 break
             if should_stop is not None and should_stop():
