@@ -8,6 +8,7 @@ are rejected rather than silently ignored; ``top_k`` and ``repetition_penalty`` 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -67,6 +68,20 @@ class APIError(Exception):
 
 # ---- requests ---------------------------------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(text: str) -> str:
+    """``text``, or ValueError when it holds a lone surrogate: JSON allows a ``\\ud800`` escape alone, but
+    it is no character, so such text cannot be encoded as UTF-8 (nor tokenized)."""
+    if m := _SURROGATE.search(text):
+        raise ValueError(
+            f"is not valid Unicode: a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} "
+            "(\\ud800-\\udfff escapes must come in high-low pairs)"
+        )
+    return text
+
+
 
 class _Strict(BaseModel):
     # JSON types must match (no "5" for 5) and unknown arguments are errors, as with OpenAI
@@ -106,6 +121,10 @@ class _Sampling(_Strict):
             v = [v]
         if isinstance(v, list) and any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
+        if isinstance(v, list):
+            for s in v:
+                if isinstance(s, str):
+                    _unicode(s)
         return v
 
     @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
@@ -157,6 +176,9 @@ class CompletionRequest(_Sampling):
             )
         if v == [] or v == "":
             raise ValueError("is empty; send at least one prompt with at least one token")
+        for text in [v] if isinstance(v, str) else v:
+            if isinstance(text, str):
+                _unicode(text)
         return v
 
     @field_validator("echo", "suffix")
@@ -213,10 +235,10 @@ class ChatMessage(_Strict):
                         f"part {i} must be {{'type': 'text', 'text': str}}; got {kind!r} (only text)"
                     )
                 texts.append(part["text"])
-            return "".join(texts)
+            v = "".join(texts)
         if not isinstance(v, str):
             raise ValueError("must be a string or a list of text parts")
-        return v
+        return _unicode(v)
 
 
 class ChatCompletionRequest(_Sampling):
