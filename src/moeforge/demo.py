@@ -113,9 +113,10 @@ def run_demo(
         },
         "tokenizer": {"path": str(tok_dir), "vocab_size": vocab},
         "tokens": {
-            s: {k: v[k] for k in ("samples", "tokens", "packing_efficiency")}
+            s: {k: v[k] for k in ("samples", "tokens", "packing_efficiency", "per_domain_samples")}
             for s, v in tok.manifest["splits"].items()
         },
+        "splits_note": split_mix_note(tokens_dir),
         "train": json.loads((train_dir / "summary.json").read_text()),
         "charts": {k: str(v) for k, v in files.items()},
         "checkpoint": str(_last_checkpoint(train_dir)),
@@ -133,6 +134,28 @@ def _last_checkpoint(train_dir: Path) -> Path | None:
     return latest_checkpoint(train_dir)
 
 
+def split_mix_note(tokens_dir: Path) -> str | None:
+    """Each split's share of blocks per domain, and why the overall losses of splits with different mixes
+    are not comparable (a few long prose or code documents decide a small split's mix)."""
+    try:
+        splits = json.loads((tokens_dir / "manifest.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError):
+        return None
+    parts = []
+    for name in ("train", "valid", "test"):
+        per = (splits.get(name) or {}).get("per_domain_samples") or {}
+        total = sum(per.values())
+        if total:
+            parts.append(f"{name} " + " ".join(f"{d} {100 * n / total:.0f}%" for d, n in sorted(per.items())))
+    if len(parts) < 2:
+        return None
+    return (
+        "blocks per domain: " + "; ".join(parts) + ". Records are split by hash, so a few long documents "
+        "decide a small split's domain mix; overall valid/test loss follows that mix (math is easy, prose "
+        "hard). Compare the per-domain curves."
+    )
+
+
 def _charts(out: Path, train_dir: Path, tokens_dir: Path) -> dict[str, Path]:
     from moeforge.eval.plots import affinity_heatmaps, load_metrics, loss_curves, routing_load_curves
     from moeforge.eval.routing import expert_domain_affinity
@@ -146,7 +169,13 @@ def _charts(out: Path, train_dir: Path, tokens_dir: Path) -> dict[str, Path]:
     moe = json.loads((train_dir / "config.json").read_text(encoding="utf-8"))["model"].get("moe") or {}
     balanced = moe["top_k"] / moe["num_experts"] if moe else None
     files = {
-        "loss": loss_curves({"tiny MoE": rows}, out / "loss.png", title="demo: train and validation loss"),
+        "loss": loss_curves(
+            {"tiny MoE": rows},
+            out / "loss.png",
+            title="demo: train and validation loss",
+            per_domain=True,
+            note=split_mix_note(tokens_dir),
+        ),
         "routing_load": routing_load_curves(rows, out / "routing_load.png", balanced=balanced),
     }
     ckpt_dir = _last_checkpoint(train_dir)

@@ -33,6 +33,14 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "completed" and s["train"]["steps"] == 60
     assert set(s["tokens"]) == {"train", "valid", "test"}
+    # the splits' domain mixes differ (hash split of few long documents): the summary says so, with shares
+    assert (
+        s["splits_note"].startswith("blocks per domain: train code")
+        and "per-domain curves" in s["splits_note"]
+    )
+    valid = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "valid"]  # fmt: skip
+    assert {"loss/code", "loss/math", "loss/prose"} <= set(valid[-1])  # what loss.png draws per domain
     assert Path(s["checkpoint"]).name == "step-00000060"
     losses = [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["split"] == "train"]  # fmt: skip

@@ -44,10 +44,19 @@ def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def loss_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, *, title: str = "loss") -> Path:
-    """Train loss (thin) and validation loss (markers) per step, one colour per run."""
+def loss_curves(
+    runs: Mapping[str, Sequence[dict[str, Any]]],
+    path: Path,
+    *,
+    title: str = "loss",
+    per_domain: bool = False,
+    note: str | None = None,
+) -> Path:
+    """Train loss (thin) and validation loss (markers) per step, one colour per run. ``per_domain`` adds
+    each domain's validation loss (dashed) for every run: when the splits' domain mixes differ, only
+    those are comparable across splits. ``note`` is printed under the axes (the reason, the mixes)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.6 if note else 4))
     for k, (name, rows) in enumerate(runs.items()):
         colour = f"C{k}"
         tr = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and r.get("loss") is not None]
@@ -56,6 +65,28 @@ def loss_curves(runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, *, tit
             ax.plot(*zip(*tr, strict=True), color=colour, alpha=0.45, lw=1, label=f"{name} train")
         if va:
             ax.plot(*zip(*va, strict=True), color=colour, marker="o", ms=3, lw=1.5, label=f"{name} valid")
+        if per_domain:
+            domains = sorted(
+                {
+                    k.split("/", 1)[1]
+                    for r in rows
+                    if r.get("split") == "valid"
+                    for k in r
+                    if k.startswith("loss/")
+                }
+            )
+            for j, dom in enumerate(domains):
+                pts = [
+                    (r["step"], r[f"loss/{dom}"])
+                    for r in rows
+                    if r.get("split") == "valid" and f"loss/{dom}" in r
+                ]
+                ax.plot(
+                    *zip(*pts, strict=True), color=f"C{k + 1 + j}", ls="--", lw=1, label=f"{name} valid {dom}"
+                )
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=6.5, va="bottom", wrap=True)
+        fig.subplots_adjust(bottom=0.27)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
