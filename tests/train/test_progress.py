@@ -13,11 +13,16 @@ from moeforge.cli._progress import Bars, clock, train_fields
 
 def test_clock_and_training_fields() -> None:
     assert clock(95.2) == "1:35" and clock(4000) == "1:06:40" and clock(-3) == "0:00"
-    assert train_fields({"loss": 3.14159, "tokens_per_s": 4310.0}) == {"loss": "3.1416", "_rate": "4.31K tok/s"}
+    assert train_fields({"loss": 3.14159, "tokens_per_s": 4310.0}) == {
+        "loss": "3.1416",
+        "_rate": "4.31K tok/s",
+    }
     assert train_fields({"loss": 1.0, "tokens_per_s": 0.0}) == {"loss": "1.0000"}
 
 
-def test_without_a_terminal_lines_come_every_interval_and_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_a_terminal_lines_come_every_interval_and_at_the_end(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with Bars(interactive=False, every=3600) as bars:
         for step in range(1, 11):
             bars.update("train", "train", step, 10, **train_fields({"loss": 2.0, "tokens_per_s": 1500.0}))
@@ -27,7 +32,9 @@ def test_without_a_terminal_lines_come_every_interval_and_at_the_end(capsys: pyt
     assert lines[1].startswith("train  10/10 (100%)") and "ETA" not in lines[1]
 
 
-def test_every_zero_prints_each_update_and_unknown_totals_have_no_eta(capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_zero_prints_each_update_and_unknown_totals_have_no_eta(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with Bars(interactive=False, every=0) as bars:
         bars.update("x", "scan", 5, None)
         bars.update("x", "scan", 7, None)
