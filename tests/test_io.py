@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,28 @@ def test_atomic_directory_gives_weights_the_umask_modes_not_owner_only(tmp_path)
     assert stat.S_IMODE((out / "tokenizer").stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "tokenizer" / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_safetensors_with_metadata_have_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors orders the header's metadata by a per-process hash seed: an export's sha256 changed
+    from one run to the next (found by the fault suite's export rerun). save_safetensors sorts it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from moeforge.io import save_safetensors; "
+        "save_safetensors({'w': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(2, dtype=torch.float16)}, "
+        "sys.argv[1], metadata={'format': 'pt', 'producer': 'moeforge', 'é': 'ü'})"
+    )
+    digests = set()
+    for i in range(4):  # four processes: the hash map's seed is random in each
+        out = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    assert load_file(out)["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    with safe_open(str(out), "pt") as fh:
+        assert fh.metadata() == {"format": "pt", "producer": "moeforge", "é": "ü"}

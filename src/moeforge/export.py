@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from moeforge.io import atomic_directory
+from moeforge.io import atomic_directory, atomic_write_bytes, atomic_write_text, save_safetensors
 from moeforge.model.hf import hf_layout, to_hf_state_dict
 from moeforge.model.sizing import count_params
 
@@ -46,7 +45,7 @@ def save_sharded(
     sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
     total = sum(sizes.values())
     if total <= max_shard_bytes:
-        save_file(state, str(out / "model.safetensors"), metadata=meta)
+        save_safetensors(state, out / "model.safetensors", metadata=meta)
         return ["model.safetensors"]
     shards: list[list[str]] = [[]]
     filled = 0
@@ -61,11 +60,11 @@ def save_sharded(
     names = []
     for i, keys in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file({k: state[k] for k in keys}, str(out / name), metadata=meta)
+        save_safetensors({k: state[k] for k in keys}, out / name, metadata=meta)
         weight_map.update(dict.fromkeys(keys, name))
         names.append(name)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return [*names, "model.safetensors.index.json"]
 
 
@@ -123,12 +122,12 @@ def export_checkpoint(
     run = _run_dir(ckpt)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         files = save_sharded(weights, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        # every file through atomic_write_*: fsynced, and each write a fault point (tests/faults)
+        atomic_write_text(tmp / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            (tmp / name).write_bytes((Path(tok_dir) / name).read_bytes())
-        card = model_card(model.cfg, chosen, state, run)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+            atomic_write_bytes(tmp / name, (Path(tok_dir) / name).read_bytes())
+        atomic_write_text(tmp / "README.md", model_card(model.cfg, chosen, state, run))
     log.info("exported %s as %s (%s) → %s", ckpt, chosen, ", ".join(files), out)
     return Path(out)
 

@@ -8,6 +8,8 @@ With it set, the points are counted in each process and the N-th one fails as as
 
     MOEFORGE_FAULTS=kill@17        SIGKILL this process at the 17th point
     MOEFORGE_FAULTS=enospc@5       raise OSError(ENOSPC) at the 5th point (a full disk)
+    MOEFORGE_FAULTS=stop@3         SIGSTOP this process at the 3rd point (a test then acts while it is
+                                   paused there — e.g. starts a second invocation — and sends SIGCONT)
     MOEFORGE_FAULTS=count:/tmp/f   count only; append "pid name" per point to /tmp/f
 
 A test runs a command once with ``count:`` to learn how many points it passes, then draws seeded
@@ -34,8 +36,8 @@ def _parse() -> tuple[str, str] | None:
     if raw.startswith("count:"):
         return ("count", raw[len("count:") :])
     action, _, at = raw.partition("@")
-    if action not in ("kill", "enospc") or not at.isdigit():
-        raise ValueError(f"MOEFORGE_FAULTS={raw!r}: expected kill@N, enospc@N or count:PATH")
+    if action not in ("kill", "enospc", "stop") or not at.isdigit():
+        raise ValueError(f"MOEFORGE_FAULTS={raw!r}: expected kill@N, enospc@N, stop@N or count:PATH")
     return (action, at)
 
 
@@ -56,4 +58,7 @@ def point(name: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once a SIGCONT arrives; the run goes on
+        return
     raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")

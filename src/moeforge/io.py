@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "save_safetensors",
     "sha256_file",
     "verify_checksums",
     "write_checksums",
@@ -63,6 +64,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(fh.fileno())
         point("rename")
         os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if exc.filename is None:  # a failed write() names no file; a full disk should say which one
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -114,6 +121,8 @@ def atomic_directory(
     rename, whatever mode their writer chose. With ``overwrite``, an existing ``path`` is replaced;
     without it, an existing ``path`` raises :class:`FileExistsError` before any work is done. With
     ``guard``, the rename runs inside ``guard()``, which may refuse it by raising (a run's fence).
+    Without ``overwrite``, a ``path`` that appeared while the block ran (another process) is not replaced
+    either: :class:`FileExistsError`, and the other process's directory stays as it was.
     """
     target = Path(path)
     if target.exists() and not overwrite:
@@ -128,6 +137,11 @@ def atomic_directory(
         _readable_modes(tmp)
         fsync_tree(tmp)
         with guard() if guard is not None else contextlib.nullcontext():
+            if target.exists() and not overwrite:
+                raise FileExistsError(
+                    f"{target} appeared while this output was being built (another process wrote it); "
+                    "left it as it is — pass overwrite=True (or --overwrite) to replace it"
+                )
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -141,6 +155,39 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_safetensors(
+    tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file`` with the same bytes for the same tensors in every process.
+
+    safetensors keeps the header's ``__metadata__`` in a hash map, so with two or more keys their order —
+    and the file's sha256 — changed from one process to the next. The header is rewritten in place with
+    the keys sorted (same length: only their order changes). A fault point of the write paths."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    point("weights")
+    save_file(tensors, str(target), metadata=metadata)
+    if metadata and len(metadata) > 1:
+        with open(target, "r+b") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+            meta = header.pop("__metadata__")
+            head = json.dumps(
+                {"__metadata__": dict(sorted(meta.items())), **header},
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+            raw = head.encode("utf-8").ljust(size, b" ")  # safetensors pads its header with spaces
+            if len(raw) != size:  # cannot happen with plain string metadata; never corrupt the file
+                raise ValueError(
+                    f"{target}: a canonical safetensors header does not fit ({len(raw)} > {size})"
+                )
+            fh.seek(8)
+            fh.write(raw)
+    return target
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -201,14 +248,23 @@ class DirectoryLock:
     """An exclusive ``flock`` on ``DIR/.lock``, held until :meth:`release` (or the process ends — the
     kernel drops the lock with the process, so a killed holder never leaves a stale lock). The holder's
     pid is written into the file for the message another process gets. Raises
-    :class:`DirectoryLockedError` when the lock is held."""
+    :class:`DirectoryLockedError` when the lock is held.
 
-    def __init__(self, directory: str | os.PathLike[str], what: str = "this directory") -> None:
+    With ``beside=True`` the lock file is ``PARENT/.NAME.lock`` next to ``DIR``, for an output directory
+    that must not exist until it is complete (one built by :func:`atomic_directory`)."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str], what: str = "this directory", *, beside: bool = False
+    ) -> None:
         import fcntl
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.path = d / ".lock"
+        if beside:  # an output that does not exist yet (atomic_directory renames it into place at the end)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            self.path = d.parent / f".{d.name}.lock"
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            self.path = d / ".lock"
         fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

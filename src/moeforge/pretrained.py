@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 
 from moeforge.config import format_validation_error
-from moeforge.io import atomic_directory, atomic_write_json, sha256_file, write_checksums
+from moeforge.io import atomic_directory, atomic_write_json, save_safetensors, sha256_file, write_checksums
 from moeforge.model.config import ModelConfig
 from moeforge.model.gguf import GGUFError, read_gguf, read_gguf_metadata
 from moeforge.model.hf import ExportError
@@ -109,10 +108,8 @@ def write_model_checkpoint(
                 f"{tokenizer_dir}: the tokenizer has {n} tokens but the model's vocab_size is {model.cfg.vocab_size}"
             )
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(
-            model_state(model),
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt", "producer": "moeforge"},
+        save_safetensors(
+            model_state(model), tmp / "model.safetensors", metadata={"format": "pt", "producer": "moeforge"}
         )
         if tokenizer_dir is not None:
             (tmp / "tokenizer").mkdir()

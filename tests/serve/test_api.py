@@ -301,6 +301,12 @@ MALFORMED = [
     ("chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 4, "max_completion_tokens": 5}, 400, "differ"),
     ("chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("chat/completions", {"model": MODEL, "messages": CHAT, "presence_penalty": 1}, 400, "presence_penalty"),
+    # a lone surrogate (a JSON \ud800 escape alone) is no text: 400, not the tokenizer's TypeError as a 500
+    ("completions", {"model": MODEL, "prompt": "The \ud800 river"}, 400, "prompt: is not valid Unicode: a lone surrogate \\ud800 at character 4"),
+    ("completions", {"model": MODEL, "prompt": ["ok", "\udfff"]}, 400, "prompt: is not valid Unicode"),
+    ("completions", {"model": MODEL, "prompt": "x", "stop": ["\udc00"]}, 400, "stop: is not valid Unicode"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi\udfff"}]}, 400, "messages.0.content: is not valid Unicode"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]}, 400, "messages.0.content: is not valid Unicode"),
     ("nope", {"model": MODEL}, 404, "no route POST /v1/nope"),
 ]  # fmt: skip
 

@@ -138,6 +138,29 @@ def test_resumed_writer_drops_steps_that_will_be_trained_again_and_a_torn_line(t
     ]
 
 
+def test_resume_at_the_last_step_redoes_the_test_line_and_keeps_the_last_validation(tmp_path: Path) -> None:
+    """A run killed after its final checkpoint (and maybe after its test evaluation) is resumed at its last
+    step: the test line is written again (once), and the last validation result is what the summary
+    reports (it was ``{}`` before: the resumed run trained nothing and evaluated nothing)."""
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(4, "valid", {"loss": 5.0})
+        w.write(8, "train", {"loss": 4.0})
+        w.write(8, "valid", {"loss": 4.5})
+        w.write(8, "test", {"loss": 4.6})
+    with MetricsWriter(tmp_path, tensorboard=False, truncate_after_step=8) as w:
+        assert w.last("valid") == {"loss": 4.5}
+        assert w.last("test") == {}
+        w.write(8, "test", {"loss": 4.6})
+    assert [(x["step"], x["split"]) for x in _lines(tmp_path / "metrics.jsonl")] == [
+        (4, "valid"),
+        (8, "train"),
+        (8, "valid"),
+        (8, "test"),
+    ]
+    with MetricsWriter(tmp_path, tensorboard=False, truncate_after_step=-1) as w:  # a fresh start
+        assert w.last("valid") == {}
+
+
 def test_peak_flops_is_measured_once_and_cached_per_machine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

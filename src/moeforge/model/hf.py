@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from moeforge.io import atomic_directory
+from moeforge.io import atomic_directory, save_safetensors
 from moeforge.model.config import ModelConfig
 from moeforge.model.moe import MoELayer
 from moeforge.model.transformer import MoETransformer
@@ -244,6 +243,6 @@ def export_hf(
     """
     sd, hf_cfg = to_hf_state_dict(model, layout)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "moeforge"})
+        save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt", "producer": "moeforge"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

@@ -4,6 +4,7 @@ a run directory; the identity system prompt the model was trained with; uvicorn.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from moeforge.serve.engine import Engine
 
-__all__ = ["ServeError", "find_system_prompt", "load_engine", "serve"]
+__all__ = ["ServeError", "find_system_prompt", "freeze_startup_heap", "load_engine", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,19 @@ def serve(
         "on" if api_key else "off",
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    freeze_startup_heap()
     server.run(sockets=[sock])
+
+
+def freeze_startup_heap() -> int:
+    """Collect garbage once, then move every object alive (modules, the model, the app: ~300k objects,
+    all kept until exit) out of the collector's reach (:func:`gc.freeze`); returns how many. Otherwise
+    each full collection while serving walks them all and stops every thread, the event loop included,
+    for ~0.25 s on 2 CPU cores (a ``/health`` stall the server soak measured); after the freeze it walks
+    only what serving allocated."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

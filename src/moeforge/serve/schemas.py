@@ -82,7 +82,6 @@ def _unicode(text: str) -> str:
     return text
 
 
-
 class _Strict(BaseModel):
     # JSON types must match (no "5" for 5) and unknown arguments are errors, as with OpenAI
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -119,9 +118,9 @@ class _Sampling(_Strict):
             return []
         if isinstance(v, str):
             v = [v]
-        if isinstance(v, list) and any(s == "" for s in v):
-            raise ValueError("stop strings must not be empty")
         if isinstance(v, list):
+            if any(s == "" for s in v):
+                raise ValueError("stop strings must not be empty")
             for s in v:
                 if isinstance(s, str):
                     _unicode(s)

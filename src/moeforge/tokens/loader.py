@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from moeforge.tokens.sampling import MixtureSampler, ResumableSampler
-from moeforge.tokens.shards import IndexedShard, ShardError
+from moeforge.tokens.shards import IndexedShard, ShardError, verify_files
 
 __all__ = ["MixtureSampler", "ResumableSampler", "TokenDataset", "TokenLoader", "build_batch"]
 
@@ -53,8 +53,9 @@ class TokenDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """One split of a tokenized output directory (``manifest.json`` + Megatron shards), map-style.
 
     Raises FileNotFoundError for a missing directory or manifest and :class:`ShardError` for a manifest
-    without the split, an unknown format, or shards that disagree with it (sample count, a sample longer
-    than ``seq_len + 1``, a domain id without a name).
+    without the split, an unknown format, or shards that disagree with it (a size or sha256 other than the
+    manifest's ``files`` list, sample count, a sample longer than ``seq_len + 1``, a domain id without a
+    name). The sha256 of every file of the split is checked on open (about 1 s per GB).
     """
 
     def __init__(self, directory: str | Path, split: str) -> None:
@@ -85,6 +86,13 @@ class TokenDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             raise ShardError(f"{path}: seq_len must be positive, got {self.seq_len}")
         self.split = split
         self.domains: list[str] = [str(d) for d in self.manifest.get("domains") or []]
+        problems = verify_files(self.directory, entry.get("files") or {})
+        if problems:  # one flipped byte must stop a run before it trains on it
+            raise ShardError(
+                f"{path}: the {split} split's files differ from the manifest — {'; '.join(problems[:4])}. "
+                "The token directory is corrupt: delete it and tokenize again (for a cache entry, "
+                "`moeforge data cache clean-invalid` removes it)"
+            )
         self.shard = IndexedShard(self.directory / str(entry.get("prefix", split)))
         if "samples" in entry and int(entry["samples"]) != len(self.shard):
             raise ShardError(

@@ -31,14 +31,27 @@ from typing import Any
 from moeforge import __version__
 from moeforge.data.manifest import load_manifest
 from moeforge.data.store import iter_line_bytes
-from moeforge.io import atomic_directory, atomic_write_bytes, atomic_write_text, sha256_file
+from moeforge.io import (
+    DirectoryLock,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+    sha256_file,
+)
 from moeforge.tokens import cache as token_cache
 from moeforge.tokens.chat_spec import load_chat_spec
 from moeforge.tokens.pack import PackMode, PackStats, pack_records, parse_record
 from moeforge.tokens.shards import IndexedShardWriter, token_dtype
 from moeforge.tokens.tokenizer import load_tokenizer, token_ids, tokenizer_files, tokenizer_sha256
 
-__all__ = ["FORMAT_VERSION", "SPLITS", "TokenizeResult", "dataset_label", "tokenize_run"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SPLITS",
+    "RunFileChangedError",
+    "TokenizeResult",
+    "dataset_label",
+    "tokenize_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +76,29 @@ def dataset_label(manifest: dict[str, Any]) -> str:
     return str(manifest.get("name") or "dataset")
 
 
+class RunFileChangedError(ValueError):
+    """A record shard of the data run is not the file its manifest lists (size or sha256)."""
+
+
+def _check_run_file(run_dir: Path, f: dict[str, Any]) -> Path:
+    """``run_dir / f["path"]`` once its size and sha256 match the run's manifest entry ``f``: a flipped byte
+    in a compressed shard can decode to other text without any error, and must never reach the tokens."""
+    path = run_dir / str(f["path"])
+    size = path.stat().st_size  # a missing file: FileNotFoundError, naming it
+    want = f.get("sha256")
+    if ("bytes" in f and size != int(f["bytes"])) or (want and sha256_file(path) != want):
+        raise RunFileChangedError(
+            f"{path}: differs from the data run's manifest ({run_dir / 'manifest.json'} lists "
+            f"{f.get('bytes', '?')} bytes, sha256 {str(want)[:12]}…): the file changed after the run. "
+            f"`moeforge data verify {run_dir}` lists every such file; restore it or run the recipe again"
+        )
+    return path
+
+
 def _records(run_dir: Path, files: list[dict[str, Any]], limit: int | None) -> Iterator[dict[str, Any]]:
     def all_records() -> Iterator[dict[str, Any]]:
-        for f in files:
-            yield from map(parse_record, iter_line_bytes(run_dir / f["path"]))
+        for f in files:  # each file is checked against the manifest just before it is read
+            yield from map(parse_record, iter_line_bytes(_check_run_file(run_dir, f)))
 
     return islice(all_records(), limit) if limit is not None else all_records()
 
@@ -87,8 +119,10 @@ def tokenize_run(
     """Tokenize and pack every split of ``run_dir`` with the tokenizer at ``tokenizer``.
 
     ``out`` writes to that directory (atomically; refused when it exists unless ``overwrite``); without
-    it the result goes to the cache. ``max_records`` caps the records read per split (part of the
-    fingerprint). ``progress(split, done, total)`` reports records finished.
+    it the result goes to the cache. A second call with the same ``out`` while this one runs fails at
+    once (:class:`~moeforge.io.DirectoryLockedError`; the lock file is ``.OUT.lock`` beside it).
+    ``max_records`` caps the records read per split (part of the fingerprint). ``progress(split, done,
+    total)`` reports records finished.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1 (got {seq_len})")
@@ -203,7 +237,12 @@ def tokenize_run(
     if out is None:
         path, built = token_cache.build_entry(token_cache.cache_root(cache_root), entry, fp, build)
     else:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            build(tmp)
+        # PARENT/.OUT.lock: a second tokenize into the same --out fails at once instead of racing this one
+        lock = DirectoryLock(out, "`moeforge data tokenize --out`", beside=True)
+        try:
+            with atomic_directory(out, overwrite=overwrite) as tmp:
+                build(tmp)
+        finally:
+            lock.release()
         path, built = Path(out), True
     return TokenizeResult(path, built, json.loads((path / "manifest.json").read_text(encoding="utf-8")))

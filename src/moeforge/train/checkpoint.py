@@ -10,7 +10,8 @@
 
 A checkpoint directory is built under a temporary name and renamed into place (``atomic_directory``),
 so a run killed mid-save leaves the previous checkpoints intact and no half-written one. After each
-save the oldest are removed, keeping the last ``keep_last`` and the best by validation loss.
+save the oldest are removed, keeping the last ``keep_last`` and the best by validation loss, and so are
+the temporary directories of saves that were killed.
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def _metric(path: Path) -> float | None:
 
 
 def _prune(ckpts: Path, keep_last: int) -> None:
+    # what a save killed mid-way left (atomic_directory's temporary and replaced directories): the run's
+    # lock is held by this process, so no other save is under way
+    for stale in [*ckpts.glob(".step-*.tmp"), *ckpts.glob(".step-*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
     found = list_checkpoints(ckpts.parent)
     keep = {p for _, p in found[-keep_last:]}
     scored = [(m, s, p) for s, p in found if (m := _metric(p)) is not None]

@@ -49,7 +49,11 @@ class MetricsWriter:
 
     On ranks other than 0 every method is a no-op, so the trainer can call it unconditionally.
     ``truncate_after_step`` (for a resumed run) first drops lines with a larger step — the steps that will
-    be trained again — and a torn last line from a crash, so the log has each step once.
+    be trained again — and a torn last line from a crash, so the log has each step once; lines of
+    ``redo_splits`` at that step go too (the trainer evaluates the test split after its last checkpoint,
+    so a run killed after that evaluation does it again). :meth:`last` then returns what the kept lines
+    said last for a split (the trainer's last validation result, for the summary of a run resumed at its
+    end).
     """
 
     def __init__(
@@ -59,16 +63,18 @@ class MetricsWriter:
         tensorboard: bool = True,
         rank: int = 0,
         truncate_after_step: int | None = None,
+        redo_splits: tuple[str, ...] = ("test",),
     ) -> None:
         self.path = Path(path_dir) / "metrics.jsonl"
         self.enabled = rank == 0
         self._fh: IO[str] | None = None
         self._tb: Any = None
+        self._last: dict[str, dict[str, Any]] = {}
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and self.path.exists():
-            self._truncate(truncate_after_step)
+            self._truncate(truncate_after_step, redo_splits)
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
@@ -78,7 +84,7 @@ class MetricsWriter:
             else:
                 self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
-    def _truncate(self, step: int) -> None:
+    def _truncate(self, step: int, redo_splits: tuple[str, ...]) -> None:
         kept: list[str] = []
         dropped = 0
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -87,8 +93,12 @@ class MetricsWriter:
             except json.JSONDecodeError:
                 dropped += 1
                 continue
-            if int(obj.get("step", 0)) <= step:
+            at = int(obj.get("step", 0))
+            if at < step or (at == step and obj.get("split") not in redo_splits):
                 kept.append(line)
+                self._last[str(obj.get("split"))] = {
+                    k: v for k, v in obj.items() if k not in ("step", "split")
+                }
             else:
                 dropped += 1
         if dropped:
@@ -96,6 +106,10 @@ class MetricsWriter:
                 "metrics: dropped %d line(s) after step %d from %s (resumed run)", dropped, step, self.path
             )
             atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def last(self, split: str) -> dict[str, Any]:
+        """The values of the last line of ``split`` kept from before a resume (``{}`` when none)."""
+        return dict(self._last.get(split, {}))
 
     def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
         """Append one line; raises ValueError on a key that collides with ``step``/``split``."""

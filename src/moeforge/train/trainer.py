@@ -392,7 +392,9 @@ class Trainer:
         if self.peak is None and self.info.is_main:
             self.peak = measure_peak_flops(self.device)
         status = "completed"
-        valid: dict[str, float] = {}
+        # a resumed run starts from the validation result its checkpoint's step had (a run resumed at its
+        # last step trains nothing more, and its summary must still report it)
+        valid: dict[str, float] = self.writer.last("valid")
         window: list[dict[str, float]] = []
         self.ddp_model.train()
         while self.step < cfg.steps:
