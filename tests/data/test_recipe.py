@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from moeforge.config import ConfigError, apply_overrides, validate_config
-from moeforge.data.recipe import Recipe, expand_vars, load_recipe, recipe_hash
+from moeforge.data.recipe import Recipe, load_recipe, recipe_hash
+from moeforge.data.vars import expand_vars
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 

@@ -15,16 +15,18 @@ import numpy as np
 import pytest
 
 from moeforge.config import ConfigError, validate_config
-from moeforge.data.dedup import semantic
 from moeforge.data.dedup.semantic import (
     SemanticConfig,
     SemanticDedupError,
     available,
     embed,
+    encoder,
     find_semantic_clusters,
     iter_similar_pairs,
+    search,
     write_task_embeddings,
 )
+from moeforge.data.dedup.unionfind import flatten_nodes, union
 
 # fmt: off
 WORDS = [
@@ -146,7 +148,7 @@ def test_small_inputs_default_to_one_exact_bucket_and_large_ones_to_sqrt_n(tmp_p
     x = _planted_vectors(2500, dups=100, dim=16)
     files = _save(tmp_path, x)
     assert find_semantic_clusters(files, SemanticConfig(), tmp_path / "w1").buckets == 1
-    monkeypatch.setattr(semantic, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(search, "EXACT_BELOW", 1000)  # where the search reads it
     assert find_semantic_clusters(files, SemanticConfig(), tmp_path / "w2").buckets == 50
 
 
@@ -215,8 +217,8 @@ def test_union_find_flattens_a_long_chain_in_one_batch():
     n = 200_000
     parent = np.arange(n, dtype=np.int64)
     start = time.perf_counter()
-    semantic._union(parent, np.arange(n - 1), np.arange(1, n))  # (0, 1), (1, 2), …: depth n if not flattened
-    semantic._flatten(parent, np.arange(n))
+    union(parent, np.arange(n - 1), np.arange(1, n))  # (0, 1), (1, 2), …: depth n if not flattened
+    flatten_nodes(parent, np.arange(n))
     assert (parent == 0).all()
     assert time.perf_counter() - start < 5.0
 
@@ -327,11 +329,11 @@ def test_embeddings_are_unit_norm_deterministic_and_independent_of_batching(mode
 
 
 def test_long_documents_read_only_their_first_max_length_tokens(model):
-    tokenizer, _ = semantic._encoder(semantic._device())
+    tokenizer, _ = encoder._encoder(encoder._device())
     rng = random.Random(0)
     long = " ".join(rng.choice(WORDS) for _ in range(3000))
     full = tokenizer([long], truncation=True, max_length=256)["input_ids"][0]
-    assert semantic._token_ids(tokenizer, [long], 256)[0] == full and len(full) == 256
+    assert encoder._token_ids(tokenizer, [long], 256)[0] == full and len(full) == 256
     tail_changed = long + " " + " ".join(rng.choice(WORDS) for _ in range(500))
     np.testing.assert_array_equal(embed([long], model), embed([tail_changed], model))
 
@@ -357,7 +359,7 @@ def test_model_loads_offline_without_touching_the_network(model, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    semantic._encoder.cache_clear()
+    encoder._encoder.cache_clear()
     e = embed(["An offline sentence.", "Another offline sentence."], model)
     assert e.shape == (2, 384)
-    assert semantic._encoder.cache_info().currsize == 1
+    assert encoder._encoder.cache_info().currsize == 1

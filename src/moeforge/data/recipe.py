@@ -8,6 +8,12 @@ the ``recipe_hash`` that every record's provenance carries.
 Sources are one of ``path`` (a file, directory, glob or ``s3://`` / ``https://`` URI), ``hf`` (a
 Hugging Face dataset saved with ``save_to_disk`` or a hub name), or ``builtin`` (data that ships with
 Python or moeforge, so a fresh machine can run the demo with no downloads).
+
+``steps`` (optional) lists the map steps each task runs, in order; the default is :data:`DEFAULT_STEPS`
+(read, format, langid, filters, decontam, pii, identity, write). A step left out does not run; a step
+added is one class in :mod:`moeforge.data.steps`. Names and order are checked when a run starts
+(:func:`moeforge.data.steps.check_steps`: unknown or repeated names, read not first, write not last, a
+record step before format, or a configured section whose step is left out are errors).
 """
 
 from __future__ import annotations
@@ -15,13 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from moeforge.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
+from moeforge.config import StrictModel, apply_overrides, read_yaml, validate_config
 from moeforge.data.decontam import DecontamConfig
 from moeforge.data.dedup.minhash import MinHashConfig
 from moeforge.data.dedup.semantic import SemanticConfig
@@ -31,38 +36,24 @@ from moeforge.data.langid import LangIdConfig
 from moeforge.data.mix import MixConfig
 from moeforge.data.pii import PiiConfig
 from moeforge.data.sources import Format, TxtMode
+from moeforge.data.vars import expand_vars
 
 __all__ = [
     "BUILTINS",
+    "DEFAULT_STEPS",
     "DedupConfig",
     "GateConfig",
     "HfSource",
     "Recipe",
     "SourceConfig",
     "SplitConfig",
-    "expand_vars",
     "load_recipe",
     "recipe_hash",
 ]
 
 BUILTINS = ("stdlib", "pydoc_topics", "word_problems")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_vars(text: str) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without a default is an error."""
-
-    def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        value = os.environ.get(name)
-        if value:
-            return value
-        if default is not None:  # like the shell's ${VAR:-default}: unset or empty takes the default
-            return default
-        state = "is empty" if value == "" else "is not set"
-        raise ConfigError(f"{text!r}: environment variable {name} {state} and has no ${{{name}:-default}}")
-
-    return _VAR.sub(repl, text)
+# The map steps every task runs, in order, when a recipe does not list its own (moeforge.data.steps).
+DEFAULT_STEPS = ("read", "format", "langid", "filters", "decontam", "pii", "identity", "write")
 
 
 class HfSource(StrictModel):
@@ -218,6 +209,13 @@ class Recipe(StrictModel):
     mix: MixConfig = Field(default_factory=MixConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    steps: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STEPS),
+        min_length=1,
+        description="the map steps each task runs, in order: read first, format next, write last; a step "
+        "left out does not run (default: " + ", ".join(DEFAULT_STEPS) + "). Names and order are checked "
+        "when the run starts (moeforge.data.steps.check_steps)",
+    )
 
     @model_validator(mode="after")
     def _families(self) -> Recipe:
@@ -233,8 +231,14 @@ class Recipe(StrictModel):
         return sorted({s.family for s in self.sources})
 
     def resolved(self) -> dict[str, Any]:
-        """The recipe with defaults filled in, as plain JSON data (what the run directory stores)."""
-        return self.model_dump(mode="json")
+        """The recipe with defaults filled in, as plain JSON data (what the run directory stores).
+
+        ``steps`` is left out when it is the default order, so a recipe that does not list steps hashes
+        (and stamps its records) as it did before the setting existed, and old run directories resume."""
+        data = self.model_dump(mode="json")
+        if data["steps"] == list(DEFAULT_STEPS):
+            del data["steps"]
+        return data
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from moeforge.data.contract import Message, Record, RecordMeta
 from moeforge.data.decontam.config import TOO_MANY_PIECES, DecontamConfig
-from moeforge.data.decontam.index import DecontamIndex, Match, _word_edge
+from moeforge.data.decontam.index import DecontamIndex, Match, word_edge
 
 
 def _cut(text: str, matches: list[Match], cfg: DecontamConfig) -> tuple[list[str], int, int]:
@@ -26,8 +26,8 @@ def _cut(text: str, matches: list[Match], cfg: DecontamConfig) -> tuple[list[str
     plus ``window`` characters on each side."""
     spans: list[list[int]] = []
     for m in sorted(matches, key=lambda m: m.start_char):
-        a = _word_edge(text, max(0, m.start_char - cfg.window), -1)
-        b = _word_edge(text, min(len(text), m.end_char + cfg.window), +1)
+        a = word_edge(text, max(0, m.start_char - cfg.window), -1)
+        b = word_edge(text, min(len(text), m.end_char + cfg.window), +1)
         if spans and a <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], b)
         else:

@@ -14,10 +14,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from moeforge.config import StrictModel
+from moeforge.data.vars import expand_vars
 
 BenchmarkFormat = Literal["gsm8k", "humaneval", "mmlu", "math", "jsonl"]
 
-_MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")  # the header-less CSV columns of format mmlu
 TOO_MANY_PIECES = "too_many_pieces"
 
 
@@ -47,8 +48,6 @@ class BenchmarkSpec(StrictModel):
     @field_validator("path")
     @classmethod
     def _expand(cls, v: str) -> str:
-        from moeforge.data.recipe import expand_vars  # imported here: the recipe module imports this package
-
         return expand_vars(v)
 
     @model_validator(mode="after")
@@ -63,7 +62,7 @@ class BenchmarkSpec(StrictModel):
         if self.format == "mmlu" and self.fields:
             raise ValueError(
                 f"benchmark {self.name!r}: format mmlu reads the header-less columns "
-                f"{', '.join(_MMLU_COLUMNS)} and takes no 'fields'; remove them"
+                f"{', '.join(MMLU_COLUMNS)} and takes no 'fields'; remove them"
             )
         return self
 

@@ -30,12 +30,14 @@ import numpy as np
 
 from moeforge.data.decontam.config import DecontamConfig
 from moeforge.data.decontam.loaders import BenchmarkItem, load_benchmark
-from moeforge.data.decontam.normalize import _EMPTY_I, _U64, _Grams, _words
+from moeforge.data.decontam.normalize import Grams, hash_words
 
 log = logging.getLogger("moeforge.data.decontam")  # the package's logger, whatever the module
 
 _BUILD_CHUNK_CHARS = 1 << 20  # items are hashed in batches of about this many characters
 _BITMAP_FROM = 64  # n-grams per lookup from which the bitmap pays for its extra operations
+_U64 = np.uint64
+_EMPTY_I = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Match:
         return d
 
 
-def _word_edge(text: str, i: int, step: int) -> int:
+def word_edge(text: str, i: int, step: int) -> int:
     """Move ``i`` outwards (step -1: left, +1: right) until it no longer splits a word."""
     if step < 0:
         while i > 0 and not text[i - 1].isspace():
@@ -231,18 +233,18 @@ class DecontamIndex:
 
     def contains_any(self, text: str) -> bool:
         """Whether ``text`` shares any indexed n-gram with a benchmark item (no spans computed)."""
-        words = _words(text)
+        words = hash_words(text)
         if len(words) < self.lengths[-1]:
             return False
-        grams = _Grams(words.hashes)
+        grams = Grams(words.hashes)
         return any(self._lookup(grams.of_length(length))[0].size for length in self.lengths)
 
     def find(self, text: str) -> list[Match]:
         """Every stretch of ``text`` matching a benchmark item, ordered by position then item."""
-        words = _words(text)
+        words = hash_words(text)
         if len(words) < self.lengths[-1]:
             return []
-        grams = _Grams(words.hashes)
+        grams = Grams(words.hashes)
         pos_parts, row_parts, len_parts = [], [], []
         for length in self.lengths:
             pos, rows = self._lookup(grams.of_length(length))
@@ -266,13 +268,13 @@ class DecontamIndex:
         firsts = np.flatnonzero(opens)
         run_end = np.maximum.reduceat(pos + lens, firsts)
         if words.origin is None:  # the fast path kept no positions: redo this (rare) text with them
-            words = _words(text, spans=True)
+            words = hash_words(text, spans=True)
         found = []
         for f, stop in zip(firsts.tolist(), run_end.tolist(), strict=True):
             bench, item_id = self.items[int(item[f])]
             p = int(pos[f])
             start, end = words.span(p, stop - 1)
-            start, end = _word_edge(text, start, -1), _word_edge(text, end, +1)  # whole tokens: "market?"
+            start, end = word_edge(text, start, -1), word_edge(text, end, +1)  # whole tokens: "market?"
             found.append(
                 (start, int(item[f]), Match(bench, item_id, start, end, words.text(p, int(lens[f]))))
             )
@@ -287,7 +289,7 @@ def _item_grams(
     text: the items are joined by newlines (separators), and an n-gram counts only if its first and last
     word belong to the same item."""
     texts = [it.text for it in items[start:stop]]
-    words = _words("\n".join(texts), spans=True)
+    words = hash_words("\n".join(texts), spans=True)
     if len(words) == 0:
         return np.zeros(0, np.uint64), _EMPTY_I, np.zeros(len(texts), dtype=np.int64)
     bounds = np.cumsum([len(t) + 1 for t in texts])  # the joined text's offset after each item
@@ -295,7 +297,7 @@ def _item_grams(
     owner = np.searchsorted(bounds, words.origin[words.wstart], side="right")  # item (relative) of each word
     count = np.bincount(owner, minlength=len(texts))
     first_word = np.cumsum(count) - count
-    grams = _Grams(words.hashes)
+    grams = Grams(words.hashes)
     h_parts, i_parts = [], []
     full = grams.of_length(n)
     if full.size:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeforge.data.decontam.config import _MMLU_COLUMNS, BenchmarkError, BenchmarkSpec
+from moeforge.data.decontam.config import MMLU_COLUMNS, BenchmarkError, BenchmarkSpec
 
 log = logging.getLogger("moeforge.data.decontam")  # the package's logger, whatever the module
 
@@ -147,13 +147,13 @@ def _load_mmlu(spec: BenchmarkSpec, path: Path) -> Iterator[BenchmarkItem]:
                 no = reader.line_num
                 if not row or not any(cell.strip() for cell in row):
                     continue
-                if no == 1 and [c.strip().lower() for c in row] == [c.lower() for c in _MMLU_COLUMNS]:
+                if no == 1 and [c.strip().lower() for c in row] == [c.lower() for c in MMLU_COLUMNS]:
                     log.info("benchmark %r: %s: skipping a header row", spec.name, file)
                     continue
-                if len(row) != len(_MMLU_COLUMNS):
+                if len(row) != len(MMLU_COLUMNS):
                     raise BenchmarkError(
-                        f"benchmark {spec.name!r}: {file}:{no}: expected {len(_MMLU_COLUMNS)} columns "
-                        f"({', '.join(_MMLU_COLUMNS)}; no header), got {len(row)}"
+                        f"benchmark {spec.name!r}: {file}:{no}: expected {len(MMLU_COLUMNS)} columns "
+                        f"({', '.join(MMLU_COLUMNS)}; no header), got {len(row)}"
                     )
                 yield BenchmarkItem(spec.name, f"{label}:{no}", "\n".join(row[:5]))
         except csv.Error as exc:

@@ -21,7 +21,8 @@ without spaces (Chinese, Japanese, Thai) have no words to count and are not serv
 words' hashes, each scrambled by an xor-shift-multiply step; all of it runs as array operations over a
 document's code points (an ASCII document takes a ``bytes.translate`` shortcut). Hash collisions are
 possible in principle (about |index| / 2⁶⁴ per document n-gram); nothing depends on the process, the
-clock or Python's hash seed.
+clock or Python's hash seed. :func:`hash_words` gives a text's words and their hashes (:class:`Words`),
+:class:`Grams` the hashes of its n-grams of any length.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+__all__ = ["Grams", "Words", "hash_words", "normalize_words"]
 
 _U64 = np.uint64
 _M1 = _U64(0xBF58476D1CE4E5B9)  # an odd multiplier with good avalanche (SplitMix64's first)
@@ -142,13 +145,13 @@ def _prefix(values: np.ndarray, inv: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Words:
+class Words:
     """A text's normalized words: the normalized code points ``chars`` (separators included), each word's
     ``[wstart, wend)`` in them, the index in the original text of every char (``origin``) and the word
     hashes: ``mix(Σ_k char[wstart+k]·P⁻ᵏ)`` (polynomial over code points, so the ASCII path agrees)."""
 
     chars: np.ndarray
-    origin: np.ndarray | None  # None: positions not kept (see _words)
+    origin: np.ndarray | None  # None: positions not kept (see hash_words)
     wstart: np.ndarray
     wend: np.ndarray
     hashes: np.ndarray
@@ -158,7 +161,7 @@ class _Words:
 
     def span(self, first: int, last: int) -> tuple[int, int]:
         """Characters of the original text covered by words ``first`` … ``last`` (inclusive)."""
-        assert self.origin is not None, "positions were not kept: _words(text, spans=True)"
+        assert self.origin is not None, "positions were not kept: hash_words(text, spans=True)"
         return int(self.origin[self.wstart[first]]), int(self.origin[self.wend[last] - 1]) + 1
 
     def word(self, i: int) -> str:
@@ -169,7 +172,7 @@ class _Words:
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
-_EMPTY_WORDS = _Words(np.zeros(0, np.uint32), _EMPTY_I, _EMPTY_I, _EMPTY_I, np.zeros(0, np.uint64))
+_EMPTY_WORDS = Words(np.zeros(0, np.uint32), _EMPTY_I, _EMPTY_I, _EMPTY_I, np.zeros(0, np.uint64))
 
 
 @lru_cache(maxsize=1)
@@ -180,7 +183,7 @@ def _ascii_tables() -> tuple[bytes, bytes]:
     return table, bytes(b for b, m in enumerate(mapped) if not m)
 
 
-def _words(text: str, spans: bool = False) -> _Words:
+def hash_words(text: str, spans: bool = False) -> Words:
     """Normalize ``text`` and hash its words, in array operations over its characters (no Python loop).
     Character positions (``origin``) are kept only when ``spans`` asks for them; pure-ASCII text then
     takes a ``bytes.translate`` shortcut."""
@@ -206,16 +209,16 @@ def _words(text: str, spans: bool = False) -> _Words:
     cuts = flips if flips[-1] < n else flips[:-1]  # reduceat takes no index past the end
     sums = np.add.reduceat(chars * inv, cuts)[0::2]  # (uint64: chars are widened in the multiply)
     hashes = _mix(sums * fwd[wstart])
-    return _Words(chars, origin, wstart, wend, hashes)
+    return Words(chars, origin, wstart, wend, hashes)
 
 
 def normalize_words(text: str) -> list[str]:
     """The normalized words of ``text`` (the module docstring gives the rule)."""
-    w = _words(text)
+    w = hash_words(text)
     return [w.word(i) for i in range(len(w))]
 
 
-class _Grams:
+class Grams:
     """Hashes of every run of ``length`` consecutive words, for any length, from one prefix sum:
     ``h(i, L) = mix(Σ_j word[i+j]·P⁻ʲ ⊕ L·T)``."""
 

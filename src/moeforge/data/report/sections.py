@@ -1,8 +1,11 @@
-"""The per-stage sections of :mod:`moeforge.data.report`: what each pipeline stage dropped or found.
+"""The sections of :mod:`moeforge.data.report`, in page order: one ``<section>`` of HTML each.
 
-Drops per reason, PII placeholders, language-ID confidence, exact and near duplicate cluster sizes,
-decontamination hits and the mixture's target vs achieved shares; a section whose stage did not run
-says so (:func:`moeforge.data.report_sections._not_run`).
+Run-level sections (overview, counts per split × family × lang × domain, lengths) come first, then one
+per pipeline stage (drops per reason, PII placeholders, language-ID confidence, exact and near duplicate
+cluster sizes, decontamination hits, the mixture's target vs achieved shares), then the gate table and
+sample records. Each is built from the manifest and the :class:`~moeforge.data.report.scan.Scan`; a
+section whose data is absent from the run (a stage that did not run) says "not run" instead of
+disappearing. :func:`page_sections` returns them all, in the order of :data:`NAV`.
 """
 
 from __future__ import annotations
@@ -12,19 +15,198 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from moeforge.data.report_html import (
+from moeforge.data.report.html import (
     SPLIT_COLOURS,
     escape,
     fmt_int,
+    fmt_kib,
     fmt_share,
     hbar_chart,
     html_table,
     section,
     vhist,
 )
-from moeforge.data.report_scan import _CONF_BINS, _EXAMPLES, _Scan
-from moeforge.data.report_sections import _not_run
+from moeforge.data.report.scan import CONF_BINS, EXAMPLES, LENGTH_BINS, SAMPLE_CHARS, SAMPLES, Key, Scan
 from moeforge.data.split import SPLITS
+
+__all__ = ["NAV", "NOT_RUN", "TOKENS_NOTE", "page_sections"]
+
+NOT_RUN = "not run"
+TOKENS_NOTE = (
+    "≈tokens: an approximation until a tokenizer exists, ceil(4/3 × whitespace words) + 1 per text or "
+    "turn, times meta.extra.mix_repeat (as manifest.json counts them)"
+)
+_CHART_ROWS = 30  # categorical charts show the largest rows; the tables list all of them
+
+# (anchor, link text) of every section, in page order
+NAV = (
+    ("overview", "overview"),
+    ("counts", "counts"),
+    ("lengths", "lengths"),
+    ("drops", "drops"),
+    ("pii", "PII"),
+    ("langid", "language ID"),
+    ("exact-dedup", "exact dups"),
+    ("near-dedup", "near dups"),
+    ("decontamination", "decontamination"),
+    ("mixture", "mixture"),
+    ("gates", "gates"),
+    ("samples", "samples"),
+)
+
+
+def page_sections(manifest: Mapping[str, Any], scan: Scan) -> list[str]:
+    """Every section of the page, as HTML, in the order of :data:`NAV`."""
+    return [
+        _overview(manifest, scan),
+        _counts(scan),
+        _lengths(scan),
+        _drops(manifest),
+        _pii(manifest, scan),
+        _langid(manifest, scan),
+        _exact_dedup(manifest, scan),
+        _near_dedup(manifest),
+        _decontamination(manifest),
+        _mixture(manifest, scan),
+        _gates(manifest),
+        _samples(scan),
+    ]
+
+
+def _not_run(why: str) -> str:
+    return f'<p class="not-run"><strong>{NOT_RUN}</strong>: {escape(why)}</p>'
+
+
+# ----------------------------------------------------------------------------- run-level sections
+
+
+def _overview(manifest: Mapping[str, Any], scan: Scan) -> str:
+    records = manifest.get("records") or {}
+    total = sum(int(v) for v in records.values())
+    review = sum(int(r.get("records", 0)) for r in manifest.get("review") or [])
+    quarantined = int((manifest.get("quarantine") or {}).get("records", 0))
+    inputs = manifest.get("inputs") or []
+    gates = manifest.get("gates") or []
+    failed = [g.get("gate") for g in gates if g.get("verdict") == "FAIL"]
+    recipe = manifest.get("recipe") or {}
+    facts = [
+        ("run", escape(manifest.get("name", "?"))),
+        ("description", escape(recipe.get("description") or "—")),
+        ("format", f"{escape(manifest.get('format'))}, contract v{escape(manifest.get('contract_version'))}"),
+        ("moeforge", escape(manifest.get("moeforge_version", "?"))),
+        ("recipe sha256", f"<code>{escape(manifest.get('recipe_sha256', '?'))}</code>"),
+        (
+            "inputs",
+            f"{fmt_int(len(inputs))} files, {fmt_int(sum(int(i.get('size') or 0) for i in inputs))} bytes",
+        ),
+        (
+            "records",
+            f"{fmt_int(total)}: " + ", ".join(f"{escape(s)} {fmt_int(records.get(s, 0))}" for s in SPLITS),
+        ),
+        ("held for PII review", fmt_int(review)),
+        ("quarantined", fmt_int(quarantined)),
+        (
+            "gates",
+            NOT_RUN
+            if not gates
+            else (f'<span class="FAIL">{len(failed)} failed</span>: {escape(", ".join(map(str, failed)))}')
+            if failed
+            else '<span class="pass">all pass</span>',
+        ),
+    ]
+    body = "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+    counts = manifest.get("counts") or []
+    expected = Counter({(c["split"], c["family"], c["lang"], c["domain"]): int(c["records"]) for c in counts})
+    expected_tokens = Counter(
+        {(c["split"], c["family"], c["lang"], c["domain"]): int(c["tokens"]) for c in counts if "tokens" in c}
+    )
+    warnings = []
+    if scan.n_problems:
+        more = (
+            f" (+{scan.n_problems - len(scan.problems)} more)" if scan.n_problems > len(scan.problems) else ""
+        )
+        warnings.append("records the report could not read: " + "; ".join(map(escape, scan.problems)) + more)
+    tokens_differ = len(expected_tokens) == len(counts) and +expected_tokens != +scan.tokens
+    if +expected != +scan.records or tokens_differ:
+        warnings.append(
+            "the files hold different records or ≈tokens per split × family × lang × domain than "
+            "manifest.json says; "
+            "run <code>moeforge data verify</code> on this directory"
+        )
+    body += "".join(f'<p class="warn">{w}</p>' for w in warnings)
+    return section("overview", "Overview", body)
+
+
+def _counts(scan: Scan) -> str:
+    if not scan.records:
+        return section(
+            "counts", "Records and ≈tokens per split × family × lang × domain", "<p>no records</p>"
+        )
+    groups = sorted({k[1:] for k in scan.records})
+
+    def rows(c: Counter[Key]) -> list[tuple[str, list[float]]]:
+        r = [(" / ".join(g), [float(c[(s, *g)]) for s in SPLITS]) for g in groups]
+        return sorted(r, key=lambda t: (-sum(t[1]), t[0]))[:_CHART_ROWS]
+
+    colours = [SPLIT_COLOURS[s] for s in SPLITS]
+    more = f" (the {_CHART_ROWS} largest of {len(groups)})" if len(groups) > _CHART_ROWS else ""
+    body = (
+        f'<p class="note">{escape(TOKENS_NOTE)}. Rows are family / lang / domain{more}; '
+        '"und": no language label.</p><div class="row">'
+        f"<figure><figcaption>records</figcaption>"
+        f"{hbar_chart(rows(scan.records), SPLITS, 'records per family / lang / domain', colours=colours)}"
+        "</figure><figure><figcaption>≈tokens</figcaption>"
+        f"{hbar_chart(rows(scan.tokens), SPLITS, '≈tokens per family / lang / domain', colours=colours)}"
+        "</figure></div>"
+    )
+    table = [
+        [escape(x) for x in k] + [fmt_int(c[k]) for c in (scan.records, scan.tokens, scan.words, scan.chars)]
+        for k in sorted(scan.records, key=lambda k: (SPLITS.index(k[0]), k[1:]))
+    ]
+    table.append(
+        ["<strong>total</strong>", "", "", ""]
+        + [
+            f"<strong>{fmt_int(sum(c.values()))}</strong>"
+            for c in (scan.records, scan.tokens, scan.words, scan.chars)
+        ]
+    )
+    body += html_table(
+        ["split", "family", "lang", "domain", "records", "≈tokens", "words", "characters"],
+        table,
+        (4, 5, 6, 7),
+    )
+    return section("counts", "Records and ≈tokens per split × family × lang × domain", body)
+
+
+def _lengths(scan: Scan) -> str:
+    labels = ["0"] + [fmt_kib(1 << (i + 3)) for i in range(1, LENGTH_BINS - 1)] + [f"{fmt_kib(1 << 20)}+"]
+    charts, stats = [], []
+    for s in SPLITS:
+        n = sum(scan.lengths[s])
+        chars = sum(v for k, v in scan.chars.items() if k[0] == s)
+        charts.append(
+            f"<figure><figcaption>{escape(s)}: {fmt_int(n)} records</figcaption>"
+            + vhist(
+                labels,
+                [s],
+                [scan.lengths[s]],
+                f"characters per record ({s})",
+                every=2,
+                colours=[SPLIT_COLOURS[s]],
+            )
+            + "</figure>"
+        )
+        stats.append([escape(s), fmt_int(n), fmt_int(chars / n if n else 0), fmt_int(scan.longest[s])])
+    body = (
+        '<p class="note">Bins are powers of two: the bar at 64 counts records of 64–127 characters '
+        "(all turns of a chat together).</p>"
+        f'<div class="row">{"".join(charts)}</div>'
+        + html_table(["split", "records", "mean characters", "longest"], stats, (1, 2, 3))
+    )
+    return section("lengths", "Characters per record", body)
+
+
+# ----------------------------------------------------------------------------- one per stage
 
 
 def _drops(manifest: Mapping[str, Any]) -> str:
@@ -62,7 +244,7 @@ def _drops(manifest: Mapping[str, Any]) -> str:
     return section("drops", "Drops per reason per stage", body)
 
 
-def _pii(manifest: Mapping[str, Any], scan: _Scan) -> str:
+def _pii(manifest: Mapping[str, Any], scan: Scan) -> str:
     title = "PII placeholders per type"
     if not ((manifest.get("recipe") or {}).get("pii") or {}).get("enabled", True):
         return section("pii", title, _not_run("PII scrubbing is disabled in the recipe (pii.enabled: false)"))
@@ -81,7 +263,7 @@ def _pii(manifest: Mapping[str, Any], scan: _Scan) -> str:
     return section("pii", title, body)
 
 
-def _langid(manifest: Mapping[str, Any], scan: _Scan) -> str:
+def _langid(manifest: Mapping[str, Any], scan: Scan) -> str:
     title = "Language-ID confidence"
     if not ((manifest.get("recipe") or {}).get("langid") or {}).get("enabled", True):
         return section(
@@ -90,7 +272,7 @@ def _langid(manifest: Mapping[str, Any], scan: _Scan) -> str:
     labelled = sum(sum(scan.confidence[s]) for s in SPLITS)
     if not labelled:
         return section("langid", title, _not_run("no output record has meta.lang_confidence"))
-    labels = [f"{i / _CONF_BINS:.2f}" for i in range(_CONF_BINS)]
+    labels = [f"{i / CONF_BINS:.2f}" for i in range(CONF_BINS)]
     chart = vhist(
         labels,
         SPLITS,
@@ -122,7 +304,7 @@ def _cluster_chart(sizes: Mapping[int, int], label: str) -> str:
     return note + hbar_chart(rows, ["clusters"], label, colours=["#72b7b2"])
 
 
-def _exact_dedup(manifest: Mapping[str, Any], scan: _Scan) -> str:
+def _exact_dedup(manifest: Mapping[str, Any], scan: Scan) -> str:
     title = "Exact duplicates: cluster sizes"
     if not ((manifest.get("recipe") or {}).get("dedup") or {}).get("enabled", True):
         return section(
@@ -200,7 +382,7 @@ def _decontamination(manifest: Mapping[str, Any]) -> str:
         b = benchmarks[name]
         items, matched = int(b.get("items", 0)), int(b.get("items_matched", 0))
         examples = "".join(
-            f"<li><code>{_example(x)}</code></li>" for x in list(b.get("examples") or [])[:_EXAMPLES]
+            f"<li><code>{_example(x)}</code></li>" for x in list(b.get("examples") or [])[:EXAMPLES]
         )
         table.append(
             [
@@ -218,7 +400,7 @@ def _decontamination(manifest: Mapping[str, Any]) -> str:
     return section("decontamination", title, body)
 
 
-def _mixture(manifest: Mapping[str, Any], scan: _Scan) -> str:
+def _mixture(manifest: Mapping[str, Any], scan: Scan) -> str:
     title = "Mixture: target vs achieved"
     mix = manifest.get("mixture")
     if mix is None:
@@ -253,3 +435,36 @@ def _mixture(manifest: Mapping[str, Any], scan: _Scan) -> str:
         + html_table([by, *series, "achieved − target", "factor"], table, tuple(range(1, len(series) + 3)))
     )
     return section("mixture", title, body)
+
+
+# ----------------------------------------------------------------------------- gates and samples
+
+
+def _gates(manifest: Mapping[str, Any]) -> str:
+    gates = manifest.get("gates")
+    if not gates:
+        return section("gates", "Gates", _not_run("the manifest has no gate results"))
+    rows = [
+        [
+            escape(g.get("gate")),
+            f'<span class="{escape(g.get("verdict"))}">{escape(g.get("verdict"))}</span>',
+            escape(g.get("evidence")),
+        ]
+        for g in gates
+    ]
+    return section("gates", "Gates", html_table(["gate", "verdict", "evidence"], rows))
+
+
+def _samples(scan: Scan) -> str:
+    parts = []
+    for s in SPLITS:
+        recs = "".join(
+            f'<p class="family">{escape(fam)}</p><pre>{escape(text)}</pre>'
+            for fam, text in sorted(scan.samples[s].items())
+        )
+        parts.append(f"<h3>{escape(s)}</h3>{recs or '<p>no records</p>'}")
+    note = (
+        f'<p class="note">The first record of each family in each split (at most {SAMPLES} families per '
+        f"split), cut at {SAMPLE_CHARS} characters.</p>"
+    )
+    return section("samples", "Sample records", note + "".join(parts))

@@ -1,7 +1,7 @@
 """The statistics behind :mod:`moeforge.data.report`: one streaming pass over a run's output shards.
 
-:func:`_scan` reads every shard ``manifest.json`` lists, in split and shard order, and counts into a
-:class:`_Scan` whose size depends on categories and fixed bins, never on the number of records. Shards
+:func:`scan_run` reads every shard ``manifest.json`` lists, in split and shard order, and counts into a
+:class:`Scan` whose size depends on categories and fixed bins, never on the number of records. Shards
 that are missing or unreadable and lines that are not contract records are noted as problems, not raised.
 """
 
@@ -21,15 +21,17 @@ from moeforge.data.mix import approx_tokens
 from moeforge.data.split import SPLITS
 from moeforge.data.store import iter_lines
 
-# the report's logger name, unchanged since this code moved out of moeforge.data.report
+__all__ = ["CONF_BINS", "EXAMPLES", "LENGTH_BINS", "SAMPLES", "SAMPLE_CHARS", "Key", "Scan", "scan_run"]
+
+# the package's logger, whatever the module (the name it has always had)
 log = logging.getLogger("moeforge.data.report")
 
 # Characters per record: bin 0 is [0, 16), bin i is [2^(i+3), 2^(i+4)), the last bin is ≥ 2^20.
-_LENGTH_BINS = 18
-_CONF_BINS = 20
-_SAMPLES = 6  # families shown per split: the first record of each
-_SAMPLE_CHARS = 400
-_EXAMPLES = 5  # problems and decontamination examples listed
+LENGTH_BINS = 18
+CONF_BINS = 20
+SAMPLES = 6  # families shown per split: the first record of each
+SAMPLE_CHARS = 400
+EXAMPLES = 5  # problems and decontamination examples listed
 
 Key = tuple[str, str, str, str]  # split, family, lang, domain
 
@@ -38,16 +40,16 @@ Key = tuple[str, str, str, str]  # split, family, lang, domain
 
 
 @dataclass
-class _Scan:
+class Scan:
     """Everything the report needs from the records; sized by categories and bins, not by records."""
 
     records: Counter[Key] = field(default_factory=Counter)
     tokens: Counter[Key] = field(default_factory=Counter)
     words: Counter[Key] = field(default_factory=Counter)
     chars: Counter[Key] = field(default_factory=Counter)
-    lengths: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * _LENGTH_BINS for s in SPLITS})
+    lengths: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * LENGTH_BINS for s in SPLITS})
     longest: Counter[str] = field(default_factory=Counter)
-    confidence: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * _CONF_BINS for s in SPLITS})
+    confidence: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * CONF_BINS for s in SPLITS})
     unlabelled: Counter[str] = field(default_factory=Counter)
     pii: Counter[str] = field(default_factory=Counter)
     pii_status: Counter[str] = field(default_factory=Counter)
@@ -60,12 +62,12 @@ class _Scan:
 
     def problem(self, message: str) -> None:
         self.n_problems += 1
-        if len(self.problems) < _EXAMPLES:
+        if len(self.problems) < EXAMPLES:
             self.problems.append(message)
 
 
 def _length_bin(n: int) -> int:
-    return 0 if n < 16 else min(n.bit_length() - 4, _LENGTH_BINS - 1)
+    return 0 if n < 16 else min(n.bit_length() - 4, LENGTH_BINS - 1)
 
 
 def _contents(obj: Mapping[str, Any]) -> list[str]:
@@ -83,10 +85,10 @@ def _sample(obj: Mapping[str, Any]) -> str:
             for m in obj.get("messages") or []
             if isinstance(m, dict)
         )
-    return s if len(s) <= _SAMPLE_CHARS else s[:_SAMPLE_CHARS] + " …"
+    return s if len(s) <= SAMPLE_CHARS else s[:SAMPLE_CHARS] + " …"
 
 
-def _add(scan: _Scan, split: str, obj: Mapping[str, Any]) -> None:
+def _add(scan: Scan, split: str, obj: Mapping[str, Any]) -> None:
     meta = obj["meta"]
     key = (split, str(meta["family"]), str(meta.get("lang") or "und"), str(meta["domain"]))
     contents = _contents(obj)
@@ -106,27 +108,27 @@ def _add(scan: _Scan, split: str, obj: Mapping[str, Any]) -> None:
     if conf is None:
         scan.unlabelled[split] += 1
     else:
-        scan.confidence[split][min(max(int(float(conf) * _CONF_BINS), 0), _CONF_BINS - 1)] += 1
+        scan.confidence[split][min(max(int(float(conf) * CONF_BINS), 0), CONF_BINS - 1)] += 1
     for kind, n in (meta.get("pii") or {}).items():
         scan.pii[str(kind)] += int(n)
     scan.pii_status[str(meta.get("pii_status") or "none")] += 1
     copies = extra.get("exact_copies")
     if copies is not None and int(copies) > 1:
         scan.exact_copies[int(copies)] += 1
-    if key[1] not in scan.samples[split] and len(scan.samples[split]) < _SAMPLES:
+    if key[1] not in scan.samples[split] and len(scan.samples[split]) < SAMPLES:
         scan.samples[split][key[1]] = _sample(obj)
 
 
-def _lines(path: Path, rel: str, scan: _Scan) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, rel: str, scan: Scan) -> Iterator[tuple[int, str]]:
     try:
         yield from iter_lines(path)
     except (zstandard.ZstdError, UnicodeDecodeError, OSError, EOFError) as exc:
         scan.problem(f"{rel}: unreadable ({type(exc).__name__}: {exc})")
 
 
-def _scan(run_dir: Path, manifest: Mapping[str, Any]) -> _Scan:
+def scan_run(run_dir: Path, manifest: Mapping[str, Any]) -> Scan:
     """One streaming pass over every output shard the manifest lists, in split and shard order."""
-    scan = _Scan()
+    scan = Scan()
     outputs = manifest.get("outputs") or {}
     for split in SPLITS:
         for shard in outputs.get(split, []):

@@ -1,11 +1,17 @@
-"""Semantic dedup, reduce side (numpy only): memory-mapped embeddings, spherical k-means and results.
+"""Semantic dedup, reduce side (numpy only): the bucketed neighbour search over the tasks' embedding
+files and the clusters it links (the method and its costs are in :mod:`moeforge.data.dedup.semantic`).
 
-Split out of :mod:`moeforge.data.dedup.semantic`, which re-exports every name here and drives the
-bucketed search with these pieces.
+:func:`find_semantic_clusters` memory-maps every file, buckets the documents with a seeded spherical
+k-means (:func:`spherical_kmeans`), compares documents exactly inside each bucket
+(:func:`iter_similar_pairs`) and joins the pairs with union-find into a :class:`SemanticResult`.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from moeforge.data.dedup.semantic_config import CHUNK_CELLS, DIM, KMEANS_ITERS, SemanticDedupError
+from moeforge.data.dedup.semantic.config import (
+    CHUNK_CELLS,
+    DIM,
+    EXACT_BELOW,
+    KMEANS_ITERS,
+    KMEANS_MAX_SAMPLE,
+    KMEANS_PER_CLUSTER,
+    SemanticConfig,
+    SemanticDedupError,
+)
+from moeforge.data.dedup.unionfind import flatten_nodes, union
+from moeforge.io import atomic_write_bytes, atomic_write_json
+
+__all__ = ["SemanticResult", "find_semantic_clusters", "iter_similar_pairs", "spherical_kmeans"]
+
+log = logging.getLogger("moeforge.data.dedup.semantic")  # the package's logger, whatever the module
 
 
 @dataclass
@@ -170,3 +191,127 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = KMEANS_I
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         centroids[used] = sums / np.maximum(norms, 1e-12)
     return centroids
+
+
+def _plan_buckets(emb: _Embeddings, cfg: SemanticConfig, work_dir: Path) -> tuple[np.ndarray, int]:
+    """Train the centroids on a sample and give every document its ``probe`` nearest buckets.
+
+    Returns ``(n, P)`` int32 bucket ids (column 0 is the home bucket), memory-mapped from
+    ``work_dir/buckets.npy``, and the bucket count.
+    """
+    n = emb.n
+    k = min(n, cfg.clusters or (1 if n < EXACT_BELOW else round(math.sqrt(n))))
+    rng = np.random.default_rng(cfg.seed)
+    size = min(n, max(k * KMEANS_PER_CLUSTER, 1), KMEANS_MAX_SAMPLE)
+    sample = np.arange(n) if size == n else np.sort(rng.choice(n, size=size, replace=False))
+    centroids = spherical_kmeans(emb.rows(sample), k, seed=cfg.seed)
+    buf = io.BytesIO()
+    np.save(buf, centroids, allow_pickle=False)
+    atomic_write_bytes(work_dir / "centroids.npy", buf.getvalue())
+    p = min(cfg.probe, k)
+    buckets = np.lib.format.open_memmap(work_dir / "buckets.npy", mode="w+", dtype=np.int32, shape=(n, p))
+    for start, rows in emb.chunks(max(1, CHUNK_CELLS // k)):
+        buckets[start : start + len(rows)] = _nearest(rows, centroids, p)
+    buckets.flush()
+    log.info("semantic dedup: %d docs in %d buckets (k-means on %d rows), probe %d", n, k, size, p)
+    return buckets, k
+
+
+def iter_similar_pairs(
+    embedding_files: list[Path], cfg: SemanticConfig, work_dir: Path
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every pair of documents with cosine ≥ ``cfg.threshold`` that the bucketed search finds.
+
+    Yields ``(a, b)`` arrays of global indices with ``a < b``, each pair once over the whole run.
+    """
+    return _iter_pairs(_Embeddings(embedding_files), cfg, work_dir)
+
+
+def _iter_pairs(
+    emb: _Embeddings, cfg: SemanticConfig, work_dir: Path
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if emb.n < 2:
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    buckets, k = _plan_buckets(emb, cfg, work_dir)
+    p = buckets.shape[1]
+    home = np.asarray(buckets[:, 0])
+    home_order = np.argsort(home, kind="stable")  # docs grouped by home bucket, ascending within
+    home_bounds = np.searchsorted(home[home_order], np.arange(k + 1))
+    visit_bucket = np.asarray(buckets[:, 1:]).reshape(-1)  # row-major: entry e belongs to doc e // (p-1)
+    visit_order = np.argsort(visit_bucket, kind="stable")
+    visit_bounds = np.searchsorted(visit_bucket[visit_order], np.arange(k + 1))
+    del visit_bucket
+    t = cfg.threshold
+    for b in range(k):
+        members = home_order[home_bounds[b] : home_bounds[b + 1]]
+        if not len(members):
+            continue
+        x_home = emb.rows(members)
+        m = len(members)
+        step = max(1, CHUNK_CELLS // m)
+        for s in range(0, m, step):
+            sims = x_home[s : s + step] @ x_home[s:].T
+            i, j = np.nonzero(np.triu(sims >= t, k=1))
+            if len(i):
+                yield members[s + i], members[s + j]
+        visitors = visit_order[visit_bounds[b] : visit_bounds[b + 1]] // max(p - 1, 1)
+        for s in range(0, len(visitors), step):
+            vis = visitors[s : s + step]
+            i, j = np.nonzero(emb.rows(vis) @ x_home.T >= t)
+            if not len(i):
+                continue
+            v, h = vis[i], members[j]
+            # the pair is also found in the visitor's home bucket when the member visits it: report it
+            # only from the lower-numbered of the two buckets
+            v_home = home[v]
+            twice = (np.asarray(buckets[h, 1:]) == v_home[:, None]).any(axis=1) & (v_home < b)
+            v, h = v[~twice], h[~twice]
+            yield np.minimum(v, h), np.maximum(v, h)
+
+
+def find_semantic_clusters(
+    embedding_files: list[Path], cfg: SemanticConfig, work_dir: Path
+) -> SemanticResult:
+    """Cluster near-duplicate documents over all embedding files (see the module docstring).
+
+    ``embedding_files`` are the tasks' ``.npy`` files from :func:`write_task_embeddings`, in the order
+    that defines global indices; ``work_dir`` receives ``centroids.npy``, ``buckets.npy`` (each
+    document's probed buckets) and ``semantic_stats.json``. Raises :class:`SemanticDedupError` for a
+    malformed file.
+    """
+    emb = _Embeddings(embedding_files)
+    parent = np.arange(emb.n, dtype=np.int64)
+    pairs = 0
+    for a, b in _iter_pairs(emb, cfg, work_dir):
+        pairs += len(a)
+        union(parent, a, b)
+    flatten_nodes(parent, np.arange(emb.n))
+    root = parent
+    buckets = largest = min(emb.n, 1)
+    if emb.n >= 2:
+        buckets = len(np.load(work_dir / "centroids.npy", allow_pickle=False))
+        largest = int(np.bincount(np.load(work_dir / "buckets.npy", mmap_mode="r")[:, 0]).max())
+    members = np.bincount(root, minlength=emb.n)
+    sizes = Counter(members[members > 1].tolist())
+    result = SemanticResult(
+        root=root,
+        offsets=emb.offsets,
+        pairs=pairs,
+        buckets=buckets,
+        largest_bucket=largest,
+        sizes=dict(sorted(sizes.items())),
+    )
+    if emb.n:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(work_dir / "semantic_stats.json", result.stats())
+    log.info(
+        "semantic dedup: %d docs, %d pairs ≥ %.3f, %d clusters, %d duplicates (largest bucket %d)",
+        emb.n,
+        pairs,
+        cfg.threshold,
+        result.clusters,
+        result.duplicates,
+        largest,
+    )
+    return result

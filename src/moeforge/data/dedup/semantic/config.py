@@ -1,7 +1,4 @@
-"""Semantic dedup configuration (recipe section ``semantic_dedup:``), its error type and constants.
-
-Split out of :mod:`moeforge.data.dedup.semantic`, which re-exports every name here.
-"""
+"""Semantic dedup configuration (recipe section ``semantic_dedup:``), its error type and constants."""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ KMEANS_PER_CLUSTER = 64  # sample rows per centroid …
 KMEANS_MAX_SAMPLE = 1 << 18  # … up to 262,144 rows (384 MB at 384 float32)
 CHUNK_CELLS = 1 << 24  # one similarity chunk: 16M float32 = 64 MB
 EXACT_BELOW = 16_384  # below this many documents one bucket (brute force) is faster than k-means + buckets
-CHARS_PER_TOKEN_CAP = 8  # texts are cut to max_length × 8 characters before tokenizing (see _prefix)
+CHARS_PER_TOKEN_CAP = 8  # texts are cut to max_length × 8 characters before tokenizing (see encoder._prefix)
 
 
 class SemanticDedupError(ValueError):

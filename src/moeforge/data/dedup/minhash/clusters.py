@@ -1,7 +1,8 @@
-"""MinHash LSH cluster search: merge the tasks' sorted band-key files one band at a time, link the
-members of each bucket in a union-find (optionally only after a true-Jaccard check), and report stats.
+"""MinHash LSH clusters: the tasks' band-key files (:func:`write_task_keys`), merged one band at a time,
+the members of each bucket linked in a union-find (optionally only after a true-Jaccard check)
+(:func:`find_clusters`), and one survivor chosen per cluster (:func:`choose_survivors`).
 
-See :mod:`moeforge.data.dedup.minhash` (which re-exports the public names here) for the design.
+See :mod:`moeforge.data.dedup.minhash` for the design.
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
-from moeforge.data.dedup.minhash_config import MinHashConfig
-from moeforge.data.dedup.minhash_hashing import NO_KEY
+from moeforge.data.dedup.minhash.config import MinHashConfig, Policy
+from moeforge.data.dedup.minhash.hashing import NO_KEY
 from moeforge.data.dedup.unionfind import find as _find
 from moeforge.data.dedup.unionfind import flatten as _flatten
 from moeforge.data.dedup.unionfind import union as _union
 
-__all__ = ["TASK_KEY_DTYPE", "NearDupResult", "NearDupStats", "ShinglesOf", "find_clusters"]
+__all__ = [
+    "TASK_KEY_DTYPE",
+    "NearDupResult",
+    "NearDupStats",
+    "ShinglesOf",
+    "choose_survivors",
+    "find_clusters",
+    "write_task_keys",
+]
 
-# the logger of moeforge.data.dedup.minhash, where this code lived: log names and filters stay the same
+# the package's logger, whatever the module (log names and filters stay the same)
 log = logging.getLogger("moeforge.data.dedup.minhash")
 
 ShinglesOf = Callable[[list[int]], Mapping[int, np.ndarray]]
@@ -392,3 +401,58 @@ def _cluster_stats(root: np.ndarray, stats: NearDupStats, chunk: int) -> None:
         b = _size_bin(int(size))
         hist[b] = hist.get(b, 0) + int(n)
     stats.cluster_sizes = hist
+
+
+# ------------------------------------------------------------------------------------ task files
+
+
+def write_task_keys(path: Path, keys: np.ndarray) -> None:
+    """Save one task's band keys ``(n, bands)`` as a ``(bands, n)`` array of :data:`TASK_KEY_DTYPE`,
+    each band sorted by key (then row). Not atomic by itself: write inside the task's atomic directory."""
+    n, bands = keys.shape
+    if n >= 2**32:
+        raise ValueError(f"a task holds {n} documents; at most 2^32 − 1 fit its 32-bit row numbers")
+    out = np.empty((bands, n), dtype=TASK_KEY_DTYPE)
+    for band in range(bands):
+        col = keys[:, band]
+        order = np.argsort(col, kind="stable")
+        out[band]["key"] = col[order]
+        out[band]["idx"] = order
+    np.save(path, out, allow_pickle=False)
+
+
+# ------------------------------------------------------------------------------------- survivors
+
+
+def choose_survivors(
+    result: NearDupResult, lengths: np.ndarray, quality: np.ndarray, holdout: np.ndarray, policy: Policy
+) -> np.ndarray:
+    """``keep[i]``: True for documents in no cluster and for one member per cluster — from a held-out
+    family first, then by ``policy``, ties to the lowest global index (source order)."""
+    if policy not in ("keep_first", "keep_longest", "keep_best_quality"):
+        raise ValueError(
+            f"unknown near_dedup policy {policy!r}; use keep_first, keep_longest or keep_best_quality"
+        )
+    n = len(result.root)
+    for name, arr in (("lengths", lengths), ("quality", quality), ("holdout", holdout)):
+        if len(arr) != n:
+            raise ValueError(f"{name} has {len(arr)} entries for {n} documents")
+    keep = np.ones(n, dtype=bool)
+    docs = np.flatnonzero(result.in_cluster)
+    if not len(docs):
+        return keep
+    root = result.root[docs]
+    if policy == "keep_longest":
+        metric = -np.asarray(lengths)[docs].astype(np.float64)
+    elif policy == "keep_best_quality":
+        metric = -np.asarray(quality)[docs].astype(np.float64)
+    else:
+        metric = np.zeros(len(docs))
+    order = np.lexsort((docs, metric, ~np.asarray(holdout, dtype=bool)[docs], root))
+    root_sorted = root[order]
+    first = np.empty(len(order), dtype=bool)
+    first[0] = True
+    first[1:] = root_sorted[1:] != root_sorted[:-1]
+    keep[docs] = False
+    keep[docs[order[first]]] = True
+    return keep

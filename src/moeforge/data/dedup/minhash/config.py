@@ -1,7 +1,4 @@
-"""MinHash LSH configuration (recipe section ``near_dedup:``) and the S-curve its bands × rows imply.
-
-Split out of :mod:`moeforge.data.dedup.minhash`, which re-exports every name here.
-"""
+"""MinHash LSH configuration (recipe section ``near_dedup:``) and the S-curve its bands × rows imply."""
 
 from __future__ import annotations
 

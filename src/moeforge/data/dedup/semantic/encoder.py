@@ -1,7 +1,6 @@
 """Semantic dedup, map side: all-MiniLM-L6-v2 sentence embeddings (needs the ``[semantic]`` extra).
 
-Split out of :mod:`moeforge.data.dedup.semantic`, which re-exports every name here. torch, transformers
-and the packaged model are imported lazily inside the functions.
+torch, transformers and the packaged model are imported lazily inside the functions.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moeforge.data.dedup.semantic_config import (
+from moeforge.data.dedup.semantic.config import (
     CHARS_PER_TOKEN_CAP,
     DIM,
     EXTRA_PACKAGES,
@@ -29,8 +28,7 @@ from moeforge.io import atomic_write_bytes
 if TYPE_CHECKING:
     import torch
 
-# the logger keeps the name it had before the split out of semantic.py
-log = logging.getLogger("moeforge.data.dedup.semantic")
+log = logging.getLogger("moeforge.data.dedup.semantic")  # the package's logger, whatever the module
 
 
 def _missing_packages() -> list[str]:

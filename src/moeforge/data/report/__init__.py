@@ -16,12 +16,11 @@ pass over the output shards it lists, then writes ``DIR/report.html``:
 - mixture target vs achieved shares (``manifest["mixture"]``);
 - the gate table (``manifest["gates"]``) and the first records of each split.
 
-The page is assembled here from :mod:`moeforge.data.report_scan` (the streaming pass over the records),
-:mod:`moeforge.data.report_sections` (overview, counts, lengths, gates, samples) and
-:mod:`moeforge.data.report_stages` (one section per pipeline stage).
+The page is assembled here from :mod:`~moeforge.data.report.scan` (the streaming pass over the records)
+and :mod:`~moeforge.data.report.sections` (one function per section, in page order).
 
 A section whose data is absent from the run says "not run" instead of disappearing. Charts are inline SVG
-(drawn by :mod:`moeforge.data.report_html`), so the page needs no script, no network and no other file;
+(drawn by :mod:`~moeforge.data.report.html`), so the page needs no script, no network and no other file;
 a Content-Security-Policy forbids scripts and every external load, and every string that comes from the
 data is HTML-escaped (record text can hold ``<script>``). Memory stays flat: histograms have fixed bins
 and the tables are keyed by categories, never by record. The bytes depend only on the run directory (no
@@ -34,43 +33,16 @@ import logging
 from pathlib import Path
 
 from moeforge.data.manifest import load_manifest
-from moeforge.data.report_html import CSP, STYLE, escape
-from moeforge.data.report_scan import _scan
-from moeforge.data.report_sections import NOT_RUN as NOT_RUN
-from moeforge.data.report_sections import TOKENS_NOTE as TOKENS_NOTE
-from moeforge.data.report_sections import _counts, _gates, _lengths, _overview, _samples
-from moeforge.data.report_stages import (
-    _decontamination,
-    _drops,
-    _exact_dedup,
-    _langid,
-    _mixture,
-    _near_dedup,
-    _pii,
-)
+from moeforge.data.report.html import CSP, STYLE, escape
+from moeforge.data.report.scan import scan_run
+from moeforge.data.report.sections import NAV, NOT_RUN, TOKENS_NOTE, page_sections
 from moeforge.io import atomic_write_text
 
-__all__ = ["REPORT_NAME", "build_report", "write_report"]
+__all__ = ["NOT_RUN", "REPORT_NAME", "TOKENS_NOTE", "build_report", "write_report"]
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
-
-
-_NAV = (
-    ("overview", "overview"),
-    ("counts", "counts"),
-    ("lengths", "lengths"),
-    ("drops", "drops"),
-    ("pii", "PII"),
-    ("langid", "language ID"),
-    ("exact-dedup", "exact dups"),
-    ("near-dedup", "near dups"),
-    ("decontamination", "decontamination"),
-    ("mixture", "mixture"),
-    ("gates", "gates"),
-    ("samples", "samples"),
-)
 
 
 def build_report(run_dir: Path) -> str:
@@ -82,23 +54,10 @@ def build_report(run_dir: Path) -> str:
     """
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
-    scan = _scan(run_dir, manifest)
+    scan = scan_run(run_dir, manifest)
     name = escape(manifest.get("name", "?"))
-    sections = [
-        _overview(manifest, scan),
-        _counts(scan),
-        _lengths(scan),
-        _drops(manifest),
-        _pii(manifest, scan),
-        _langid(manifest, scan),
-        _exact_dedup(manifest, scan),
-        _near_dedup(manifest),
-        _decontamination(manifest),
-        _mixture(manifest, scan),
-        _gates(manifest),
-        _samples(scan),
-    ]
-    nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in _NAV)
+    sections = page_sections(manifest, scan)
+    nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in NAV)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

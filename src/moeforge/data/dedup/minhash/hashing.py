@@ -1,24 +1,26 @@
 """MinHash hashing: shingles of texts, signatures under seeded permutations, and LSH band keys.
 
 All vectorized with numpy over batches of documents; the scheme is described in
-:mod:`moeforge.data.dedup.minhash`, which re-exports the public names here.
+:mod:`moeforge.data.dedup.minhash`. :func:`minhash_band_keys` is what a map task calls: a stream of texts
+to their band keys, in batches of bounded memory.
 """
 
 from __future__ import annotations
 
 import functools
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from moeforge.data.dedup.minhash_config import MinHashConfig
+from moeforge.data.dedup.minhash.config import MinHashConfig
 
 __all__ = [
     "EMPTY_SIGNATURE",
     "NO_KEY",
     "SIG_BLOCK_BYTES",
     "band_keys",
+    "minhash_band_keys",
     "shingle_batch",
     "shingles",
     "signatures",
@@ -234,3 +236,30 @@ def band_keys(sigs: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
     keys[keys == NO_KEY] = 1
     keys[np.all(sigs == EMPTY_SIGNATURE, axis=1)] = NO_KEY
     return keys
+
+
+# -------------------------------------------------------------------- map task: texts to band keys
+
+
+def minhash_band_keys(texts: Iterable[str], cfg: MinHashConfig) -> np.ndarray:
+    """Band keys ``(n, bands)`` of a stream of documents, hashed in batches of about
+    ``memory_mb × 4096`` characters (a longer document is a batch of its own)."""
+    budget_chars = max(1 << 14, cfg.memory_mb * 4096)
+    parts: list[np.ndarray] = []
+    batch: list[str] = []
+    chars = 0
+
+    def flush() -> None:
+        hashes, offsets = shingle_batch(batch, cfg)
+        parts.append(band_keys(_signatures_flat(hashes, offsets, cfg), cfg))
+        batch.clear()
+
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= budget_chars:
+            flush()
+            chars = 0
+    if batch or not parts:
+        flush()
+    return np.concatenate(parts)

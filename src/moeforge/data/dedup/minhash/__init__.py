@@ -70,51 +70,45 @@ per document (the union-find array, returned as ``root``) plus the merge buffers
 ``work_dir`` (16 B each). :func:`choose_survivors`: 1 per document (the answer) plus 9 transient, and
 ~40 per document that is in a cluster.
 
-**Modules.** The code lives in :mod:`~moeforge.data.dedup.minhash_config` (:class:`MinHashConfig`, the
-S-curve), :mod:`~moeforge.data.dedup.minhash_hashing` (shingles, signatures, band keys) and
-:mod:`~moeforge.data.dedup.minhash_clusters` (the band merge and union-find); this module re-exports
-their public names and holds the map-task driver and :func:`choose_survivors`.
+**Modules.** The code lives in :mod:`~moeforge.data.dedup.minhash.config` (:class:`MinHashConfig`, the
+S-curve), :mod:`~moeforge.data.dedup.minhash.hashing` (shingles, signatures, band keys, and
+:func:`minhash_band_keys` for a map task) and :mod:`~moeforge.data.dedup.minhash.clusters` (the task
+files, the band merge and union-find, :func:`choose_survivors`); this package re-exports their public
+names.
 """
 
-from __future__ import annotations
-
-import logging
-from collections.abc import Iterable
-from pathlib import Path
-
-import numpy as np
-
-from moeforge.data.dedup.minhash_clusters import (
+from moeforge.data.dedup.minhash.clusters import (
     TASK_KEY_DTYPE,
     NearDupResult,
     NearDupStats,
+    ShinglesOf,
+    choose_survivors,
     find_clusters,
+    write_task_keys,
 )
-from moeforge.data.dedup.minhash_clusters import ShinglesOf as ShinglesOf
-from moeforge.data.dedup.minhash_config import (
-    LshCurve,
-    MinHashConfig,
-    Policy,
-    format_lsh_curve,
-    lsh_curve,
-)
-from moeforge.data.dedup.minhash_hashing import EMPTY_SIGNATURE as EMPTY_SIGNATURE
-from moeforge.data.dedup.minhash_hashing import NO_KEY as NO_KEY
-from moeforge.data.dedup.minhash_hashing import SIG_BLOCK_BYTES as SIG_BLOCK_BYTES
-from moeforge.data.dedup.minhash_hashing import (
-    _signatures_flat,
+from moeforge.data.dedup.minhash.config import LshCurve, MinHashConfig, Policy, format_lsh_curve, lsh_curve
+from moeforge.data.dedup.minhash.hashing import (
+    EMPTY_SIGNATURE,
+    NO_KEY,
+    SIG_BLOCK_BYTES,
     band_keys,
+    minhash_band_keys,
     shingle_batch,
     shingles,
     signatures,
 )
 
 __all__ = [
+    "EMPTY_SIGNATURE",
+    "NO_KEY",
+    "SIG_BLOCK_BYTES",
     "TASK_KEY_DTYPE",
     "LshCurve",
     "MinHashConfig",
     "NearDupResult",
     "NearDupStats",
+    "Policy",
+    "ShinglesOf",
     "band_keys",
     "choose_survivors",
     "find_clusters",
@@ -126,84 +120,3 @@ __all__ = [
     "signatures",
     "write_task_keys",
 ]
-
-log = logging.getLogger(__name__)  # minhash_clusters logs under this name too
-
-
-# -------------------------------------------------------------------- map task: band keys to disk
-
-
-def minhash_band_keys(texts: Iterable[str], cfg: MinHashConfig) -> np.ndarray:
-    """Band keys ``(n, bands)`` of a stream of documents, hashed in batches of about
-    ``memory_mb × 4096`` characters (a longer document is a batch of its own)."""
-    budget_chars = max(1 << 14, cfg.memory_mb * 4096)
-    parts: list[np.ndarray] = []
-    batch: list[str] = []
-    chars = 0
-
-    def flush() -> None:
-        hashes, offsets = shingle_batch(batch, cfg)
-        parts.append(band_keys(_signatures_flat(hashes, offsets, cfg), cfg))
-        batch.clear()
-
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if chars >= budget_chars:
-            flush()
-            chars = 0
-    if batch or not parts:
-        flush()
-    return np.concatenate(parts)
-
-
-def write_task_keys(path: Path, keys: np.ndarray) -> None:
-    """Save one task's band keys ``(n, bands)`` as a ``(bands, n)`` array of :data:`TASK_KEY_DTYPE`,
-    each band sorted by key (then row). Not atomic by itself: write inside the task's atomic directory."""
-    n, bands = keys.shape
-    if n >= 2**32:
-        raise ValueError(f"a task holds {n} documents; at most 2^32 − 1 fit its 32-bit row numbers")
-    out = np.empty((bands, n), dtype=TASK_KEY_DTYPE)
-    for band in range(bands):
-        col = keys[:, band]
-        order = np.argsort(col, kind="stable")
-        out[band]["key"] = col[order]
-        out[band]["idx"] = order
-    np.save(path, out, allow_pickle=False)
-
-
-# ---------------------------------------------------------------------------------------- survivors
-
-
-def choose_survivors(
-    result: NearDupResult, lengths: np.ndarray, quality: np.ndarray, holdout: np.ndarray, policy: Policy
-) -> np.ndarray:
-    """``keep[i]``: True for documents in no cluster and for one member per cluster — from a held-out
-    family first, then by ``policy``, ties to the lowest global index (source order)."""
-    if policy not in ("keep_first", "keep_longest", "keep_best_quality"):
-        raise ValueError(
-            f"unknown near_dedup policy {policy!r}; use keep_first, keep_longest or keep_best_quality"
-        )
-    n = len(result.root)
-    for name, arr in (("lengths", lengths), ("quality", quality), ("holdout", holdout)):
-        if len(arr) != n:
-            raise ValueError(f"{name} has {len(arr)} entries for {n} documents")
-    keep = np.ones(n, dtype=bool)
-    docs = np.flatnonzero(result.in_cluster)
-    if not len(docs):
-        return keep
-    root = result.root[docs]
-    if policy == "keep_longest":
-        metric = -np.asarray(lengths)[docs].astype(np.float64)
-    elif policy == "keep_best_quality":
-        metric = -np.asarray(quality)[docs].astype(np.float64)
-    else:
-        metric = np.zeros(len(docs))
-    order = np.lexsort((docs, metric, ~np.asarray(holdout, dtype=bool)[docs], root))
-    root_sorted = root[order]
-    first = np.empty(len(order), dtype=bool)
-    first[0] = True
-    first[1:] = root_sorted[1:] != root_sorted[:-1]
-    keep[docs] = False
-    keep[docs[order[first]]] = True
-    return keep
