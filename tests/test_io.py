@@ -61,6 +61,13 @@ def test_sha256_file_matches_hashlib(tmp_path):
     assert sha256_file(f) == hashlib.sha256(data).hexdigest()
 
 
+def test_sha256_file_reads_an_fsspec_uri_as_the_same_bytes(tmp_path):
+    pytest.importorskip("fsspec")
+    f = tmp_path / "remote.bin"
+    f.write_bytes(bytes(range(256)) * 9000)  # more than one 1 MiB chunk
+    assert sha256_file(f"file://{f}") == sha256_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
 def test_atomic_directory_gives_weights_the_umask_modes_not_owner_only(tmp_path):
     """safetensors writes 0600; a checkpoint or export must be readable like every other file (0644)."""
     import os

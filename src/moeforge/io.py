@@ -191,11 +191,21 @@ def save_safetensors(
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks (flat memory for any size)."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (flat memory for any size). ``path`` may be an
+    fsspec URI (``s3://…``, ``https://…``; needs the ``s3`` extra's fsspec)."""
+    if "://" in str(path):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as fh:
+            return _sha256_stream(fh)
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
+        return _sha256_stream(fh)
+
+
+def _sha256_stream(fh: Any) -> str:
+    h = hashlib.sha256()
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 

@@ -327,11 +327,11 @@ def test_a_file_added_to_an_input_directory_is_read_on_the_next_run(corpus: Path
 def test_an_input_that_vanishes_mid_plan_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     src = tmp_path / "in.jsonl"
     _write_qa(src, 0, 100)
-    import moeforge.data.stages as stages
+    import moeforge.data.steps.read as read  # the read step hashes each input as it opens it
 
     def boom(*args: object, **kwargs: object) -> None:
         raise FileNotFoundError(2, "No such file or directory", str(src))
 
-    monkeypatch.setattr(stages, "sha256_file", boom)
+    monkeypatch.setattr(read, "sha256_file", boom)
     with pytest.raises(PipelineError, match=r"task s00-t00000 reading .*in\.jsonl failed: FileNotFoundError"):
         run_pipeline(_recipe(src), tmp_path / "run")

@@ -39,7 +39,8 @@ from moeforge.data.manifest import build_manifest
 from moeforge.data.plan import Task, plan_tasks
 from moeforge.data.recipe import Recipe, recipe_hash
 from moeforge.data.reduce import reduce_tasks
-from moeforge.data.stages import MAP_STAGES, StageCount, run_map_task, task_dir
+from moeforge.data.stages import run_map_task, task_dir
+from moeforge.data.steps import StageCount, check_steps
 from moeforge.io import atomic_write_json
 from moeforge.procs import FenceError, RunFence, spawn_pool
 
@@ -217,7 +218,11 @@ def run_pipeline(
     progress: Progress | None = None,
     force: bool = False,
 ) -> RunResult:
-    """Run (or resume) ``recipe`` into ``out``; see the module docstring."""
+    """Run (or resume) ``recipe`` into ``out``; see the module docstring.
+
+    Raises :class:`moeforge.data.steps.StepError` (before anything is written) when the recipe's ``steps``
+    cannot run, :class:`PipelineError` when the run cannot proceed as asked."""
+    map_stages = [cls.name for cls in check_steps(recipe) if cls.accounted]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -231,7 +236,7 @@ def run_pipeline(
         _run_tasks(pending, recipe, work, sha, workers, progress, fence)
         t_map = time.perf_counter() - t0
         stats = [json.loads((task_dir(work, t) / "stats.json").read_text(encoding="utf-8")) for t in tasks]
-        stages = {s: StageCount(s) for s in MAP_STAGES}
+        stages = {s: StageCount(s) for s in map_stages}
         seconds: dict[str, float] = Counter()
         for st in stats:
             for d in st["stages"]:
@@ -239,7 +244,7 @@ def run_pipeline(
             for k, v in st["seconds"].items():
                 seconds[k] += v
         t1 = time.perf_counter()
-        map_out = stages["identity"].out
+        map_out = stages[map_stages[-1]].out  # what the tasks wrote: the reduce's input
         red = reduce_tasks(recipe, out_dir, work, tasks, map_out, progress)
         t2 = time.perf_counter()
         all_stages = [*stages.values(), *red.stages]
