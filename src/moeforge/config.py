@@ -7,6 +7,7 @@ ignored. :func:`load_yaml_config` reads a file, applies overrides and validates;
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigError",
     "StrictModel",
     "apply_overrides",
+    "deep_merge",
     "format_validation_error",
     "load_yaml_config",
     "parse_override",
@@ -94,6 +96,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[part] = {}
             node = child
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it: a mapping onto a mapping merges key by key, recursively; any
+    other value replaces. Returns a new dict and changes neither argument (values it does not merge are
+    shared, not copied)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -90,7 +90,8 @@ def export_checkpoint(
 ) -> Path:
     """Export the checkpoint at ``path`` (a checkpoint or run directory) into ``out``; atomic."""
     from moeforge.model.hf import ExportError as LayoutError
-    from moeforge.serve.engine import Engine, EngineError, _find_tokenizer
+    from moeforge.pretrained import find_checkpoint_tokenizer
+    from moeforge.serve.engine import Engine, EngineError
     from moeforge.train.checkpoint import latest_checkpoint
 
     p = Path(path).resolve()
@@ -103,7 +104,7 @@ def export_checkpoint(
         raise ExportError(str(exc)) from exc
     model = engine.model.eval()
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    tok_dir = _find_tokenizer(ckpt, state)
+    tok_dir = find_checkpoint_tokenizer(ckpt, state)
     if tok_dir is None or not (Path(tok_dir) / "tokenizer_config.json").is_file():
         raise ExportError(
             f"{ckpt}: no tokenizer (tokenizer.json + tokenizer_config.json) in the run; an export without "

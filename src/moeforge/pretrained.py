@@ -41,6 +41,7 @@ from moeforge.tokens.gguf_tokenizer import GGUFTokenizerError, write_gguf_tokeni
 
 __all__ = [
     "ModelImportError",
+    "find_checkpoint_tokenizer",
     "find_tokenizer_dir",
     "import_model",
     "load_model",
@@ -219,6 +220,22 @@ def find_tokenizer_dir(ckpt: Path) -> Path | None:
     for d in (ckpt, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt):
         if (d / "tokenizer" / "tokenizer.json").is_file():
             return d / "tokenizer"
+    return None
+
+
+def find_checkpoint_tokenizer(ckpt: Path, state: dict[str, Any]) -> Path | None:
+    """The tokenizer directory for a checkpoint's text (the engine's and the export's): the first holding
+    a ``tokenizer.json`` among ``ckpt`` and up to three directories above it (``checkpoints/``, the run,
+    the run's parent), each itself or its ``tokenizer/``; else the ``data.tokenizer`` of the training config
+    saved in ``state`` (``state.json``), if it still exists; else None. Wider than
+    :func:`find_tokenizer_dir`, which looks only where an import or a run puts its tokenizer."""
+    for d in [ckpt, *list(ckpt.parents)[:3]]:
+        for cand in (d, d / "tokenizer"):
+            if (cand / "tokenizer.json").is_file():
+                return cand
+    configured = ((state.get("config") or {}).get("data") or {}).get("tokenizer")
+    if configured and (Path(configured) / "tokenizer.json").is_file():
+        return Path(configured)
     return None
 
 

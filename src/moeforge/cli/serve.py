@@ -53,7 +53,7 @@ def serve(
 ) -> None:
     """Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI schemas, streaming), /health
     and /metrics (Prometheus). Concurrent requests are decoded in one batch."""
-    from moeforge.serve.api import serve as run_server
+    from moeforge.serve.loading import serve as run_server
 
     run_server(
         path,

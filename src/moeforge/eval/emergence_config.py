@@ -33,7 +33,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from moeforge.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate_config
+from moeforge.config import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    deep_merge,
+    read_yaml,
+    validate_config,
+)
 from moeforge.model.config import ModelConfig, MoEConfig
 from moeforge.model.sizing import count_params
 from moeforge.train.collapse import CollapseConfig
@@ -226,7 +233,7 @@ def load_emergence_config(
         q = data.get("quick") or {}
         if not isinstance(q, dict):
             raise ConfigError(f"{p}: quick must be a mapping of settings merged onto the config (--quick)")
-        data = _merge(data, q)
+        data = _merge_quick(data, q)
     data = apply_overrides(data, overrides or [])
     return validate_config(EmergenceConfig, data, source=str(p))
 
@@ -234,15 +241,14 @@ def load_emergence_config(
 # ---- building the runs ---------------------------------------------------------------------------------
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        elif k == "variants" and isinstance(v, Mapping) and isinstance(out.get(k), list):
-            out[k] = _merge_by_name(out[k], v)
-        else:
-            out[k] = v
+def _merge_quick(data: dict[str, Any], quick: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`~moeforge.config.deep_merge`, except that a mapping onto the ``variants`` list merges into
+    the variants it names."""
+    variants = quick.get("variants")
+    if not (isinstance(variants, Mapping) and isinstance(data.get("variants"), list)):
+        return deep_merge(data, quick)
+    out = deep_merge(data, {k: v for k, v in quick.items() if k != "variants"})
+    out["variants"] = _merge_by_name(data["variants"], variants)
     return out
 
 
@@ -253,7 +259,8 @@ def _merge_by_name(items: list[Any], extra: Mapping[str, Any]) -> list[Any]:
     if unknown:
         raise ConfigError(f"variants {unknown} to merge settings into are not in the config (have {names})")
     return [
-        _merge(x, extra[x["name"]]) if isinstance(x, dict) and x.get("name") in extra else x for x in items
+        deep_merge(x, extra[x["name"]]) if isinstance(x, dict) and x.get("name") in extra else x
+        for x in items
     ]
 
 
@@ -289,7 +296,7 @@ def train_config(
         "collapse": cfg.collapse.model_dump(mode="json"),
         "tensorboard": False,
     }
-    return _merge(data, cfg.train)
+    return deep_merge(data, cfg.train)
 
 
 def resolve_models(

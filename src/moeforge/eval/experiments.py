@@ -56,12 +56,12 @@ from moeforge.eval.findings import (
     STUDY,
     ExperimentResult,
     Finding,
-    _pct,
-    _test_loss,
     aggregate_runs,
     derive_findings,
+    pct_change,
     render_report,
     routing_stats,
+    run_test_loss,
 )
 from moeforge.io import atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
@@ -141,7 +141,7 @@ def _affinity(run_dir: Path, tokens_dir: Path, batch: int, max_batches: int | No
     from moeforge.model.transformer import MoETransformer
     from moeforge.tokens.loader import TokenDataset
     from moeforge.train.checkpoint import latest_checkpoint, load_checkpoint
-    from moeforge.train.trainer import eval_batches
+    from moeforge.train.evaluation import eval_batches
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -401,8 +401,10 @@ def _run(
     variants = aggregate_runs(runs)
     dense_mean = next(a for a in variants if a["role"] == "dense")["test"].get("loss", {}).get("mean")
     for r in runs:  # each run against the dense mean over seeds
-        lt = _test_loss(r)
-        r["delta_vs_dense_pct"] = None if lt is None or dense_mean is None else round(_pct(lt, dense_mean), 3)
+        lt = run_test_loss(r)
+        r["delta_vs_dense_pct"] = (
+            None if lt is None or dense_mean is None else round(pct_change(lt, dense_mean), 3)
+        )
     files = {
         "loss": loss_curves(curves, out / "loss.png", title=f"{cfg.name}: train and validation loss")
     } | files

@@ -29,8 +29,10 @@ __all__ = [
     "mean_std",
     "moe_dense_noise",
     "noise_band_pct",
+    "pct_change",
     "render_report",
     "routing_stats",
+    "run_test_loss",
 ]
 
 # The study's numbers (GPT-2 small, MoE in its last 4 layers, 10k steps), quoted in the report.
@@ -74,7 +76,7 @@ class Finding:
         return {True: "held", False: "did not hold", None: "not measured"}[self.held]
 
 
-def _pct(a: float, b: float) -> float:
+def pct_change(a: float, b: float) -> float:
     return 100.0 * (a - b) / b
 
 
@@ -166,7 +168,9 @@ def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ld = (dense or {}).get("test", {}).get("loss")
     for a in out:
         lt = a["test"].get("loss")
-        a["delta_vs_dense_pct"] = None if lt is None or ld is None else round(_pct(lt["mean"], ld["mean"]), 3)
+        a["delta_vs_dense_pct"] = (
+            None if lt is None or ld is None else round(pct_change(lt["mean"], ld["mean"]), 3)
+        )
     return out
 
 
@@ -186,7 +190,7 @@ def _seed_list(a: Mapping[str, Any]) -> str:
     return ", ".join("?" if k is None else str(k) for k in a.get("seeds", []))
 
 
-def _test_loss(run: Mapping[str, Any] | None) -> float | None:
+def run_test_loss(run: Mapping[str, Any] | None) -> float | None:
     if run is None:
         return None
     return _finite((run.get("test") or {}).get("loss"))
@@ -221,7 +225,7 @@ def moe_dense_noise(results: Mapping[str, Any]) -> dict[str, Any] | None:
     return {
         "dense": d,
         "main": m,
-        "diff_pct": _pct(m["mean"], d["mean"]),
+        "diff_pct": pct_change(m["mean"], d["mean"]),
         "band_pct": None if one_seed else noise_band_pct(d["std"], m["std"], d["mean"]),
     }
 
@@ -259,7 +263,7 @@ def derive_findings(results: Mapping[str, Any]) -> list[Finding]:
         better = [x for x in doms if mt[f"loss/{x}"]["mean"] < dt[f"loss/{x}"]["mean"]]
         worse = [x for x in doms if x not in better]
         per_dom = ", ".join(
-            f"{x} {_pct(mt[f'loss/{x}']['mean'], dt[f'loss/{x}']['mean']):+.2f}%" for x in doms
+            f"{x} {pct_change(mt[f'loss/{x}']['mean'], dt[f'loss/{x}']['mean']):+.2f}%" for x in doms
         )
         ev = (
             f"test loss {main['name']} (MoE top-1) {_ms(sm)} vs {dense['name']} (dense) {_ms(sd)}: {d:+.2f}% "
@@ -360,14 +364,14 @@ def derive_findings(results: Mapping[str, Any]) -> list[Finding]:
     # 3. top-2 ≈ top-1
     claim = (
         f"top-2 routing is about as good as top-1 ({STUDY['top2_loss']:.3f} vs {STUDY['main_loss']:.3f}, "
-        f"{_pct(STUDY['top2_loss'], STUDY['main_loss']):+.2f}%)"
+        f"{pct_change(STUDY['top2_loss'], STUDY['main_loss']):+.2f}%)"
     )
     s2 = (top2 or {}).get("test", {}).get("loss")
     sm1 = (main or {}).get("test", {}).get("loss")
     if s2 is None or sm1 is None or top2 is None or main is None:
         out.append(Finding("top2_matches_top1", claim, None, "the top-2 or the main run has no test loss"))
     else:
-        d2 = _pct(s2["mean"], sm1["mean"])
+        d2 = pct_change(s2["mean"], sm1["mean"])
         ev = (
             f"test loss {top2['name']} (top-2) {_ms(s2)} vs {main['name']} (top-1) {_ms(sm1)}: {d2:+.2f}% "
             f'({"within" if abs(d2) <= tol else "outside"} the ±{tol:g}% taken as "about as good"); '
@@ -469,7 +473,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             *(_fmt_ms(a["test"].get(f"loss/{d}")) for d in domains),
             "—"
             if lt is None or ld is None or a["role"] == "dense"
-            else f"{_pct(lt['mean'], ld['mean']):+.2f}%",
+            else f"{pct_change(lt['mean'], ld['mean']):+.2f}%",
             "—" if not peaks else f"{100 * max(peaks):.1f}%",
             "—"
             if not peaks
@@ -489,7 +493,7 @@ def render_report(results: Mapping[str, Any]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         test = r.get("test") or {}
-        lt1 = _test_loss(r)
+        lt1 = run_test_loss(r)
         rt = r.get("routing") or {}
         fc = rt.get("first_collapse")
         row = [
@@ -499,7 +503,9 @@ def render_report(results: Mapping[str, Any]) -> str:
             _fmt((r.get("final_valid") or {}).get("loss")),
             _fmt(lt1),
             *(_fmt(test.get(f"loss/{d}")) for d in domains),
-            "—" if lt1 is None or ld is None or r["role"] == "dense" else f"{_pct(lt1, ld['mean']):+.2f}%",
+            "—"
+            if lt1 is None or ld is None or r["role"] == "dense"
+            else f"{pct_change(lt1, ld['mean']):+.2f}%",
             "—" if not rt.get("load_max_curve") else f"{100 * rt['load_max_peak']:.1f}%",
             "—" if not rt.get("load_max_curve") else f"{100 * rt['load_max_final']:.1f}%",
             "—"

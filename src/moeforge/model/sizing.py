@@ -107,8 +107,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     return {"forward": fwd, "forward_matmul": dense, "forward_attention": attn, "training": 3.0 * fwd}
 
 
-@dataclass
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes a model needs, by part: from :func:`memory_estimate` for the whole model, and from the
+    resource guard (:func:`moeforge.train.guard.check_resources`) for one run on one device.
+
+    ``train_total`` is ``weights + grads + optimizer + activations``. In the guard's report the three
+    states are per device (divided over the FSDP ranks), ``activations`` are the ones the run keeps (with
+    or without checkpointing), ``dtype`` is the one asked for, and ``device``, ``available`` and
+    ``usable`` (bytes; None when not measurable) say what the need was compared with. The other fields
+    always describe the whole model.
+    """
+
     dtype: str
     micro_batch: int
     seq_len: int
@@ -121,6 +134,32 @@ class MemoryEstimate:
     inference_weights: float
     kv_cache_per_token: float
     min_gpus_80gb: int
+    device: str | None = None
+    available: float | None = None
+    usable: float | None = None
+
+    @property
+    def need(self) -> float:
+        """What training needs: :attr:`train_total`."""
+        return self.train_total
+
+    @property
+    def fits(self) -> bool:
+        """The need fits the usable memory (True when that is unknown)."""
+        return self.usable is None or self.need <= self.usable
+
+    def sizes(self) -> dict[str, float | int | str]:
+        """The estimate without the device comparison (``moeforge model info --json``'s ``memory``)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "available", "usable")}
+
+    def describe(self) -> str:
+        """One line for the training log."""
+        avail = "unknown" if self.available is None else f"{self.available / GIB:.2f} GiB"
+        return (
+            f"memory on {self.device} ({self.dtype}, micro_batch={self.micro_batch}, seq_len={self.seq_len}): "
+            f"need {self.need / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, grads {self.grads / GIB:.2f}, "
+            f"optimizer {self.optimizer / GIB:.2f}, activations {self.activations / GIB:.2f}); available {avail}"
+        )
 
 
 def _activation_elems_per_layer(cfg: ModelConfig) -> list[float]:
@@ -200,7 +239,7 @@ def summarize(cfg: ModelConfig, micro_batch: int = 1, seq_len: int | None = None
         "params": asdict(p),
         "flops_per_token": f["forward"],
         "flops": f,
-        "memory": asdict(m),
+        "memory": m.sizes(),
         "config": cfg.model_dump(),
     }
 

@@ -37,7 +37,6 @@ from starlette.requests import Request as HTTPRequest
 
 from moeforge.serve.calls import Call
 from moeforge.serve.engine import Engine, EngineError, PromptTooLongError
-from moeforge.serve.loading import ServeError, find_system_prompt, load_engine, serve
 from moeforge.serve.metrics import Metrics
 from moeforge.serve.middleware import AuthAndMetrics, add_error_handlers
 from moeforge.serve.sampling import SamplingParams
@@ -64,10 +63,14 @@ from moeforge.serve.schemas import (
     usage,
 )
 
-# load_engine, find_system_prompt and serve live in loading.py; they are re-exported for `moeforge serve`
-__all__ = ["APIError", "ServeError", "create_app", "find_system_prompt", "load_engine", "serve"]
+# Loading a model and running uvicorn (load_engine, serve) live in loading.py, which builds on this module.
+__all__ = ["APIError", "ServeError", "create_app"]
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+
+
+class ServeError(ValueError):
+    """A model path or server setting that cannot be served; the message says what to do."""
 
 
 @dataclass(eq=False)

@@ -150,7 +150,7 @@ class Engine:
         or a run directory (its latest checkpoint). ``tokenizer``: a tokenizer, a path to one, or None to
         use a ``tokenizer.json`` in or up to three levels above the checkpoint, else the one the training
         config names. Weights load strictly; a tied LM head may be stored once or twice."""
-        from moeforge.pretrained import ModelImportError, load_model
+        from moeforge.pretrained import ModelImportError, find_checkpoint_tokenizer, load_model
         from moeforge.tokens.tokenizer import load_tokenizer
 
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -163,7 +163,7 @@ class Engine:
         if dtype is not None:
             model.to(dtype)
         if tokenizer is None:
-            tokenizer = _find_tokenizer(ckpt, state)
+            tokenizer = find_checkpoint_tokenizer(ckpt, state)
             if tokenizer is None:
                 log.warning("%s: no tokenizer.json found near the checkpoint; token-id prompts only", ckpt)
         chat_spec = None
@@ -389,16 +389,3 @@ class Engine:
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
         max_new = min(p.max_tokens, limit - len(ids))  # the context ends generation as "length"
         return Request(list(ids), p, max_new, stop_ids, detok)
-
-
-def _find_tokenizer(ckpt: Path, state: dict[str, Any]) -> Path | None:
-    """A tokenizer directory near ``ckpt`` (itself, ``checkpoints/``, the run, the run's parent), else the
-    ``data.tokenizer`` of the training config saved in ``state``, if it still exists."""
-    for d in [ckpt, *list(ckpt.parents)[:3]]:
-        for cand in (d, d / "tokenizer"):
-            if (cand / "tokenizer.json").is_file():
-                return cand
-    configured = ((state.get("config") or {}).get("data") or {}).get("tokenizer")
-    if configured and (Path(configured) / "tokenizer.json").is_file():
-        return Path(configured)
-    return None

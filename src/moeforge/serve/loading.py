@@ -11,15 +11,12 @@ import os
 import socket
 from pathlib import Path
 
+from moeforge.serve.api import ServeError, create_app
 from moeforge.serve.engine import Engine
 
 __all__ = ["ServeError", "find_system_prompt", "freeze_startup_heap", "load_engine", "serve"]
 
 log = logging.getLogger(__name__)
-
-
-class ServeError(ValueError):
-    """A model path or server setting that cannot be served; the message says what to do."""
 
 
 def load_engine(
@@ -100,8 +97,6 @@ def serve(
     any; ``""`` means none. The socket is bound before anything is announced: a port in use is a
     :class:`ServeError`, and the address logged is the real one (``port=0`` picks a free port)."""
     import uvicorn
-
-    from moeforge.serve.api import create_app  # the app module imports this one for ServeError
 
     sock = bind_socket(host, port)  # first: a busy port fails in a second, not after loading the model
     engine = load_engine(path, device=device, max_batch=max_batch, fast_decode=fast_decode)

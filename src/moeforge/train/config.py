@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from moeforge.config import ConfigError, StrictModel, load_yaml_config
+from moeforge.config import ConfigError, StrictModel, deep_merge, load_yaml_config
 from moeforge.model.config import ModelConfig, load_model_config
 from moeforge.train.collapse import CollapseConfig
 from moeforge.train.ghost import GhostConfig
@@ -167,13 +167,6 @@ class TrainConfig(StrictModel):
         return self
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def resolve_init_from(path: str | os.PathLike[str]) -> Path:
     """The checkpoint directory ``init_from`` names (absolute): itself when it holds ``model.safetensors``
     and ``state.json``, else the latest complete checkpoint of a run directory. Raises ConfigError naming
@@ -259,7 +252,7 @@ def resolve_model(
     ``n_layers``."""
     if cfg.init_from is not None:
         ckpt = checkpoint if checkpoint is not None else resolve_init_from(cfg.init_from)
-        data = _deep_merge(checkpoint_model_config(ckpt), cfg.model_overrides)
+        data = deep_merge(checkpoint_model_config(ckpt), cfg.model_overrides)
         if vocab_size is not None and int(data.get("vocab_size", 0)) < vocab_size:
             raise ConfigError(
                 f"the tokenizer has {vocab_size} tokens but init_from checkpoint {ckpt} has vocab_size "
@@ -269,7 +262,7 @@ def resolve_model(
         return _validated(cfg, data)
     assert cfg.model is not None  # the validator refuses a null model without init_from
     base = load_model_config(cfg.model).model_dump() if isinstance(cfg.model, str) else dict(cfg.model)
-    data = _deep_merge(base, cfg.model_overrides)
+    data = deep_merge(base, cfg.model_overrides)
     if cfg.vocab_from_tokenizer and vocab_size is not None:
         data["vocab_size"] = -(-vocab_size // 64) * 64
     elif vocab_size is not None and int(data.get("vocab_size", 0)) < vocab_size:

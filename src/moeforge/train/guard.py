@@ -16,53 +16,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from moeforge.model.config import ModelConfig
-from moeforge.model.sizing import memory_estimate
+from moeforge.model.sizing import GIB, MemoryEstimate, memory_estimate
 
-__all__ = ["USABLE_FRACTION", "ResourceError", "ResourceReport", "available_memory", "check_resources"]
+__all__ = ["GIB", "USABLE_FRACTION", "ResourceError", "available_memory", "check_resources"]
 
 log = logging.getLogger(__name__)
 
 USABLE_FRACTION = 0.90
-GIB = 1024**3
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "bfloat16"}  # fp16: same byte accounting
 
 
 class ResourceError(ValueError):
     """The run does not fit (or is cluster-only); the message has the numbers and what to change."""
-
-
-@dataclass(frozen=True)
-class ResourceReport:
-    """Bytes the run needs, by part, and the memory it was compared with (None: not measurable here)."""
-
-    device: str
-    dtype: str
-    micro_batch: int
-    seq_len: int
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-    need: float
-    available: float | None
-    usable: float | None
-    fits: bool
-    min_gpus_80gb: int
-
-    def describe(self) -> str:
-        """One line for the training log."""
-        avail = "unknown" if self.available is None else f"{self.available / GIB:.2f} GiB"
-        return (
-            f"memory on {self.device} ({self.dtype}, micro_batch={self.micro_batch}, seq_len={self.seq_len}): "
-            f"need {self.need / GIB:.2f} GiB (weights {self.weights / GIB:.2f}, grads {self.grads / GIB:.2f}, "
-            f"optimizer {self.optimizer / GIB:.2f}, activations {self.activations / GIB:.2f}); available {avail}"
-        )
 
 
 def _cgroup_available() -> int | None:
@@ -128,8 +99,9 @@ def check_resources(
     dtype: str,
     activation_checkpointing: bool = False,
     shard_over: int = 1,
-) -> ResourceReport:
-    """Check that training ``cfg`` fits on ``device``; returns the report or raises :class:`ResourceError`.
+) -> MemoryEstimate:
+    """Check that training ``cfg`` fits on ``device``; returns the run's need and the device's memory as
+    a :class:`~moeforge.model.sizing.MemoryEstimate`, or raises :class:`ResourceError`.
 
     Need = weights + grads + optimizer states (divided by ``shard_over``, the ranks FSDP/ZeRO-3 shards
     them over; 1 for single-process or DDP) + one micro-batch's activations (with or without full
@@ -149,20 +121,17 @@ def check_resources(
     need = weights + grads + optimizer + activations
     available = available_memory(device)
     usable = None if available is None else USABLE_FRACTION * available
-    report = ResourceReport(
-        device=str(device),
+    report = replace(
+        est,
         dtype=dtype,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
         weights=weights,
         grads=grads,
         optimizer=optimizer,
         activations=activations,
-        need=need,
+        train_total=need,
+        device=str(device),
         available=None if available is None else float(available),
         usable=usable,
-        fits=usable is None or need <= usable,
-        min_gpus_80gb=est.min_gpus_80gb,
     )
     if usable is None:
         log.warning(
@@ -170,14 +139,15 @@ def check_resources(
         )
         return report
     if not report.fits:
-        raise ResourceError(_explain(cfg, report, activation_checkpointing, est.activations_checkpointed))
+        raise ResourceError(_explain(cfg, report, activation_checkpointing))
     log.info("%s: fits (%.0f%% of it usable)", report.describe(), 100 * USABLE_FRACTION)
     return report
 
 
-def _explain(cfg: ModelConfig, r: ResourceReport, checkpointing: bool, act_ckpt: float) -> str:
+def _explain(cfg: ModelConfig, r: MemoryEstimate, checkpointing: bool) -> str:
     """The refusal message: the numbers, then the changes that would make the run fit."""
     assert r.available is not None and r.usable is not None
+    act_ckpt = r.activations_checkpointed
     lines = [
         f"training {cfg.name!r} does not fit in {r.device} memory at micro_batch={r.micro_batch}, "
         f"seq_len={r.seq_len}, {r.dtype}: need {r.need / GIB:.2f} GiB (weights {r.weights / GIB:.2f}, "

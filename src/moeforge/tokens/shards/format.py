@@ -1,7 +1,7 @@
 """The on-disk format of token shards: Megatron's ``MMIDIDX`` header and dtype codes, file names, errors.
 
-Shared by the writer (:mod:`moeforge.tokens.shards`) and the reader (:mod:`moeforge.tokens.shard_reader`);
-the layout itself is described in :mod:`moeforge.tokens.shards`.
+Shared by the writer (:mod:`.writer`) and the reader (:mod:`.reader`); the layout itself is described in
+:mod:`moeforge.tokens.shards`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
-_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document-index count
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document-index count
 DTYPE_CODES: dict[int, np.dtype] = {
     1: np.dtype(np.uint8),
     2: np.dtype(np.int8),
@@ -25,8 +25,8 @@ DTYPE_CODES: dict[int, np.dtype] = {
     7: np.dtype(np.float32),
     8: np.dtype(np.uint16),
 }
-_CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
-_SIDECARS = (".mask", ".dom")
+CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
+SIDECARS = (".mask", ".dom")
 
 
 class ShardError(ValueError):
@@ -40,6 +40,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65_500 else np.dtype(np.int32)
 
 
-def _paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
+def shard_paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
+    """The files of the shard at ``prefix`` by extension: ``.bin``, ``.idx`` and the sidecars ``.mask``, ``.dom``."""
     p = Path(prefix)
-    return {ext: p.with_name(p.name + ext) for ext in (".bin", ".idx", *_SIDECARS)}
+    return {ext: p.with_name(p.name + ext) for ext in (".bin", ".idx", *SIDECARS)}

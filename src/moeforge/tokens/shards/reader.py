@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeforge.tokens.shard_format import _HEADER, DTYPE_CODES, MAGIC, VERSION, ShardError, _paths
+from moeforge.tokens.shards.format import DTYPE_CODES, HEADER, MAGIC, VERSION, ShardError, shard_paths
 
 __all__ = ["IndexedShard"]
 
@@ -31,7 +31,7 @@ class IndexedShard:
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = Path(prefix)
-        paths = _paths(prefix)
+        paths = shard_paths(prefix)
         idx_path, bin_path = paths[".idx"], paths[".bin"]
         for p in (idx_path, bin_path):
             if not p.is_file():
@@ -40,10 +40,10 @@ class IndexedShard:
                 )
         idx_size = idx_path.stat().st_size
         with open(idx_path, "rb") as fh:
-            head = fh.read(_HEADER.size)
-        if len(head) < _HEADER.size:
+            head = fh.read(HEADER.size)
+        if len(head) < HEADER.size:
             raise ShardError(f"{idx_path}: truncated header ({idx_size} bytes); rebuild the shard")
-        magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
+        magic, version, code, n_seq, n_doc = HEADER.unpack(head)
         if magic != MAGIC:
             raise ShardError(f"{idx_path}: not a Megatron indexed-dataset index (magic {magic!r})")
         if version != VERSION:
@@ -51,13 +51,13 @@ class IndexedShard:
         if code not in DTYPE_CODES:
             raise ShardError(f"{idx_path}: unknown dtype code {code}")
         self.dtype: np.dtype = DTYPE_CODES[code]
-        expected = _HEADER.size + 12 * n_seq + 8 * n_doc
+        expected = HEADER.size + 12 * n_seq + 8 * n_doc
         if idx_size != expected or n_doc < 1:
             raise ShardError(
                 f"{idx_path}: {idx_size} bytes but the header ({n_seq} sequences, {n_doc} document indices) "
                 f"implies {expected}; the file is truncated or corrupt — rebuild the shard"
             )
-        off = _HEADER.size
+        off = HEADER.size
         self.sequence_lengths = _map(idx_path, "<i4", n_seq, off)
         self.sequence_pointers = _map(idx_path, "<i8", n_seq, off + 4 * n_seq)
         self.document_indices = _map(idx_path, "<i8", n_doc, off + 12 * n_seq)

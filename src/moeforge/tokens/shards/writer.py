@@ -1,23 +1,6 @@
-"""Token shards in Megatron-LM's indexed-dataset layout (``MMIDIDX``, version 1), written and memory-mapped.
+"""The writer of token shards (:class:`IndexedShardWriter`) and :func:`verify_files` for a manifest's files.
 
-Megatron's layout is used unchanged so shards can be inspected or consumed by its tools. Files share a
-prefix: ``PREFIX.bin`` holds every token array back to back; ``PREFIX.idx`` holds the header and three
-arrays — the length (tokens) and byte offset of every *sequence*, and the *document index*, where document
-``d`` owns sequences ``[doc[d], doc[d + 1])``. All little-endian.
-
-Our mapping: a Megatron document is one training sample (a packed block of at most ``seq_len + 1``
-tokens) and its sequences are the pieces of source documents packed into it, so segment boundaries are
-exactly the places where attention may be cut. Padding is never stored; the loader adds it. Optional
-sidecars with the same prefix: ``PREFIX.mask`` (uint8 per token, parallel to ``.bin``; 1 = the token is a
-training target) and ``PREFIX.dom`` (uint16 per sample: the sample's domain id).
-
-The writer streams tokens to disk under temporary names and publishes them with ``os.replace`` on close,
-``.idx`` last: a present ``.idx`` means a complete shard. The reader validates every size against the
-header before handing out views, so a corrupt or truncated file is a :class:`ShardError` naming the file,
-never an ``IndexError`` deep in a training step.
-
-The format constants and errors live in :mod:`moeforge.tokens.shard_format` and the reader in
-:mod:`moeforge.tokens.shard_reader`; this module holds the writer and re-exports both.
+The layout is described in :mod:`moeforge.tokens.shards`; import the writer from there.
 """
 
 from __future__ import annotations
@@ -37,11 +20,9 @@ from numpy.typing import DTypeLike
 
 from moeforge.faults import point
 from moeforge.io import atomic_write_bytes, sha256_file
-from moeforge.tokens.shard_format import _CODE_OF, _HEADER, MAGIC, VERSION, ShardError, _paths, token_dtype
-from moeforge.tokens.shard_format import DTYPE_CODES as DTYPE_CODES
-from moeforge.tokens.shard_reader import IndexedShard
+from moeforge.tokens.shards.format import CODE_OF, HEADER, MAGIC, VERSION, shard_paths
 
-__all__ = ["IndexedShard", "IndexedShardWriter", "ShardError", "token_dtype", "verify_files"]
+__all__ = ["IndexedShardWriter", "verify_files"]
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +73,9 @@ class IndexedShardWriter:
         self, prefix: str | Path, dtype: DTypeLike, *, loss_mask: bool = False, domains: bool = False
     ) -> None:
         self.dtype = np.dtype(dtype)
-        if self.dtype not in _CODE_OF or self.dtype.kind not in "iu":
+        if self.dtype not in CODE_OF or self.dtype.kind not in "iu":
             raise ValueError(f"token dtype must be an integer Megatron dtype (uint16, int32, …), got {dtype}")
-        self.paths = _paths(prefix)
+        self.paths = shard_paths(prefix)
         self.paths[".bin"].parent.mkdir(parents=True, exist_ok=True)
         self._max_id = int(np.iinfo(self.dtype).max)
         self._bin = _HashedTemp(self.paths[".bin"])
@@ -209,7 +190,7 @@ class IndexedShardWriter:
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
         doc_index = np.array(self._doc_index, dtype="<i8")
-        header = _HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(doc_index))
+        header = HEADER.pack(MAGIC, VERSION, CODE_OF[self.dtype], len(lengths), len(doc_index))
         idx_bytes = b"".join([header, lengths.tobytes(), pointers.tobytes(), doc_index.tobytes()])
         streamed = [t for t in (self._bin, self._mask) if t is not None]
         files: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,374 @@
+"""The shape of the import graph of ``src/moeforge``: no cycles, no private names borrowed across modules,
+and the layering docs/ARCHITECTURE.md describes (``data → tokens → model → train → eval/serve``, nothing
+downstream reaching back upstream).
+
+Every import counts: module level and function-local, absolute and relative, and those under
+``if TYPE_CHECKING:`` (a dependency the type checker sees is still a dependency of the design).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = "moeforge"
+
+
+@dataclass(frozen=True)
+class Source:
+    text: str
+    is_package: bool  # an ``__init__.py``: relative imports resolve against the module itself
+    path: str  # for messages
+
+
+@dataclass(frozen=True)
+class Edge:
+    importer: str
+    target: str  # a module of the tree
+    name: str | None  # the attribute taken by ``from target import name``; None for a module import
+    where: str  # path:line
+
+
+def load_tree(src: Path = SRC, root: str = ROOT) -> dict[str, Source]:
+    """Every module under ``src/root`` by dotted name."""
+    tree: dict[str, Source] = {}
+    for path in sorted((src / root).rglob("*.py")):
+        parts = list(path.relative_to(src).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts.pop()
+        tree[".".join(parts)] = Source(
+            path.read_text(encoding="utf-8"), is_package, str(path.relative_to(src))
+        )
+    return tree
+
+
+def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
+    base = module.split(".")
+    if not is_package:
+        base.pop()
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join([*base, name] if name else base)
+
+
+def collect_edges(tree: dict[str, Source], root: str = ROOT) -> list[Edge]:
+    """Every import of a module of ``tree`` by a module of ``tree``.
+
+    ``from pkg import x`` is an edge to ``pkg.x`` when that is a module, else to ``pkg`` taking name ``x``.
+    ``import pkg.sub`` is an edge to ``pkg.sub`` only (the parent package's ``__init__`` runs too, but an
+    edge there would make every package a cycle with its own submodules).
+    """
+    edges: list[Edge] = []
+    for module, src in tree.items():
+        for node in ast.walk(ast.parse(src.text, filename=src.path)):
+            where = f"{src.path}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == root or alias.name.startswith(root + "."):
+                        target = alias.name
+                        while target not in tree and "." in target:
+                            target = target.rsplit(".", 1)[0]
+                        edges.append(Edge(module, target, None, where))
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = _resolve_relative(module, src.is_package, node.level, node.module)
+                else:
+                    base = node.module or ""
+                if not (base == root or base.startswith(root + ".")):
+                    continue
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in tree:
+                        edges.append(Edge(module, f"{base}.{alias.name}", None, where))
+                    else:
+                        edges.append(Edge(module, base, alias.name, where))
+    return edges
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _parent(module: str) -> str:
+    return module.rsplit(".", 1)[0] if "." in module else ""
+
+
+def private_imports(edges: list[Edge]) -> list[str]:
+    """Private names taken from another module, and private modules imported from outside their package.
+
+    ``from pkg.mod import _x`` is allowed only in ``pkg.mod`` itself (a package's ``__init__`` is a module
+    of its own: it may not take its submodules' private names either). A private module such as
+    ``cli/_util.py`` is the package's own helper: siblings and their subpackages may import it, nothing
+    outside the package may.
+    """
+    found = []
+    for e in edges:
+        if e.name is not None and _private(e.name) and e.importer != e.target:
+            found.append(f"{e.where}: {e.importer} imports private name {e.name!r} from {e.target}")
+        parts = e.target.split(".")
+        for i, part in enumerate(parts):
+            owner = ".".join(parts[:i])  # the package the private module belongs to
+            if _private(part) and not (e.importer == owner or e.importer.startswith(owner + ".")):
+                found.append(
+                    f"{e.where}: {e.importer} imports private module {e.target} from outside {owner}"
+                )
+                break
+    return found
+
+
+def _graph(edges: list[Edge]) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for e in edges:
+        graph[e.importer].add(e.target)
+    return graph
+
+
+def _components(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components (iterative Tarjan), each sorted; only those that contain a cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: list[list[str]] = []
+    nodes = sorted(set(graph) | {t for ts in graph.values() for t in ts})
+    for start in nodes:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph.get(start, ()))))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    comp.append(member)
+                    if member == node:
+                        break
+                if len(comp) > 1 or node in graph.get(node, ()):
+                    out.append(sorted(comp))
+    return sorted(out)
+
+
+def _shortest_cycle(graph: dict[str, set[str]], start: str, members: set[str]) -> list[str]:
+    """The shortest path start → … → start inside one component (breadth-first)."""
+    prev: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for child in sorted(graph.get(node, ()) & members):
+                if child == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(prev[path[-1]])
+                    return [*reversed(path), start]
+                if child not in prev:
+                    prev[child] = node
+                    nxt.append(child)
+        frontier = nxt
+    raise AssertionError(f"{start} is in a component without a cycle through it")
+
+
+def import_cycles(edges: list[Edge]) -> list[str]:
+    """One message per group of modules that import each other, with one cycle's path and its import lines."""
+    graph = _graph(edges)
+    where: dict[tuple[str, str], str] = {}
+    for e in edges:
+        where.setdefault((e.importer, e.target), e.where)
+    found = []
+    for comp in _components(graph):
+        path = _shortest_cycle(graph, comp[0], set(comp))
+        steps = "\n".join(f"    {a} → {b}  ({where[a, b]})" for a, b in pairwise(path))
+        found.append(
+            f"import cycle {' → '.join(path)} (modules in the cycle group: {', '.join(comp)}):\n{steps}"
+        )
+    return found
+
+
+# ---- the layering of docs/ARCHITECTURE.md ----
+
+_FOUNDATION = ("config", "io", "procs", "faults")  # the helpers every package uses; they use none
+_PACKAGES = ("data", "tokens", "model", "train", "eval", "serve", "cli")
+_TOP_LEVEL = ("pretrained", "export", "demo")
+
+# area → the areas it must never import. An area is a subpackage or a top-level module of moeforge.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    **{f: _PACKAGES + _TOP_LEVEL for f in _FOUNDATION},
+    # data → tokens → model → train → eval/serve: each stage reads what the one before it wrote.
+    "data": ("tokens", "model", "train", "eval", "serve", "cli", *_TOP_LEVEL),
+    "tokens": ("model", "train", "eval", "serve", "cli", *_TOP_LEVEL),
+    "model": ("data", "tokens", "train", "eval", "serve", "cli", *_TOP_LEVEL),
+    # train reads token shards, never records; pretrained.py builds on train/checkpoint.py, not the reverse
+    "train": ("data", "eval", "serve", "cli", "pretrained", "export", "demo"),
+    "serve": ("data", "train", "eval", "cli", "export", "demo"),
+    "eval": ("serve", "cli", "export", "demo"),
+    "pretrained": ("data", "eval", "serve", "cli", "export", "demo"),
+    # export loads a checkpoint through serve's Engine (its loading and vocabulary checks), so it may use serve
+    "export": ("data", "eval", "cli", "demo"),
+    "demo": ("serve", "cli", "export"),
+}
+# Only the command line (and ``python -m moeforge``) may import the command line.
+CLI_IMPORTERS = ("cli", "__main__")
+
+
+def area(module: str, root: str = ROOT) -> str:
+    """``moeforge.tokens.pack`` → ``tokens``; ``moeforge.io`` → ``io``; ``moeforge`` → ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == root else ""
+
+
+def layering_violations(
+    edges: list[Edge],
+    forbidden: dict[str, tuple[str, ...]] = FORBIDDEN,
+    cli_importers: tuple[str, ...] = CLI_IMPORTERS,
+    root: str = ROOT,
+) -> list[str]:
+    found: dict[str, None] = {}  # ordered and without the repeats of one line importing several names
+    for e in edges:
+        src, dst = area(e.importer, root), area(e.target, root)
+        if src == dst:
+            continue
+        if dst in forbidden.get(src, ()):
+            found[f"{e.where}: {e.importer} ({src}) imports {e.target} ({dst}), which {src} must not"] = None
+        elif dst == "cli" and src not in cli_importers:
+            found[f"{e.where}: {e.importer} imports {e.target}; only cli/ and __main__ import cli/"] = None
+    return list(found)
+
+
+def area_cycles(edges: list[Edge], root: str = ROOT) -> list[str]:
+    """Cycles between areas (subpackages and top-level modules), whatever the table above says."""
+    lifted = [Edge(area(e.importer, root), area(e.target, root), None, e.where) for e in edges]
+    return import_cycles([e for e in lifted if e.importer != e.target])
+
+
+def _report(title: str, problems: list[str]) -> str:
+    return f"{len(problems)} {title}:\n" + "\n".join(problems)
+
+
+# ---- the checks on the real tree ----
+
+
+def test_no_import_cycles() -> None:
+    cycles = import_cycles(collect_edges(load_tree()))
+    assert not cycles, _report("import cycle group(s) in src/moeforge", cycles)
+
+
+def test_no_private_imports_across_modules() -> None:
+    found = private_imports(collect_edges(load_tree()))
+    assert not found, _report(
+        "private import(s) across modules — make the name public where it belongs, or move the code", found
+    )
+
+
+def test_layering_follows_architecture() -> None:
+    found = layering_violations(collect_edges(load_tree()))
+    assert not found, _report("import(s) against the layering of docs/ARCHITECTURE.md", found)
+
+
+def test_areas_form_layers() -> None:
+    cycles = area_cycles(collect_edges(load_tree()))
+    assert not cycles, _report(
+        "cycle(s) between areas of src/moeforge (two layers that need each other)", cycles
+    )
+
+
+def test_every_area_named_in_the_rules_exists() -> None:
+    """A renamed package must not silently empty a rule."""
+    areas = {area(m) for m in load_tree()}
+    named = set(FORBIDDEN) | {a for v in FORBIDDEN.values() for a in v} | set(CLI_IMPORTERS)
+    assert named <= areas, f"rules name areas that do not exist: {sorted(named - areas)}"
+
+
+# ---- the checker itself, on a synthetic tree, so the checks above cannot pass vacuously ----
+
+
+def _synthetic() -> dict[str, Source]:
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from pkg.b import helper\n",
+        "pkg/b.py": "def helper():\n    from . import c  # function-local, relative\n    return c\n",
+        "pkg/c.py": "import pkg.a\n_SECRET = 1\n",
+        "pkg/d.py": "from .c import _SECRET\nfrom pkg.sub import _tool\n",
+        "pkg/sub/__init__.py": "from ._impl import _hidden\nfrom . import _tool\n",
+        "pkg/sub/_impl.py": "_hidden = 2\n",
+        "pkg/sub/_tool.py": "from pkg.sub._impl import VALUE\n",
+        "pkg/low/__init__.py": "",
+        "pkg/low/x.py": "def f():\n    from ..high import y\n    return y\n",
+        "pkg/high/__init__.py": "",
+        "pkg/high/y.py": "from pkg.low import x\n",
+        "pkg/cli/__init__.py": "",
+        "pkg/cli/main.py": "from pkg.low.x import f\n",
+        "pkg/__main__.py": "from pkg.cli.main import f\n",
+        "pkg/e.py": "from pkg.cli import main\n",
+    }
+    tree = {}
+    for path, text in files.items():
+        parts = path[: -len(".py")].split("/")
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts.pop()
+        tree[".".join(parts)] = Source(text, is_package, path)
+    return tree
+
+
+def test_checker_resolves_every_kind_of_import() -> None:
+    edges = {(e.importer, e.target, e.name) for e in collect_edges(_synthetic(), root="pkg")}
+    assert ("pkg.a", "pkg.b", "helper") in edges  # absolute from-import of a name
+    assert ("pkg.b", "pkg.c", None) in edges  # relative, function-local, of a module
+    assert ("pkg.c", "pkg.a", None) in edges  # plain import
+    assert ("pkg.d", "pkg.c", "_SECRET") in edges  # relative from-import of a name
+    assert ("pkg.sub", "pkg.sub._impl", "_hidden") in edges  # relative inside a package's __init__
+    assert ("pkg.low.x", "pkg.high", "y") not in edges and ("pkg.low.x", "pkg.high.y", None) in edges
+
+
+def test_checker_reports_a_cycle_with_its_path() -> None:
+    cycles = import_cycles(collect_edges(_synthetic(), root="pkg"))
+    assert len(cycles) == 2, cycles
+    assert cycles[0].startswith("import cycle pkg.a → pkg.b → pkg.c → pkg.a "), cycles[0]
+    assert "pkg/b.py:2" in cycles[0]  # the function-local import is the hidden edge, and it is named
+    assert cycles[1].startswith("import cycle pkg.high.y → pkg.low.x → pkg.high.y "), cycles[1]
+
+
+def test_checker_reports_private_imports() -> None:
+    found = private_imports(collect_edges(_synthetic(), root="pkg"))
+    assert len(found) == 3, found
+    assert any("pkg.d imports private name '_SECRET' from pkg.c" in f for f in found)
+    assert any("pkg.sub imports private name '_hidden' from pkg.sub._impl" in f for f in found)  # __init__
+    assert any("pkg.d imports private module pkg.sub._tool from outside pkg.sub" in f for f in found)
+    # pkg/sub/__init__ importing its own _tool, and _tool importing its sibling _impl, are fine.
+
+
+def test_checker_reports_layering() -> None:
+    found = layering_violations(
+        collect_edges(_synthetic(), root="pkg"),
+        forbidden={"low": ("high",)},
+        cli_importers=("cli", "__main__"),
+        root="pkg",
+    )
+    assert len(found) == 2, found
+    assert any("pkg.low.x (low) imports pkg.high.y (high)" in f for f in found)
+    assert any("pkg.e imports pkg.cli.main; only cli/" in f for f in found)
+    cycles = area_cycles(collect_edges(_synthetic(), root="pkg"), root="pkg")
+    # a, b and c are top-level modules of pkg, so areas of their own: their cycle is one between areas too
+    assert len(cycles) == 2 and cycles[1].startswith("import cycle high → low → high "), cycles
