@@ -1,7 +1,8 @@
 """The MoE layer: route, sort by expert, run experts as one grouped SwiGLU, combine — no loop over tokens.
+Its decode form (:class:`MoEDecode`) runs the same layer for one token per row.
 
-Shapes: N tokens (batch × sequence flattened), D model dim, F expert hidden, E expert slots
-(routed + ghost), k experts per token, A = N·k token→expert assignments.
+Shapes: N tokens (batch × sequence flattened), B rows of a decode step, D model dim, F expert hidden,
+G = 2F, E expert slots (routed + ghost), k experts per token, A = N·k token→expert assignments.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeforge.model.config import MoEConfig
 from moeforge.model.dispatch import grouped_swiglu
-from moeforge.model.layers import SwiGLU
+from moeforge.model.layers import DecodeLinear, LinearFactory, RMSNorm, SwiGLU
 from moeforge.model.router import Router, RouterOutput
 
-__all__ = ["ExpertOutputStats", "MoELayer", "MoEStats", "sort_assignments"]
+__all__ = ["ExpertOutputStats", "MoEDecode", "MoELayer", "MoEStats", "sort_assignments"]
 
 
 @dataclass
@@ -146,6 +148,13 @@ class MoELayer(nn.Module):
         active = self.num_experts + int((self.ghost_alpha > 0).sum().item())
         return max(1, math.ceil(self.cfg.capacity_factor * n_tokens * self.top_k / active))
 
+    def slot_scale(self) -> torch.Tensor | None:
+        """``[E]`` the factor on each slot's output: 1 for routed experts, ``ghost_alpha`` for ghosts;
+        None without ghost slots."""
+        if not self.num_ghost:
+            return None
+        return torch.cat([self.ghost_alpha.new_ones(self.num_experts), self.ghost_alpha])
+
     def forward(self, x_BTD: torch.Tensor, *, stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
         """Output and routing statistics; ``stats=False`` (generation) skips the losses and statistics
         and returns None for them — the output is the same."""
@@ -158,10 +167,9 @@ class MoELayer(nn.Module):
         order_A, counts_E, dropped = sort_assignments(r.indices, self.w13.shape[0], self.capacity(n))
         token_A = order_A % n
         weight_A = r.weights.t().reshape(-1)[order_A]
-        if self.num_ghost:
-            # Ghost slots are scaled by their activation level; routed experts by 1.
-            scale_E = torch.cat([ghost_alpha.new_ones(self.num_experts), ghost_alpha]).to(weight_A.dtype)
-            weight_A = weight_A * scale_E[r.indices.t().reshape(-1)[order_A]]
+        scale_E = self.slot_scale()
+        if scale_E is not None:  # ghost slots are scaled by their activation level; routed experts by 1
+            weight_A = weight_A * scale_E.to(weight_A.dtype)[r.indices.t().reshape(-1)[order_A]]
 
         if x_ND.is_cuda and self.top_k > 1:
             # index_select's backward scatters with atomics when a token appears k times; gathering from
@@ -204,6 +212,11 @@ class MoELayer(nn.Module):
         return out_ND.view(shape), result
 
     @torch.no_grad()
+    def prepare_for_decode(self, norm: RMSNorm, linear: LinearFactory = DecodeLinear) -> MoEDecode:
+        """This layer preceded by ``norm`` (its block's pre-norm) as a :class:`MoEDecode`."""
+        return MoEDecode(self, norm, linear)
+
+    @torch.no_grad()
     def _record(
         self, x_ND: torch.Tensor, raw_AD: torch.Tensor, out_ND: torch.Tensor, counts_E: torch.Tensor
     ) -> ExpertOutputStats:
@@ -218,3 +231,95 @@ class MoELayer(nn.Module):
         dot_N = (x * y).sum(-1)
         explained = torch.where(y_sq_N > 0, dot_N.pow(2) / y_sq_N.clamp_min(1e-30), torch.zeros_like(dot_N))
         return ExpertOutputStats(sum_ED=sum_ED, input_energy=x.pow(2).sum(), explained_energy=explained.sum())
+
+
+class MoEDecode:
+    """``x + moe(norm(x))`` for one token per row, in eval (no noise, no statistics).
+
+    A batch that gives every expert rows on average (``B·k >= E``, ``B > 1``) runs all experts' gate/up
+    projections and the router as one matrix (the norm's weight folded in; through ``linear``), and all
+    down projections as another, with a zero combine weight where a row did not choose an expert. A
+    smaller batch routes with :meth:`Router.select` and runs only the chosen experts, on their weights in
+    place. With a ``capacity_factor`` the layer's own forward runs, since what it drops depends on the
+    whole batch. Shared experts run through their module. The math is the layer's; rounding differs (the
+    combine weight applied before the down projection, other GEMM kernels), about 1e-6 relative.
+    """
+
+    def __init__(self, layer: MoELayer, norm: RMSNorm, linear: LinearFactory) -> None:
+        self.layer, self.norm = layer, norm
+        slots, d, g = layer.w13.shape
+        self.slots, self.hidden, self.top_k = slots, g // 2, layer.top_k
+        # [out, in] rows: every expert's gate/up columns, then the router's logits (only batches of 2+
+        # rows take this path: no GEMV copy)
+        up_OD = torch.cat(
+            [layer.w13.detach().permute(0, 2, 1).reshape(slots * g, d), layer.router.weight.detach()]
+        )
+        self.w13_router = linear(up_OD * norm.weight[None, :], gemv=False)
+        self.w2_all = linear(layer.w2.detach().reshape(slots * self.hidden, d).t(), gemv=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w13_router.nbytes + self.w2_all.nbytes
+
+    def step(self, x_BD: torch.Tensor) -> torch.Tensor:
+        layer, norm_weight = self.layer, self.norm.weight
+        xhat_BD = self.norm.normalize(x_BD)
+        b = xhat_BD.shape[0]
+        if layer.cfg.capacity_factor is not None:  # drops depend on the whole batch: the layer decides
+            return x_BD + layer(xhat_BD * norm_weight, stats=False)[0]
+        ghost_alpha = layer.ghost_alpha if layer.num_ghost else None
+        h_BD: torch.Tensor | None = None
+        if b > 1 and b * self.top_k >= self.slots:  # most experts get a row: run them all
+            out = self._all_experts(xhat_BD, ghost_alpha)
+        else:
+            h_BD = xhat_BD * norm_weight
+            indices_Bk, weights_Bk = layer.router.select(h_BD, ghost_alpha)
+            out = self._chosen_experts(h_BD, indices_Bk.tolist(), self._slot_scaled(indices_Bk, weights_Bk))
+        if layer.shared is not None:
+            h_BD = xhat_BD * norm_weight if h_BD is None else h_BD
+            s_BD = layer.shared(h_BD)
+            if layer.shared_gate is not None:
+                s_BD = torch.sigmoid(layer.shared_gate(h_BD)) * s_BD
+            out = out + s_BD
+        return x_BD + out
+
+    def _slot_scaled(self, indices_Bk: torch.Tensor, weights_Bk: torch.Tensor) -> torch.Tensor:
+        scale_E = self.layer.slot_scale()
+        return weights_Bk if scale_E is None else weights_Bk * scale_E.to(weights_Bk.dtype)[indices_Bk]
+
+    def _all_experts(self, xhat_BD: torch.Tensor, ghost_alpha: torch.Tensor | None) -> torch.Tensor:
+        b, f, e = xhat_BD.shape[0], self.hidden, self.slots
+        both = self.w13_router(xhat_BD)
+        indices_Bk, weights_Bk = self.layer.router.select_for_decode(both[:, 2 * f * e :], ghost_alpha)
+        weights_Bk = self._slot_scaled(indices_Bk, weights_Bk.to(xhat_BD.dtype))
+        w_BE = xhat_BD.new_zeros(b, e).scatter_(1, indices_Bk, weights_Bk)
+        h_BEG = both[:, : 2 * f * e].view(b, e, 2 * f)
+        a_BEF = F.silu(h_BEG[..., :f]) * h_BEG[..., f:]
+        return self.w2_all((a_BEF * w_BE[:, :, None]).view(b, e * f))
+
+    def _chosen_experts(
+        self, h_BD: torch.Tensor, chosen: list[list[int]], w_Bk: torch.Tensor
+    ) -> torch.Tensor:
+        """Each chosen expert once, on the rows that chose it, its weights read in place."""
+        w13, w2, f = self.layer.w13, self.layer.w2, self.hidden
+        if h_BD.shape[0] == 1:  # one row: no gather, no scatter; the weighted sum folded into addmm
+            out: torch.Tensor | None = None
+            for e, w in zip(chosen[0], w_Bk[0].tolist(), strict=True):
+                hg = h_BD @ w13[e]
+                a = F.silu(hg[:, :f]) * hg[:, f:]
+                out = a @ w2[e] * w if out is None else torch.addmm(out, a, w2[e], alpha=w)
+            assert out is not None
+            return out
+        by_expert: dict[int, tuple[list[int], list[int]]] = {}
+        for n, row in enumerate(chosen):
+            for j, e in enumerate(row):
+                rows, slots = by_expert.setdefault(e, ([], []))
+                rows.append(n)
+                slots.append(j)
+        out = h_BD.new_zeros(h_BD.shape)
+        for e, (rows, slots) in by_expert.items():
+            rows_t = torch.tensor(rows, device=h_BD.device)
+            w = w_Bk[rows_t, torch.tensor(slots, device=h_BD.device)][:, None]
+            hg = h_BD.index_select(0, rows_t) @ w13[e]
+            out.index_add_(0, rows_t, (F.silu(hg[:, :f]) * hg[:, f:]) @ w2[e] * w)
+        return out

@@ -4,6 +4,9 @@ Initialization (GPT-2 / Megatron "scaled init"): every weight matrix is drawn fr
 except the two projections that write into the residual stream (attention ``o_proj`` and the MLP /
 expert down projection), whose std is ``init_std / sqrt(2 · n_layers)`` so the residual's variance
 does not grow with depth. Norm weights start at 1, q/k/v biases (qkv_bias) at 0, the router at N(0, init_std²).
+
+Decoding one token per row has its own form of the model, :meth:`MoETransformer.prepare_for_decode`,
+assembled from each module's ``prepare_for_decode`` (see :mod:`moeforge.model.layers`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.model.config import ModelConfig
-from moeforge.model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, build_attention_mask
+from moeforge.model.layers import (
+    Attention,
+    AttentionDecode,
+    DecodeLinear,
+    KVCache,
+    Linear,
+    LinearFactory,
+    RMSNorm,
+    RopeDecode,
+    RotaryEmbedding,
+    SublayerDecode,
+    SwiGLU,
+    build_attention_mask,
+)
 from moeforge.model.moe import MoELayer, MoEStats
 
-__all__ = ["Block", "MoETransformer", "ModelOutput"]
+__all__ = ["Block", "BlockDecode", "MoETransformer", "ModelOutput", "TransformerDecode"]
 
 
 @dataclass
@@ -64,6 +80,35 @@ class Block(nn.Module):
             y, stats = self.mlp(h, stats=cache is None)  # decoding reads no routing statistics
             return x_BTD + y, stats
         return x_BTD + self.mlp(h), None
+
+    def prepare_for_decode(self, linear: LinearFactory = DecodeLinear) -> BlockDecode:
+        """This block as a :class:`BlockDecode`: its attention's and its MLP's decode forms, each with its
+        pre-norm. Any MLP type plugs in through its ``prepare_for_decode(norm, linear)``."""
+        return BlockDecode(
+            self.index,
+            self.attn.prepare_for_decode(self.attn_norm, linear),
+            self.mlp.prepare_for_decode(self.mlp_norm, linear),
+        )
+
+
+class BlockDecode:
+    """A block for one new token per row: the attention's decode form, then the MLP's."""
+
+    def __init__(self, index: int, attn: AttentionDecode, mlp: SublayerDecode) -> None:
+        self.index, self.attn, self.mlp = index, attn, mlp
+
+    @property
+    def nbytes(self) -> int:
+        return self.attn.nbytes + self.mlp.nbytes
+
+    def step(
+        self,
+        x_BD: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        return self.mlp.step(self.attn.step(x_BD, cos_sin, mask, cache, self.index))
 
 
 class MoETransformer(nn.Module):
@@ -211,7 +256,61 @@ class MoETransformer(nn.Module):
             x, _ = block(x, cos_sin, mask, None)
         return x
 
+    @torch.no_grad()
+    def prepare_for_decode(self, linear: LinearFactory = DecodeLinear) -> TransformerDecode:
+        """The model in its decode form: one new token per row through :meth:`TransformerDecode.step`,
+        which equals :meth:`forward` with a cache on ``[B, 1]`` ids in eval mode (no router noise, no
+        statistics; float rounding differs, about 1e-6 relative) and is faster on CPU.
+
+        The form holds a copy of the weights laid out for one-token steps — fused, norm weights folded
+        in, and through ``linear`` (e.g. prepacked for a GEMM kernel) where a layout pays — made now:
+        build a new one after the weights change. Written for float32 weights (its norms compute in the
+        input dtype). Reads the embedding, the RoPE tables and what it does not copy in place.
+        """
+        s = self.cfg.max_seq_len
+        return TransformerDecode(
+            self.embed,
+            [block.prepare_for_decode(linear) for block in self.blocks],
+            self.rope.prepare_for_decode(s),
+            self.norm,
+            linear(self.lm_head.weight * self.norm.weight[None, :]),
+        )
+
     def router_step(self) -> None:
         """Call after every optimizer step: anneal router noise, update aux-free biases."""
         for layer in self.moe_layers():
             layer.router.step(layer.ghost_alpha if layer.num_ghost else None)
+
+
+class TransformerDecode:
+    """:class:`MoETransformer` for one new token per row (made by its ``prepare_for_decode``): embedding,
+    the blocks' decode forms, the final norm folded into the LM head."""
+
+    def __init__(
+        self, embed: nn.Embedding, blocks: list[BlockDecode], rope: RopeDecode, norm: RMSNorm, lm_head: Linear
+    ) -> None:
+        self.embed, self.blocks, self.rope, self.norm, self.lm_head = embed, blocks, rope, norm, lm_head
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight copies this form made (beyond the model's own tensors)."""
+        return self.lm_head.nbytes + sum(block.nbytes for block in self.blocks)
+
+    def step(
+        self,
+        ids_B: torch.Tensor,
+        positions_B: torch.Tensor,
+        cache: KVCache,
+        key_padding_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, V]`` of the next token after ``ids_B`` (one new token per row) at RoPE positions
+        ``positions_B`` (below the model's ``max_seq_len``); appends the tokens' keys and values to
+        ``cache`` and advances it. ``key_padding_BS`` ``[B, cache.length + 1]`` (False = padding) as in
+        :meth:`MoETransformer.forward`. Call under ``torch.no_grad`` or ``torch.inference_mode``."""
+        cos_sin = self.rope.at(positions_B)
+        mask = build_attention_mask(1, cache.length, None, key_padding_BS, device=ids_B.device)
+        x_BD = self.embed(ids_B)
+        for block in self.blocks:
+            x_BD = block.step(x_BD, cos_sin, mask, cache)
+        cache.advance(1)
+        return self.lm_head(self.norm.normalize(x_BD))
