@@ -163,7 +163,7 @@ def _charts(out: Path, train_dir: Path, tokens_dir: Path) -> dict[str, Path]:
     from moeforge.model.transformer import MoETransformer
     from moeforge.tokens.loader import TokenDataset
     from moeforge.train.checkpoint import load_checkpoint
-    from moeforge.train.trainer import eval_batches
+    from moeforge.train.evaluation import eval_batches
 
     rows = load_metrics(train_dir)
     moe = json.loads((train_dir / "config.json").read_text(encoding="utf-8"))["model"].get("moe") or {}

@@ -65,7 +65,7 @@ def _train_losses(run: Path) -> dict[int, float]:
 
 def test_init_from_a_run_starts_from_the_checkpoint_weights_and_model_config(base, tmp_path: Path) -> None:
     c = _ft_config(base, tmp_path / "ft", model_overrides={"moe": {"router_noise_std": 0.05}})
-    t = Trainer(_load(tmp_path / "ft.yaml", c), CPU)
+    t = Trainer.from_config(_load(tmp_path / "ft.yaml", c), CPU)
     state = json.loads((base["ckpt"] / "state.json").read_text())
     expected = {**state["model_config"], "moe": {**state["model_config"]["moe"], "router_noise_std": 0.05}}
     assert t.model_cfg.model_dump(mode="json") == expected
@@ -86,7 +86,7 @@ def test_init_from_a_run_starts_from_the_checkpoint_weights_and_model_config(bas
     # a checkpoint directory works the same; the init weights are loaded before the first step only
     c2 = _ft_config(base, tmp_path / "ft2")
     c2["init_from"] = str(base["ckpt"])
-    t2 = Trainer(_load(tmp_path / "ft2.yaml", c2), CPU)
+    t2 = Trainer.from_config(_load(tmp_path / "ft2.yaml", c2), CPU)
     assert torch.equal(t2.model.embed.weight, weights["embed.weight"])
 
 
@@ -109,13 +109,13 @@ def test_model_and_init_from_together_and_bad_checkpoints_are_clear_errors(base,
             (path / "checkpoints" / "step-00000004").mkdir(parents=True)  # incomplete
         c = _ft_config(base, tmp_path / "ft", init_from=str(path))
         with pytest.raises(ConfigError, match=rf"init_from: {path}.*{what}"):
-            Trainer(_load(tmp_path / "b.yaml", c), CPU)
+            Trainer.from_config(_load(tmp_path / "b.yaml", c), CPU)
 
     c = _ft_config(base, tmp_path / "ft", model_overrides={"d_model": 64, "moe": {"lb_coef": 0.02}})
     with pytest.raises(
         CheckpointError, match=r"model_overrides\.d_model \(32 → 64\) changes the weight shapes"
     ):
-        Trainer(_load(tmp_path / "c.yaml", c), CPU)
+        Trainer.from_config(_load(tmp_path / "c.yaml", c), CPU)
 
     big = tmp_path / "bigvocab"
     shutil.copytree(base["tokens"], big)
@@ -125,11 +125,11 @@ def test_model_and_init_from_together_and_bad_checkpoints_are_clear_errors(base,
     c = _ft_config(base, tmp_path / "ft")
     c["data"]["tokens"] = str(big)
     with pytest.raises(ConfigError, match=r"tokenizer has 300 tokens.*vocab_size 100"):
-        Trainer(_load(tmp_path / "d.yaml", c), CPU)
+        Trainer.from_config(_load(tmp_path / "d.yaml", c), CPU)
 
     c = _ft_config(base, tmp_path / "ft", freeze={"blocks": 4})
     with pytest.raises(ConfigError, match=r"freeze\.blocks is 4 .* 3 blocks"):
-        Trainer(_load(tmp_path / "e.yaml", c), CPU)
+        Trainer.from_config(_load(tmp_path / "e.yaml", c), CPU)
 
 
 def test_frozen_weights_stay_identical_stay_out_of_the_optimizer_and_resume_is_bit_exact(
@@ -137,7 +137,7 @@ def test_frozen_weights_stay_identical_stay_out_of_the_optimizer_and_resume_is_b
 ) -> None:
     freeze = {"blocks": 2, "embeddings": True}
     ref_cfg = _load(tmp_path / "ref.yaml", _ft_config(base, tmp_path / "ref", steps=8, freeze=freeze))
-    ref = Trainer(ref_cfg, CPU)
+    ref = Trainer.from_config(ref_cfg, CPU)
     before = _params(ref.model)
     trainable = {id(p) for p in ref.model.parameters() if p.requires_grad}
     in_opt = [p for g in ref.optimizer.param_groups for p in g["params"]]
@@ -157,9 +157,9 @@ def test_frozen_weights_stay_identical_stay_out_of_the_optimizer_and_resume_is_b
 
     # stop after step 4 with a checkpoint, resume in a new trainer: same losses and weights, bit for bit
     cfg = _load(tmp_path / "k.yaml", _ft_config(base, tmp_path / "k", steps=8, freeze=freeze))
-    first = Trainer(cfg, CPU)
+    first = Trainer.from_config(cfg, CPU)
     assert first.run(should_stop=lambda: first.step >= 4).status == "stopped"
-    res = Trainer(cfg, CPU, resume=True).run()
+    res = Trainer.from_config(cfg, CPU, resume=True).run()
     assert res.steps == 8
     assert _train_losses(tmp_path / "k") == _train_losses(tmp_path / "ref")
     a = load_file(str(latest_checkpoint(tmp_path / "ref") / "model.safetensors"))
@@ -169,7 +169,7 @@ def test_frozen_weights_stay_identical_stay_out_of_the_optimizer_and_resume_is_b
     # resuming with other freeze settings names them
     other = _load(tmp_path / "o.yaml", _ft_config(base, tmp_path / "k", steps=8, freeze={"blocks": 1}))
     with pytest.raises(CheckpointError, match="same freeze settings"):
-        Trainer(other, CPU, resume=True)
+        Trainer.from_config(other, CPU, resume=True)
 
 
 def test_freezing_a_tied_embedding_freezes_the_head() -> None:
@@ -196,7 +196,7 @@ def test_the_tokenizer_comes_from_the_checkpoint_when_data_tokenizer_is_omitted(
     c = make_config(tmp_path / "ft", steps=2, init_from=str(tmp_path / "base"))
     del c["model"], c["model_overrides"]
     c["data"] = data  # no data.tokenizer: the run's tokenizer/ beside checkpoints/
-    t = Trainer(_load(tmp_path / "ft.yaml", c), CPU)
+    t = Trainer.from_config(_load(tmp_path / "ft.yaml", c), CPU)
     manifest = json.loads((t.tokens_dir / "manifest.json").read_text())
     assert manifest["tokenizer"]["sha256"] == tokenizer_sha256(token_tokenizer)
     assert t.model_cfg.vocab_size == 640  # the checkpoint's (600 rounded when it was trained)
@@ -213,6 +213,6 @@ def test_the_tokenizer_comes_from_the_checkpoint_when_data_tokenizer_is_omitted(
     bare = tmp_path / "bare"
     shutil.copytree(latest_checkpoint(tmp_path / "base"), bare)
     with pytest.raises(ConfigError, match=r"carries no tokenizer.*set data\.tokenizer"):
-        Trainer(_load(tmp_path / "bare.yaml", {**c, "init_from": str(bare)}), CPU)
+        Trainer.from_config(_load(tmp_path / "bare.yaml", {**c, "init_from": str(bare)}), CPU)
     with pytest.raises(ConfigError, match=r"data\.run needs data\.tokenizer.*or init_from"):
         _load(tmp_path / "x.yaml", {**c, "init_from": None})

@@ -28,18 +28,18 @@ def _lines(run: Path) -> list[str]:
 
 def test_a_second_trainer_on_a_directory_in_use_is_refused(make_config, tmp_path: Path) -> None:
     cfg = load_train_config(make_config.write(tmp_path / "c.yaml", make_config(tmp_path / "run", steps=4)))
-    first = Trainer(cfg, CPU)
+    first = Trainer.from_config(cfg, CPU)
     try:
         with pytest.raises(DirectoryLockedError, match=r"in use by another process \(pid \d+\)"):
-            Trainer(cfg, CPU)
+            Trainer.from_config(cfg, CPU)
     finally:
         first.close()
-    Trainer(cfg, CPU).close()  # released: the directory is free again
+    Trainer.from_config(cfg, CPU).close()  # released: the directory is free again
 
 
 def test_the_lock_is_held_across_processes(make_config, tmp_path: Path) -> None:
     cfg = load_train_config(make_config.write(tmp_path / "c.yaml", make_config(tmp_path / "run", steps=4)))
-    first = Trainer(cfg, CPU)
+    first = Trainer.from_config(cfg, CPU)
     try:
         code = (
             "import sys; from moeforge.io import DirectoryLock, DirectoryLockedError\n"

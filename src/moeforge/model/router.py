@@ -37,10 +37,12 @@ _count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def set_count_reducer(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-    """Make the balancing loss use load fractions over the *global* batch: ``fn`` sums a tensor over all
-    data-parallel processes (``all_reduce``). Set by the trainer under DDP and cleared after; ``model/``
-    itself never imports ``torch.distributed``. With it, N processes compute exactly the loss of one
-    process holding the whole batch (``P_i`` stays local and is averaged by DDP's gradient mean)."""
+    """The one path by which routing statistics become global: ``fn`` sums a tensor over all data-parallel
+    processes (``all_reduce``). Set by :func:`moeforge.train.distributed.init_distributed` under torchrun
+    and cleared at shutdown; ``model/`` itself never imports ``torch.distributed``. With it the balancing
+    loss uses load fractions over the *global* batch, so N processes compute exactly the loss of one
+    process holding the whole batch (``P_i`` stays local and is averaged by DDP's gradient mean), and
+    :meth:`Router.step` moves the aux-free bias by the global step's loads, the same on every process."""
     global _count_reducer
     _count_reducer = fn
 
@@ -220,11 +222,33 @@ class Router(nn.Module):
             weights_Nk = weights_Nk / weights_Nk.sum(-1, keepdim=True)
         return indices_Nk, weights_Nk
 
+    def select_for_decode(
+        self, logits_NE: torch.Tensor, ghost_alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`select_from_logits` in the fewest operations the rule allows, for a decode step whose
+        logits come out of a larger fused matmul: a renormalized top-k of a softmax (no bias, no ghosts,
+        no straight-through) is the softmax of the top-k logits, two operations instead of four (every
+        distinct operation after a weight-streaming GEMM pays for a cold cache). Weights equal
+        :meth:`select_from_logits`' up to float rounding, and so do the indices but for exact ties."""
+        if self.renormalize and not (self.straight_through or self.aux_free_bias_rate or self.num_ghost):
+            top_Nk, indices_Nk = torch.topk(logits_NE, self.top_k, dim=-1)
+            return indices_Nk, torch.softmax(top_Nk, dim=-1)
+        return self.select_from_logits(logits_NE, ghost_alpha)
+
     @torch.no_grad()
     def step(self, ghost_alpha: torch.Tensor | None = None) -> None:
         """Advance the router one optimizer step: anneal noise, move the aux-free bias toward balance."""
         self.num_steps += 1
-        if self.aux_free_bias_rate > 0.0 and self.load_since_step.sum() > 0:
+        if self.aux_free_bias_rate > 0.0:
+            # the loads of the whole data-parallel step: every process moves its bias by the same amount
+            # (this runs on every process together, the sum before any test of it)
+            if _count_reducer is not None:
+                self.load_since_step.copy_(_count_reducer(self.load_since_step))
+            self._move_bias(ghost_alpha)
+        self.load_since_step.zero_()
+
+    def _move_bias(self, ghost_alpha: torch.Tensor | None) -> None:
+        if self.load_since_step.sum() > 0:
             active = self.active_mask(ghost_alpha)
             load = self.load_since_step
             if active is None:
@@ -233,4 +257,3 @@ class Router(nn.Module):
             else:
                 mean = load[active].mean()
                 self.expert_bias[active] += self.aux_free_bias_rate * torch.sign(mean - load[active])
-        self.load_since_step.zero_()

@@ -1,17 +1,13 @@
-"""Evaluation: valid/test loss and perplexity, overall and per domain, eval batches, the optional splits.
+"""Evaluation: valid/test loss and perplexity, overall and per domain, and the eval batches.
 
-Split out of :mod:`moeforge.train.trainer`, which re-exports :func:`evaluate` and :func:`eval_batches`;
-the autocast and model-input helpers are shared with the training step there.
+Forwards go through the same :func:`~moeforge.train.objectives.autocast` and
+:func:`~moeforge.train.objectives.model_inputs` as the training objective.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,23 +16,9 @@ import torch.nn.functional as F
 from moeforge.model.transformer import MoETransformer
 from moeforge.tokens.loader import TokenDataset, build_batch
 from moeforge.train.distributed import DistInfo, all_reduce_sum_tensor
+from moeforge.train.objectives import autocast, model_inputs
 
 __all__ = ["eval_batches", "evaluate"]
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document: bool) -> dict[str, Any]:
-    kw: dict[str, Any] = {"labels_BT": batch["labels"].to(device)}
-    if document:
-        kw["doc_ids_BT"] = batch["doc_ids"].to(device)
-        kw["positions_BT"] = batch["positions"].to(device)
-    return kw
 
 
 def eval_batches(
@@ -77,8 +59,8 @@ def evaluate(
     counts = torch.zeros(n_dom, dtype=torch.float64)
     for batch in batches:
         ids = batch["input_ids"].to(device)
-        with _autocast(device, precision):
-            kw = _model_inputs(batch, device, document)
+        with autocast(device, precision):
+            kw = model_inputs(batch, device, document)
             labels = kw.pop("labels_BT")
             out = model(ids, **kw)
         tok_loss = F.cross_entropy(
@@ -105,11 +87,3 @@ def evaluate(
             res[f"loss/{name}"] = dl
             res[f"ppl/{name}"] = math.exp(min(dl, 50.0))
     return res
-
-
-def _optional_split(tokens: Path, split: str) -> TokenDataset | None:
-    m = json.loads((tokens / "manifest.json").read_text())
-    s = (m.get("splits") or {}).get(split)
-    if not s or not s.get("samples"):
-        return None
-    return TokenDataset(tokens, split)

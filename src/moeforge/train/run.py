@@ -38,7 +38,7 @@ def run_training(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        trainer = Trainer(cfg, info, resume=resume, overwrite=overwrite)
+        trainer = Trainer.from_config(cfg, info, resume=resume, overwrite=overwrite)
         try:
             return trainer.run(progress=progress if info.is_main else None, should_stop=lambda: stop["asked"])
         finally:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,24 +37,29 @@ from moeforge.io import DirectoryLock, atomic_write_bytes, atomic_write_json, at
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.model.transformer import MoETransformer
-from moeforge.tokens.loader import TokenDataset, TokenLoader
+from moeforge.tokens.loader import TokenDataset
 from moeforge.train import checkpoint as ckpt
-from moeforge.train.collapse import CollapseDetector
-from moeforge.train.config import (
-    TrainConfig,
-    checkpoint_model_config,
-    resolve_init_from,
-    resolve_model,
-    resolve_tokenizer,
+from moeforge.train.build import (
+    RunInputs,
+    build_loader,
+    build_model,
+    check_start,
+    open_splits,
+    prepare_run,
+    restore,
+    seed_everything,
 )
-from moeforge.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum_tensor, barrier, wrap_model
-from moeforge.train.evaluation import _autocast, _model_inputs, _optional_split, eval_batches, evaluate
+from moeforge.train.collapse import CollapseDetector
+from moeforge.train.config import TrainConfig, checkpoint_model_config, resolve_model
+from moeforge.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_model
+from moeforge.train.evaluation import eval_batches, evaluate
 from moeforge.train.ghost import GhostController
 from moeforge.train.guard import check_resources
 from moeforge.train.metrics import MetricsWriter, RoutingAccumulator, Throughput, measure_peak_flops, mfu
+from moeforge.train.objectives import build_objective
 from moeforge.train.optim import build_optimizer, freeze_parameters, lr_at, set_lr
 
-__all__ = ["TrainResult", "Trainer", "eval_batches", "evaluate", "prepare_tokens"]
+__all__ = ["ProgressFn", "TrainResult", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -72,44 +76,21 @@ class TrainResult:
     collapse_events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint: Path | None = None) -> Path:
-    """The tokenized directory for ``cfg.data``: given, or built (on rank 0) through the token cache with
-    ``data.tokenizer`` or, when that is omitted, the ``init_from`` checkpoint's tokenizer (``checkpoint``:
-    the already-resolved init_from)."""
-    if cfg.data.tokens is not None:
-        return Path(cfg.data.tokens)
-    from moeforge.tokens.tokenize import tokenize_run
-
-    assert cfg.data.run is not None
-    tokenizer = resolve_tokenizer(cfg, checkpoint)
-    assert tokenizer is not None
-    if cfg.data.tokenizer is None:
-        log.info("tokenizing %s with the init_from checkpoint's tokenizer %s", cfg.data.run, tokenizer)
-
-    def build() -> Path:
-        return tokenize_run(
-            cfg.data.run,
-            tokenizer,
-            seq_len=cfg.data.seq_len,
-            mode=cfg.data.mode,
-            cache_root=cfg.data.cache_dir,
-            max_records=cfg.data.max_records,
-        ).path
-
-    if info is None or not info.enabled:
-        return build()
-    path = build() if info.is_main else None
-    barrier(info)
-    return path if path is not None else build()  # a cache hit on the other ranks
-
-
 class Trainer:
-    """Builds everything from a :class:`TrainConfig` and runs it; see the module docstring."""
+    """Assembles a run from its build functions (:mod:`moeforge.train.build`) and runs it; see the module
+    docstring. :meth:`from_config` is the whole assembly, data preparation included."""
 
     def __init__(
-        self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False, overwrite: bool = False
+        self,
+        cfg: TrainConfig,
+        info: DistInfo,
+        inputs: RunInputs,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
-        """``resume`` continues from the run's latest checkpoint; without it a directory that holds an
+        """``inputs``: the prepared data and init checkpoint (:func:`~moeforge.train.build.prepare_run`).
+        ``resume`` continues from the run's latest checkpoint; without it a directory that holds an
         earlier run's checkpoints is refused (:class:`~moeforge.train.checkpoint.CheckpointError`) unless
         ``overwrite``, which deletes that run's checkpoints, metrics and summary first. The main process
         holds ``RUN/.lock`` from here until :meth:`run` ends or :meth:`close` (a second trainer on the same
@@ -120,10 +101,19 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self._lock = DirectoryLock(self.run_dir, "the training run") if info.is_main else None
         try:
-            self._setup(resume, overwrite)
+            self._setup(inputs, resume, overwrite)
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_config(
+        cls, cfg: TrainConfig, info: DistInfo, *, resume: bool = False, overwrite: bool = False
+    ) -> Trainer:
+        """Refuse early when the directory holds another run (before any tokenizing), prepare the data,
+        then build the trainer."""
+        check_start(Path(cfg.out_dir), resume=resume, overwrite=overwrite)
+        return cls(cfg, info, prepare_run(cfg, info), resume=resume, overwrite=overwrite)
 
     def close(self) -> None:
         """Release the run directory's lock (idempotent; :meth:`run` calls it when it ends)."""
@@ -133,37 +123,26 @@ class Trainer:
 
     def _start_over(self, resume: bool, overwrite: bool) -> None:
         """Refuse to train over an earlier run's checkpoints unless told to (see :meth:`__init__`)."""
-        found = ckpt.list_checkpoints(self.run_dir)
+        found = check_start(self.run_dir, resume=resume, overwrite=overwrite)
         if resume or not found:
             return
-        if not overwrite:
-            raise ckpt.CheckpointError(
-                f"{self.run_dir} holds an earlier run's checkpoints (latest step {found[-1][0]}); continue it "
-                "with --resume, train elsewhere with --set out_dir=DIR, or replace it with --overwrite"
-            )
         if self.info.is_main:
             log.warning("--overwrite: deleting the earlier run's checkpoints and metrics in %s", self.run_dir)
             shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
             for name in ("metrics.jsonl", "summary.json"):
                 (self.run_dir / name).unlink(missing_ok=True)
 
-    def _setup(self, resume: bool, overwrite: bool) -> None:
+    def _setup(self, inputs: RunInputs, resume: bool, overwrite: bool) -> None:
         cfg, info = self.cfg, self.info
         self._start_over(resume, overwrite)
         self.document = cfg.data.attention == "document"
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
 
-        # init_from resolved once: a run directory's "latest" must not move between these uses
-        self.init_ckpt: Path | None = resolve_init_from(cfg.init_from) if cfg.init_from else None
-        tokens = prepare_tokens(cfg, info, checkpoint=self.init_ckpt)
-        self.tokens_dir = tokens
-        self.train_ds = TokenDataset(tokens, "train")
-        self.valid_ds = _optional_split(tokens, "valid")
-        self.test_ds = _optional_split(tokens, "test")
-        vocab = int(json.loads((tokens / "manifest.json").read_text())["tokenizer"]["vocab_size"])
-        self.model_cfg: ModelConfig = resolve_model(cfg, vocab, checkpoint=self.init_ckpt)
+        self.init_ckpt: Path | None = inputs.init_from
+        self.tokens_dir = inputs.tokens
+        splits = open_splits(inputs.tokens)
+        self.train_ds, self.valid_ds, self.test_ds = splits.train, splits.valid, splits.test
+        self.model_cfg: ModelConfig = resolve_model(cfg, splits.vocab_size, checkpoint=self.init_ckpt)
         dtype = (
             "bfloat16"
             if (cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"))
@@ -178,8 +157,7 @@ class Trainer:
             shard_over=info.world_size if cfg.distributed == "fsdp" else 1,
         )
 
-        torch.manual_seed(cfg.seed)
-        self.model = MoETransformer(self.model_cfg).to(self.device)
+        self.model = build_model(self.model_cfg, seed=cfg.seed, device=self.device)
         self.ghost = GhostController(self.model, cfg.ghost)
         self.frozen = freeze_parameters(self.model, cfg.freeze)
         if info.is_main:
@@ -191,14 +169,10 @@ class Trainer:
                 f"; frozen: {_describe_freeze(cfg)}" if self.frozen.frozen else "",
             )
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # the preference objectives will be chosen by the config; language modeling is the only one today
+        self.objective = build_objective("lm", self.device, cfg.precision, document=self.document)
         self.collapse = CollapseDetector.from_config(cfg.collapse)
-        self.loader = TokenLoader(
-            self.train_ds,
-            batch_size=cfg.micro_batch,
-            seed=cfg.seed,
-            rank=info.rank,
-            world_size=info.world_size,
-        )
+        self.loader = build_loader(self.train_ds, cfg, info)
         self.step = 0
         self.tokens_seen = 0
         self.best_valid: float | None = None
@@ -212,7 +186,15 @@ class Trainer:
             if latest is None:  # a resumed run continues from its own checkpoint instead
                 self._load_init(self.init_ckpt)
         if latest is not None:
-            self._restore(latest)
+            r = restore(
+                latest,
+                self.model,
+                self.optimizer,
+                {"loader": self.loader, "collapse": self.collapse, "ghost": self.ghost},
+                world_size=info.world_size,
+                freeze=cfg.freeze.model_dump(mode="json"),
+            )
+            self.step, self.tokens_seen, self.best_valid = r.step, r.tokens_seen, r.best_valid
         self.ddp_model = wrap_model(self.model, info, cfg.distributed)
         if cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)  # type: ignore[assignment]
@@ -285,31 +267,6 @@ class Trainer:
             "world_size": self.info.world_size,
         }
 
-    def _restore(self, path: Path) -> None:
-        try:
-            c = ckpt.load_checkpoint(path, self.model, self.optimizer)
-        except ckpt.CheckpointError as exc:
-            saved = _read_state(path).get("config", {}).get("freeze")
-            now = self.cfg.freeze.model_dump(mode="json")
-            if saved is not None and saved != now:
-                raise ckpt.CheckpointError(
-                    f"{exc}\n{path} was written with freeze {saved}, this config has {now}; "
-                    "resume with the same freeze settings"
-                ) from exc
-            raise
-        s = c.state
-        if s.get("world_size", 1) != self.info.world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was written by a run with {s.get('world_size')} processes; resume with the same number"
-            )
-        self.step = c.step
-        self.tokens_seen = int(s["tokens_seen"])
-        self.best_valid = s.get("best_valid")
-        self.loader.load_state_dict(s["loader"])
-        self.collapse.load_state_dict(s["collapse"])
-        self.ghost.load_state_dict(s["ghost"])
-        log.info("resumed from %s (step %d)", path, self.step)
-
     def save(self, metric: float | None = None) -> Path | None:
         barrier(self.info)
         if not self.info.is_main:
@@ -335,44 +292,33 @@ class Trainer:
         lr = lr_at(self.step, cfg.optim, cfg.steps)
         set_lr(self.optimizer, lr)
         self.model.train()
-        lm_sum = aux_sum = 0.0
+        sums = dict.fromkeys(self.objective.scalar_names, 0.0)
         tokens = 0
         for i, batch in self._micro_batches():
             last = i == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.info.enabled else self.ddp_model.no_sync()  # type: ignore[operator]
             with sync:
-                ids = batch["input_ids"].to(self.device)
-                with _autocast(self.device, cfg.precision):
-                    out = self.ddp_model(ids, **_model_inputs(batch, self.device, self.document))
-                loss = out.loss
-                assert loss is not None
-                total = loss + out.aux_loss if out.aux_loss is not None else loss
-                (total / cfg.grad_accum).backward()
-            lm_sum += float(loss.detach())
-            aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            tokens += int(ids.numel())
-            self.routing.add(out.moe_stats)
-            self.ghost.observe(self.step, out.moe_stats)
+                res = self.objective(self.ddp_model, batch)
+                (res.loss / cfg.grad_accum).backward()
+            for k, v in res.scalars.items():
+                sums[k] += float(v)
+            tokens += res.tokens
+            self.routing.add(res.moe_stats)
+            self.ghost.observe(self.step, res.moe_stats)
         grad_norm = float("nan")
         if cfg.optim.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
         with self.ghost.scaled_updates():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.info.enabled:  # every rank must move its aux-free biases by the same global loads
-            for layer in self.model.moe_layers():
-                layer.router.load_since_step.copy_(
-                    all_reduce_sum_tensor(layer.router.load_since_step, self.info)
-                )
-        self.model.router_step()
+        self.model.router_step()  # aux-free biases move by the global loads (router.set_count_reducer)
         ghost_events = self.ghost.step(self.step)
         self.step += 1
         global_tokens = tokens * self.info.world_size
         self.tokens_seen += global_tokens
         self.throughput.update(global_tokens)
         out_scalars = {
-            "loss": lm_sum / cfg.grad_accum,
-            "aux_loss": aux_sum / cfg.grad_accum,
+            **{k: v / cfg.grad_accum for k, v in sums.items()},
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_seen": float(self.tokens_seen),
@@ -460,7 +406,7 @@ class Trainer:
         return res
 
     def _log(self, window: list[dict[str, float]]) -> None:
-        agg = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "aux_loss", "grad_norm")}
+        agg = {k: float(np.mean([w[k] for w in window])) for k in (*self.objective.scalar_names, "grad_norm")}
         agg["loss"] = all_reduce_mean(agg["loss"], self.info)
         last = window[-1]
         tps = self.throughput.tokens_per_s
@@ -552,11 +498,3 @@ def _shape_changing_overrides(base: dict[str, Any], overrides: dict[str, Any]) -
         if ref is None or _weight_shapes(trial) != ref:
             out.append(f"{'.'.join(path)} ({old!r} → {new!r})")
     return out or [f"{'.'.join(p)} ({o!r} → {n!r})" for p, o, n in changed]
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
