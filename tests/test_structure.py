@@ -4,6 +4,9 @@ downstream reaching back upstream).
 
 Every import counts: module level and function-local, absolute and relative, and those under
 ``if TYPE_CHECKING:`` (a dependency the type checker sees is still a dependency of the design).
+
+And a module is either code or a package's public face, never both: outside ``__init__.py``, every name a
+module lists in ``__all__`` is one it defines, so each name has one module to import it from.
 """
 
 from __future__ import annotations
@@ -262,6 +265,115 @@ def area_cycles(edges: list[Edge], root: str = ROOT) -> list[str]:
     return import_cycles([e for e in lifted if e.importer != e.target])
 
 
+# ---- only a package's __init__ re-exports ----
+
+
+def _bound_names(target: ast.expr) -> set[str]:
+    """The names an assignment target binds: ``x``, ``a, b``, ``[a, *rest]`` (not ``obj.x`` or ``d[k]``)."""
+    if isinstance(target, ast.Name):
+        return {target.id}
+    if isinstance(target, ast.Starred):
+        return _bound_names(target.value)
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return {n for elt in target.elts for n in _bound_names(elt)}
+    return set()
+
+
+def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements that run in the module's own namespace: its body and the blocks of its top-level
+    ``if``/``try``/``with``/``for``/``while``, never the bodies of its functions or classes."""
+    out: list[ast.stmt] = []
+    for node in body:
+        out.append(node)
+        if isinstance(node, ast.Try | ast.TryStar):
+            blocks = [node.body, *(h.body for h in node.handlers), node.orelse, node.finalbody]
+        elif isinstance(node, ast.If | ast.For | ast.AsyncFor | ast.While):
+            blocks = [node.body, node.orelse]
+        elif isinstance(node, ast.With | ast.AsyncWith):
+            blocks = [node.body]
+        else:
+            blocks = []
+        for block in blocks:
+            out.extend(_module_level(block))
+    return out
+
+
+def defined_names(module: ast.Module) -> set[str]:
+    """The names a module defines at module level: ``def``, ``class`` and assignments — not imports."""
+    names: set[str] = set()
+    for node in _module_level(module.body):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(n for t in node.targets for n in _bound_names(t))
+        elif isinstance(node, ast.AnnAssign | ast.AugAssign | ast.For | ast.AsyncFor):
+            names.update(_bound_names(node.target))
+        elif isinstance(node, ast.With | ast.AsyncWith):
+            names.update(
+                n for item in node.items if item.optional_vars for n in _bound_names(item.optional_vars)
+            )
+    return names
+
+
+def _imported_from(module: ast.Module, name: str, path: str, source: Source) -> str | None:
+    """Where the module's own import of ``name`` takes it from, for the message; None if it does not import it."""
+    for node in ast.walk(module):
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    base = (
+                        _resolve_relative(path, source.is_package, node.level, node.module)
+                        if node.level
+                        else node.module or ""
+                    )
+                    return base if alias.name == name else f"{base} (as {alias.name!r})"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if (alias.asname or alias.name.split(".")[0]) == name:
+                    return alias.name
+    return None
+
+
+def reexports(tree: dict[str, Source]) -> list[str]:
+    """Names in a non-``__init__`` module's ``__all__`` that the module does not define itself.
+
+    Such a module re-exports what it imports, so a name has two homes and importers drift to the wrong
+    one; only a package's ``__init__`` is a public face. An ``__all__`` that is not a literal list or tuple
+    of strings cannot be checked and is reported too.
+    """
+    found = []
+    for module, src in tree.items():
+        if src.is_package:
+            continue
+        parsed = ast.parse(src.text, filename=src.path)
+        listed: list[tuple[str, int]] = []
+        for node in _module_level(parsed.body):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            else:
+                continue
+            if not any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+                continue
+            value = node.value
+            if not (
+                isinstance(value, ast.List | ast.Tuple)
+                and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in value.elts)
+            ):
+                found.append(f"{src.path}:{node.lineno}: {module}.__all__ is not a literal list of strings")
+                continue
+            listed.extend((e.value, node.lineno) for e in value.elts)  # type: ignore[attr-defined]
+        defined = defined_names(parsed)
+        for name, line in listed:
+            if name in defined:
+                continue
+            origin = _imported_from(parsed, name, module, src)
+            how = f"imports it from {origin}; import it from there" if origin else "never defines it"
+            found.append(f"{src.path}:{line}: {module} lists {name!r} in __all__ but {how}")
+    return found
+
+
 def _report(title: str, problems: list[str]) -> str:
     return f"{len(problems)} {title}:\n" + "\n".join(problems)
 
@@ -293,6 +405,15 @@ def test_areas_form_layers() -> None:
     )
 
 
+def test_only_packages_reexport() -> None:
+    found = reexports(load_tree())
+    assert not found, _report(
+        "name(s) in a module's __all__ that it does not define — a module that is not an __init__.py "
+        "lists only its own names; importers take an imported name from the module that defines it",
+        found,
+    )
+
+
 def test_every_area_named_in_the_rules_exists() -> None:
     """A renamed package must not silently empty a rule."""
     areas = {area(m) for m in load_tree()}
@@ -301,6 +422,17 @@ def test_every_area_named_in_the_rules_exists() -> None:
 
 
 # ---- the checker itself, on a synthetic tree, so the checks above cannot pass vacuously ----
+
+
+def _build(files: dict[str, str]) -> dict[str, Source]:
+    tree = {}
+    for path, text in files.items():
+        parts = path[: -len(".py")].split("/")
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts.pop()
+        tree[".".join(parts)] = Source(text, is_package, path)
+    return tree
 
 
 def _synthetic() -> dict[str, Source]:
@@ -322,14 +454,7 @@ def _synthetic() -> dict[str, Source]:
         "pkg/__main__.py": "from pkg.cli.main import f\n",
         "pkg/e.py": "from pkg.cli import main\n",
     }
-    tree = {}
-    for path, text in files.items():
-        parts = path[: -len(".py")].split("/")
-        is_package = parts[-1] == "__init__"
-        if is_package:
-            parts.pop()
-        tree[".".join(parts)] = Source(text, is_package, path)
-    return tree
+    return _build(files)
 
 
 def test_checker_resolves_every_kind_of_import() -> None:
@@ -372,3 +497,52 @@ def test_checker_reports_layering() -> None:
     cycles = area_cycles(collect_edges(_synthetic(), root="pkg"), root="pkg")
     # a, b and c are top-level modules of pkg, so areas of their own: their cycle is one between areas too
     assert len(cycles) == 2 and cycles[1].startswith("import cycle high → low → high "), cycles
+
+
+def test_checker_reports_reexports() -> None:
+    tree = _build(
+        {
+            # a package's public face may list what it imports
+            "pkg/__init__.py": 'from pkg.own import run\n__all__ = ["run"]\n',
+            # every way a module defines a name at module level, and none of them an import
+            "pkg/own.py": (
+                "import sys\n"
+                "def run(): pass\n"
+                "async def arun(): pass\n"
+                "class Kind: pass\n"
+                "LIMIT = 1\n"
+                "SIZE: int = 2\n"
+                "first, *rest = 1, 2, 3\n"
+                "if sys.platform:\n    LATER = 3\nelse:\n    LATER = 4\n"
+                "try:\n    import fast as _impl\nexcept ImportError:\n    FALLBACK = 5\n"
+                '__all__ = ["run", "arun", "Kind", "LIMIT", "SIZE", "first", "rest", "LATER", "FALLBACK"]\n'
+                '__all__ += ["LIMIT"]\n'
+            ),
+            # the planted violations
+            "pkg/face.py": (
+                "import os\n"
+                "from pkg.own import Kind, run as start\n"
+                "from .sub.deep import Deep\n"
+                "def helper():\n    local = 1\n    return local\n"
+                '__all__ = ["helper", "Kind", "start", "Deep", "os", "local"]\n'
+                '__all__ += ["missing"]\n'
+            ),
+            "pkg/dyn.py": "__all__ = [name for name in dir()]\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/deep.py": 'class Deep: pass\n__all__ = ["Deep"]\n',
+        }
+    )
+    found = reexports(tree)
+    assert len(found) == 7, found
+    assert (
+        "pkg/face.py:7: pkg.face lists 'Kind' in __all__ but imports it from pkg.own; import it from there"
+        in found
+    )
+    assert any("'start' in __all__ but imports it from pkg.own (as 'run')" in f for f in found)
+    assert any("'Deep' in __all__ but imports it from pkg.sub.deep" in f for f in found)  # relative import
+    assert any("'os' in __all__ but imports it from os" in f for f in found)
+    assert any(
+        "'local' in __all__ but never defines it" in f for f in found
+    )  # function-local is not module level
+    assert "pkg/face.py:8: pkg.face lists 'missing' in __all__ but never defines it" in found  # via +=
+    assert any("pkg.dyn.__all__ is not a literal list of strings" in f for f in found)

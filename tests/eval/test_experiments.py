@@ -16,15 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from moeforge.config import ConfigError
-from moeforge.eval.experiments import (
-    aggregate_runs,
-    derive_findings,
-    load_emergence_config,
-    render_report,
-    resolve_models,
-    routing_stats,
-    train_config,
-)
+from moeforge.eval.emergence_config import load_emergence_config, resolve_models, train_config
+from moeforge.eval.findings import aggregate_runs, derive_findings, render_report, routing_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "experiments" / "emergence-tiny.yaml"

@@ -93,7 +93,8 @@ def test_tokenizer_and_chat_prompt_equal_transformers(ckpt: Path, reference) -> 
 
 
 def test_engine_answers_the_capital_question_like_transformers(ckpt: Path, reference) -> None:
-    from moeforge.serve.engine import Engine, SamplingParams
+    from moeforge.serve.engine import Engine
+    from moeforge.serve.sampling import SamplingParams
 
     engine = Engine.from_checkpoint(ckpt)  # the fast CPU decode path
     reply = engine.chat(CAPITAL, SamplingParams(max_tokens=32, temperature=0.0))
@@ -148,7 +149,8 @@ def test_sft_fine_tune_of_the_imported_model_with_its_own_chat_template(
 ) -> None:
     """init_from the imported checkpoint with its own tokenizer (no retraining) and chat spec, SFT on ChatML
     chats, the first 28 blocks and the embeddings frozen; the result still serves and answers."""
-    from moeforge.serve.engine import Engine, SamplingParams
+    from moeforge.serve.engine import Engine
+    from moeforge.serve.sampling import SamplingParams
     from moeforge.tokens.loader import TokenDataset
     from moeforge.train.config import TrainConfig
     from moeforge.train.run import run_training

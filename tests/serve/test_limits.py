@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 
 from moeforge.model.config import load_model_config
 from moeforge.model.transformer import MoETransformer
-from moeforge.serve.api import create_app
+from moeforge.serve.api import ServeError, create_app
 from moeforge.serve.engine import Engine
-from moeforge.serve.loading import ServeError, bind_socket
+from moeforge.serve.loading import bind_socket
 
 
 @pytest.fixture(scope="module")

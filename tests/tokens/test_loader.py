@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeforge.tokens.loader import MixtureSampler, ResumableSampler, TokenDataset, TokenLoader
+from moeforge.tokens.loader import TokenDataset, TokenLoader
+from moeforge.tokens.sampling import MixtureSampler, ResumableSampler
 from moeforge.tokens.shards import IndexedShardWriter, ShardError
 
 PAD = 3

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from moeforge.model.config import load_model_config
-from moeforge.model.sizing import memory_estimate
+from moeforge.model.sizing import GIB, memory_estimate
 from moeforge.train import guard
-from moeforge.train.guard import GIB, USABLE_FRACTION, ResourceError, available_memory, check_resources
+from moeforge.train.guard import USABLE_FRACTION, ResourceError, available_memory, check_resources
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from moeforge.model.moe import MoEStats
 from moeforge.model.sizing import flops_per_token
 from moeforge.model.transformer import MoETransformer
 from moeforge.train import metrics
-from moeforge.train.metrics import MetricsWriter, RoutingAccumulator, Throughput, measure_peak_flops, mfu
+from moeforge.train.metric_log import MetricsWriter
+from moeforge.train.metrics import RoutingAccumulator, Throughput, measure_peak_flops, mfu
 
 
 def _stats(

@@ -40,7 +40,8 @@ def emergence(
 ) -> None:
     """Dense vs MoE top-1 (LB + z loss, annealed noise) vs MoE without LB vs MoE top-2 on code / math /
     prose with one token budget, each variant over its seeds; writes report.md, results.json and charts."""
-    from moeforge.eval.experiments import load_emergence_config, run_emergence
+    from moeforge.eval.emergence_config import load_emergence_config
+    from moeforge.eval.experiments import run_emergence
 
     sets = [*overrides, *([f"out_dir={out}"] if out is not None else [])]
     cfg = load_emergence_config(config, sets, quick=quick)

@@ -20,7 +20,7 @@ from moeforge.data.store import ShardInfo
 if TYPE_CHECKING:
     from moeforge.data.recipe import Recipe
     from moeforge.data.reduce import ReduceResult
-    from moeforge.data.stages import StageCount
+    from moeforge.data.steps import StageCount
 
 __all__ = ["MANIFEST_FORMAT", "ManifestError", "build_manifest", "load_manifest"]
 

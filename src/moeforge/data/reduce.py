@@ -24,7 +24,8 @@ from moeforge.data.mix import MixPlan, plan_mixture
 from moeforge.data.plan import Task
 from moeforge.data.recipe import Recipe
 from moeforge.data.split import SPLITS, check_split_sizes
-from moeforge.data.stages import StageCount, task_dir
+from moeforge.data.stages import task_dir
+from moeforge.data.steps import StageCount
 from moeforge.data.store import ShardInfo, ShardWriter, iter_lines
 from moeforge.io import atomic_directory, sha256_file
 

@@ -27,11 +27,11 @@ from typing import Any
 
 from moeforge.data.plan import Task
 from moeforge.data.recipe import Recipe
-from moeforge.data.steps import StageCount, TaskContext, build_steps, run_steps
+from moeforge.data.steps import TaskContext, build_steps, run_steps
 from moeforge.io import atomic_directory, atomic_write_json
 from moeforge.procs import worker_fence
 
-__all__ = ["StageCount", "run_map_task", "task_dir"]
+__all__ = ["run_map_task", "task_dir"]
 
 
 def task_dir(work: Path, task: Task) -> Path:

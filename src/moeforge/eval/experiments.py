@@ -23,7 +23,7 @@ no-LB ablation, collapse) are set out in :mod:`moeforge.eval.emergence_config`; 
   whenever another job takes a core. A run's result does not depend on which process trained it.
 
 The configuration lives in :mod:`moeforge.eval.emergence_config`, the findings and the report in
-:mod:`moeforge.eval.findings`; this module runs the experiment and re-exports their public names.
+:mod:`moeforge.eval.findings`; this module runs the experiment.
 """
 
 from __future__ import annotations
@@ -47,15 +47,12 @@ from moeforge.eval.emergence_config import (
     EmergenceConfig,
     ExperimentError,
     RunSpec,
-    VariantConfig,
-    load_emergence_config,
     resolve_models,
     train_config,
 )
 from moeforge.eval.findings import (
     STUDY,
     ExperimentResult,
-    Finding,
     aggregate_runs,
     derive_findings,
     pct_change,
@@ -67,18 +64,7 @@ from moeforge.io import atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.procs import spawn_pool
 
-__all__ = [
-    "STUDY",
-    "EmergenceConfig",
-    "ExperimentError",
-    "ExperimentResult",
-    "Finding",
-    "VariantConfig",
-    "derive_findings",
-    "load_emergence_config",
-    "render_report",
-    "run_emergence",
-]
+__all__ = ["run_emergence"]
 
 log = logging.getLogger(__name__)
 

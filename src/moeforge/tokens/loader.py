@@ -22,7 +22,7 @@ ranks) and a :class:`MixtureSampler` interleaves datasets by smooth weighted rou
 exact: ``state_dict()`` is a small JSON-able dict, identical on every rank, and after
 ``load_state_dict()`` the loader yields exactly the batches an uninterrupted run would have yielded.
 
-The samplers live in :mod:`moeforge.tokens.sampling` and are re-exported here.
+The samplers live in :mod:`moeforge.tokens.sampling`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeforge.tokens.sampling import MixtureSampler, ResumableSampler
+from moeforge.tokens.sampling import MixtureSampler
 from moeforge.tokens.shards import IndexedShard, ShardError, verify_files
 
-__all__ = ["MixtureSampler", "ResumableSampler", "TokenDataset", "TokenLoader", "build_batch"]
+__all__ = ["TokenDataset", "TokenLoader", "build_batch"]
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Deterministic, resumable sample order: per-dataset seeded permutations split across ranks, and
 weighted mixing of several datasets by smooth weighted round-robin.
 
-Used by :class:`moeforge.tokens.loader.TokenLoader` (and re-exported from that module). States are small
+Used by :class:`moeforge.tokens.loader.TokenLoader`. States are small
 JSON-able dicts, identical on every rank.
 """
 

@@ -24,7 +24,7 @@ import torch
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import GIB, MemoryEstimate, memory_estimate
 
-__all__ = ["GIB", "USABLE_FRACTION", "ResourceError", "available_memory", "check_resources"]
+__all__ = ["USABLE_FRACTION", "ResourceError", "available_memory", "check_resources"]
 
 log = logging.getLogger(__name__)
 

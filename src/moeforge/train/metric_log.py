@@ -1,7 +1,7 @@
 """The metrics log: :class:`MetricsWriter` appends one JSON line per call to ``metrics.jsonl``, mirrored to
 TensorBoard when installed.
 
-Split out of :mod:`moeforge.train.metrics`, which re-exports :class:`MetricsWriter`.
+Split out of :mod:`moeforge.train.metrics`.
 """
 
 from __future__ import annotations

@@ -27,10 +27,8 @@ import torch.distributed as dist
 from moeforge.io import atomic_write_json
 from moeforge.model.moe import MoELayer, MoEStats
 from moeforge.model.transformer import MoETransformer
-from moeforge.train.metric_log import MetricsWriter
 
 __all__ = [
-    "MetricsWriter",
     "RoutingAccumulator",
     "Throughput",
     "measure_peak_flops",

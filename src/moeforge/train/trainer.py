@@ -55,7 +55,8 @@ from moeforge.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_
 from moeforge.train.evaluation import eval_batches, evaluate
 from moeforge.train.ghost import GhostController
 from moeforge.train.guard import check_resources
-from moeforge.train.metrics import MetricsWriter, RoutingAccumulator, Throughput, measure_peak_flops, mfu
+from moeforge.train.metric_log import MetricsWriter
+from moeforge.train.metrics import RoutingAccumulator, Throughput, measure_peak_flops, mfu
 from moeforge.train.objectives import build_objective
 from moeforge.train.optim import build_optimizer, freeze_parameters, lr_at, set_lr
 
