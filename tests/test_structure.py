@@ -212,7 +212,7 @@ def import_cycles(edges: list[Edge]) -> list[str]:
 # ---- the layering of docs/ARCHITECTURE.md ----
 
 _FOUNDATION = ("config", "io", "procs", "faults")  # the helpers every package uses; they use none
-_PACKAGES = ("data", "tokens", "model", "train", "eval", "serve", "cli")
+_PACKAGES = ("data", "tokens", "model", "train", "eval", "serve", "harness", "cli")
 _TOP_LEVEL = ("pretrained", "export", "demo")
 
 # area → the areas it must never import. An area is a subpackage or a top-level module of moeforge.
@@ -223,13 +223,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "tokens": ("model", "train", "eval", "serve", "cli", *_TOP_LEVEL),
     "model": ("data", "tokens", "train", "eval", "serve", "cli", *_TOP_LEVEL),
     # train reads token shards, never records; pretrained.py builds on train/checkpoint.py, not the reverse
-    "train": ("data", "eval", "serve", "cli", "pretrained", "export", "demo"),
-    "serve": ("data", "train", "eval", "cli", "export", "demo"),
-    "eval": ("serve", "cli", "export", "demo"),
-    "pretrained": ("data", "eval", "serve", "cli", "export", "demo"),
+    "train": ("data", "eval", "serve", "harness", "cli", "pretrained", "export", "demo"),
+    "serve": ("data", "train", "eval", "harness", "cli", "export", "demo"),
+    "eval": ("serve", "harness", "cli", "export", "demo"),
+    # lm-eval's client: the engine (serve) and checkpoints (train/checkpoint.py), never the pipeline
+    "harness": ("data", "eval", "cli", "export", "demo"),
+    "pretrained": ("data", "eval", "serve", "harness", "cli", "export", "demo"),
     # export loads a checkpoint through serve's Engine (its loading and vocabulary checks), so it may use serve
-    "export": ("data", "eval", "cli", "demo"),
-    "demo": ("serve", "cli", "export"),
+    "export": ("data", "eval", "harness", "cli", "demo"),
+    "demo": ("serve", "harness", "cli", "export"),
 }
 # Only the command line (and ``python -m moeforge``) may import the command line.
 CLI_IMPORTERS = ("cli", "__main__")

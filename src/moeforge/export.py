@@ -199,7 +199,29 @@ def model_card(cfg: Any, layout: str, state: dict[str, Any], run: Path) -> str:
                 f"- {split.replace('final_', '')}: loss {res['loss']:.4f} (perplexity {res['ppl']:.2f})"
                 + (f"; per domain: {per}" if per else "")
             )
-    if not any((summary.get(s) or {}).get("loss") is not None for s in ("final_valid", "test")):
+    harness = ((_read_json(run / "eval" / "results.json") or {}).get("tasks")) or {}
+    if harness:
+        lines += [
+            "",
+            "lm-evaluation-harness (`moeforge eval`, the `moeforge` lm-eval model):",
+            "",
+            "| task | metric | value | ± stderr | samples | few-shot |",
+            "|---|---|---|---|---|---|",
+        ]
+        for task, entry in sorted(harness.items()):
+            metrics = entry.get("metrics") or {}
+            for key, value in sorted(metrics.items()):
+                name, _, filt = key.partition(",")
+                if "_stderr" in name or not isinstance(value, (int, float)):
+                    continue
+                err = metrics.get(f"{name}_stderr,{filt}")
+                shots = entry.get("num_fewshot")
+                lines.append(
+                    f"| {task} | {name if filt in ('', 'none') else f'{name} ({filt})'} | {value:.4f} | "
+                    f"{'' if not isinstance(err, (int, float)) else f'{err:.4f}'} | {entry.get('n_samples', '')} | "
+                    f"{'task default' if shots is None else shots} |"
+                )
+    elif not any((summary.get(s) or {}).get("loss") is not None for s in ("final_valid", "test")):
         lines.append("No evaluation results were recorded for this run.")
     lines += [
         "",

@@ -71,7 +71,9 @@ def test_scores_equal_the_full_forward(variant: str, share: bool) -> None:
 def test_batching_and_sharing_change_nothing_beyond_rounding() -> None:
     model = _model([])
     seqs, starts = _seqs(model.cfg.vocab_size)
-    alone = [score_sequences(model, [s], [st], share_prefixes=False)[0] for s, st in zip(seqs, starts, strict=True)]
+    alone = [
+        score_sequences(model, [s], [st], share_prefixes=False)[0] for s, st in zip(seqs, starts, strict=True)
+    ]
     together = score_sequences(model, seqs, starts)
     for a, b in zip(alone, together, strict=True):
         assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)

@@ -16,6 +16,7 @@ from rich.markup import escape
 from moeforge import __version__
 from moeforge.cli import data as data_cli
 from moeforge.cli import demo as demo_cli
+from moeforge.cli import eval as eval_cli
 from moeforge.cli import experiment as experiment_cli
 from moeforge.cli import export as export_cli
 from moeforge.cli import model as model_cli
@@ -41,6 +42,7 @@ app.command("demo")(demo_cli.demo)
 app.add_typer(experiment_cli.app, name="experiment")
 app.add_typer(export_cli.app, name="export")
 app.command("serve")(serve_cli.serve)
+app.command("eval")(eval_cli.eval_command)
 
 err_console = Console(stderr=True)
 
