@@ -24,9 +24,9 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from moeforge.model.config import load_model_config  # noqa: E402
 from moeforge.model.transformer import MoETransformer  # noqa: E402
-from moeforge.serve.api import create_app  # noqa: E402
+from moeforge.serve.api import ServeError, create_app  # noqa: E402
 from moeforge.serve.engine import Engine  # noqa: E402
-from moeforge.serve.loading import ServeError, find_system_prompt, load_engine  # noqa: E402
+from moeforge.serve.loading import find_system_prompt, load_engine  # noqa: E402
 from moeforge.serve.sampling import SamplingParams  # noqa: E402
 
 MODEL = "tiny-test"
@@ -288,8 +288,8 @@ MALFORMED = [
     ("completions", {"model": MODEL, "prompt": ["a"] * 5, "n": 4}, 400, "over 16 choices"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop strings must not be empty"),
     ("completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty: is not supported"),
-    ("completions", {"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "logprobs: above 0"),
-    ("completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo: is not supported"),
+    ("completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs: must be in 0..20"),
+    ("completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix: is not supported"),
     ("completions", {"model": MODEL, "prompt": "x", "tools": []}, 400, "unrecognized request argument: tools"),
     ("completions", {"model": "nope", "prompt": "x"}, 404, "'nope' does not exist"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages: is empty"),
@@ -299,7 +299,8 @@ MALFORMED = [
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only text"),
     ("chat/completions", {"model": MODEL, "messages": CHAT, "max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
     ("chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 4, "max_completion_tokens": 5}, 400, "differ"),
-    ("chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ("chat/completions", {"model": MODEL, "messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs: must be in 0..20"),
     ("chat/completions", {"model": MODEL, "messages": CHAT, "presence_penalty": 1}, 400, "presence_penalty"),
     # a lone surrogate (a JSON \ud800 escape alone) is no text: 400, not the tokenizer's TypeError as a 500
     ("completions", {"model": MODEL, "prompt": "The \ud800 river"}, 400, "prompt: is not valid Unicode: a lone surrogate \\ud800 at character 4"),

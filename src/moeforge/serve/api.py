@@ -1,9 +1,19 @@
 """The OpenAI-compatible HTTP server: :func:`create_app` and its routes.
 
-Endpoints: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions`` and
-``POST /v1/chat/completions`` with OpenAI's request and response schemas (``stream: true`` sends
-server-sent events ending in ``data: [DONE]``), ``GET /health`` and ``GET /metrics`` (Prometheus text).
-Every error, 4xx or 5xx, has OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+Endpoints: ``GET /v1/models`` (and ``/v1/models/{id}``, each with its context length
+``max_model_len``), ``POST /v1/completions`` and ``POST /v1/chat/completions`` with OpenAI's request and
+response schemas (``stream: true`` sends server-sent events ending in ``data: [DONE]``), vLLM's
+``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (what lm-eval's remote tokenizer
+reads), ``GET /health`` and ``GET /metrics`` (Prometheus text). Every error, 4xx or 5xx, has OpenAI's
+body ``{"error": {"message", "type", "param", "code"}}``.
+
+Scoring. ``/v1/completions`` takes ``echo`` and ``logprobs`` 0..20 (OpenAI's legacy ``logprobs`` object,
+see :mod:`~moeforge.serve.logprobs`): with ``echo`` the prompt's tokens come first, the first without a
+log-probability, and ``max_tokens: 0`` scores the prompt without generating — what lm-eval's
+``local-completions`` model sends for loglikelihoods. A prompt's scores are computed by the worker
+(:meth:`Engine.score`, batched with other requests' prompts, between decode steps: see
+:mod:`~moeforge.serve.scheduler`); the generated tokens' log-probabilities and top tokens are recorded
+by the decode batch, only for requests that ask.
 
 Prompts. ``/v1/completions`` is a raw-text interface: special-token strings in a text prompt (such as
 ``<|im_start|>``) become special tokens, as in training text, so a client may write any prompt the model
@@ -27,9 +37,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -37,12 +48,15 @@ from starlette.requests import Request as HTTPRequest
 
 from moeforge.serve.calls import Call
 from moeforge.serve.engine import Engine, EngineError, PromptTooLongError
+from moeforge.serve.logprobs import Offsets, TokenTexts, finite, generated_logprobs, joined, prompt_logprobs
 from moeforge.serve.metrics import Metrics
 from moeforge.serve.middleware import AuthAndMetrics, add_error_handlers
+from moeforge.serve.request import Completion
 from moeforge.serve.sampling import SamplingParams
-from moeforge.serve.scheduler import Event, Job, Scheduler
+from moeforge.serve.scheduler import Event, Job, Scheduler, ScoreJob
 from moeforge.serve.schemas import (
     MAX_CHOICES,
+    MAX_SCORING_CHOICES,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -52,19 +66,27 @@ from moeforge.serve.schemas import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     TokenLogprob,
+    TopLogprob,
     Usage,
     usage,
 )
+from moeforge.tokens.tokenizer import CHAT_TEMPLATE
 
 # Loading a model and running uvicorn (load_engine, serve) live in loading.py, which builds on this module.
-__all__ = ["APIError", "ServeError", "create_app"]
+__all__ = ["ServeError", "create_app"]
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 
@@ -83,6 +105,13 @@ class _Served:
     system_prompt: str | None
     created: int
     in_flight: int = 0  # requests admitted and not yet answered (event loop only)
+    texts: TokenTexts = field(init=False)  # each token id's text, for logprobs
+
+    def __post_init__(self) -> None:
+        self.texts = TokenTexts(self.engine.tokenizer)
+
+    def card(self) -> ModelCard:
+        return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.cfg.max_seq_len)
 
 
 class _API:
@@ -109,6 +138,7 @@ class _API:
                 "in_flight": s.in_flight,
                 "queue_depth": s.scheduler.queue_depth,
                 "running": s.scheduler.running,
+                "scoring_queue": s.scheduler.scoring_depth,
             }
             for s in self.served.values()
         }
@@ -128,21 +158,34 @@ class _API:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=s.name, created=s.created) for s in self.served.values()])
+        return ModelList(data=[s.card() for s in self.served.values()])
 
     async def get_model(self, model_id: str) -> ModelCard:
-        s = self._model(model_id)
-        return ModelCard(id=s.name, created=s.created)
+        return self._model(model_id).card()
 
     async def completions(
         self, body: CompletionRequest, request: HTTPRequest
     ) -> CompletionResponse | Response:
         s = self._model(body.model)
-        prompts, n = body.prompts(), body.n or 1
-        if n * len(prompts) > MAX_CHOICES:
-            msg = f"{len(prompts)} prompts × n={n} is over {MAX_CHOICES} choices per request"
+        prompts, n, echo, top = body.prompts(), body.n or 1, bool(body.echo), body.logprobs
+        score_only = body.max_tokens == 0
+        if score_only and not echo:
+            raise APIError(
+                400,
+                "max_tokens 0 generates nothing; send echo: true with it to score the prompt (its tokens' "
+                "logprobs), or ask for at least 1 token",
+                param="max_tokens",
+            )
+        # echo requests that generate at most a token are scoring (lm-eval batches them): more per request
+        scoring = echo and body.max_tokens is not None and body.max_tokens <= 1
+        limit = MAX_SCORING_CHOICES if scoring else MAX_CHOICES
+        if n * len(prompts) > limit:
+            msg = f"{len(prompts)} prompts × n={n} is over {limit} choices per request"
+            if not scoring:
+                msg += f" ({MAX_SCORING_CHOICES} for echo requests with max_tokens 0 or 1)"
             raise APIError(400, msg, param="n")
-        parts, prompt_tokens = [], 0
+        encoded: list[list[int]] = []
+        parts: list[tuple[list[int], SamplingParams]] = []
         for prompt in prompts:
             try:
                 # off the event loop: a long text takes a while to encode and must not stall other requests
@@ -153,30 +196,100 @@ class _API:
                 raise APIError(400, f"{exc}; this model takes token-id prompts", param="prompt") from None
             if not ids:
                 raise APIError(400, "a prompt encodes to no tokens; send at least one token", param="prompt")
-            max_tokens = self._max_tokens(s, len(ids), body.max_tokens, "max_tokens", "prompt")
-            parts.append((ids, body.sampling(max_tokens, logprobs=body.logprobs is not None)))
-            prompt_tokens += len(ids)
-        call = self._admit(s, self._jobs(s, parts, n, bool(body.stream)))
+            encoded.append(ids)
+            if score_only:
+                self._check_scored(s, ids)
+            else:
+                max_tokens = self._max_tokens(s, len(ids), body.max_tokens, "max_tokens", "prompt")
+                parts.append(
+                    (ids, body.sampling(max_tokens, logprobs=top is not None, top_logprobs=top or 0))
+                )
+        queue, loop = asyncio.Queue[Event](), asyncio.get_running_loop()
+        jobs: list[Job | ScoreJob] = [*self._jobs(s, parts, n, bool(body.stream), queue)]
+        if echo and top is not None:  # the prompt's logprobs: one scoring job per prompt, for all n choices
+            jobs += [ScoreJob(i, ids, top, queue, loop) for i, ids in enumerate(encoded)]
+        call = self._admit(s, jobs, queue)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(map(len, encoded))
+        prompt_texts = [p if isinstance(p, str) else "" for p in prompts]
 
         def response(choices: list[CompletionChoice], use: Usage | None = None) -> CompletionResponse:
             return CompletionResponse(id=rid, created=created, model=s.name, choices=choices, usage=use)
 
-        def choice(e: Event) -> CompletionChoice:
-            lp = (
-                None
-                if e.logprobs is None
-                else CompletionLogprobs(tokens=self._texts(s, e.token_ids), token_logprobs=e.logprobs)
-            )
-            reason = e.completion.finish_reason if e.completion is not None else None
-            return CompletionChoice(index=e.index, text=e.text, logprobs=lp, finish_reason=reason)
+        def echoed(i: int) -> tuple[str, CompletionLogprobs | None]:
+            """Prompt ``i``'s text and (with logprobs) its tokens' logprobs, once its text is known."""
+            lp = None
+            if top is not None:
+                lp = prompt_logprobs(s.texts, encoded[i], call.scores[i], prompt_texts[i])
+            return prompt_texts[i], lp
+
+        def decoded_prompts() -> None:  # token-id prompts are echoed as their text, special tokens included
+            tok = s.engine.tokenizer
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str) and tok is not None:
+                    prompt_texts[i] = tok.decode(encoded[i], skip_special_tokens=False)
 
         if body.stream:
+            try:
+                await call.wait_scores()
+                if echo:
+                    await asyncio.to_thread(decoded_prompts)
+                heads = [echoed(i) for i in range(len(prompts))] if echo else []
+            except BaseException:
+                call.close()
+                raise
+            head = [
+                response(
+                    [
+                        CompletionChoice(
+                            index=i * n + j,
+                            text=text,
+                            logprobs=lp,
+                            finish_reason="length" if score_only else None,
+                        )
+                    ]
+                )
+                for i, (text, lp) in enumerate(heads)
+                for j in range(n)
+            ]
+            offsets: dict[int, tuple[Offsets, list[int]]] = {}  # choice → its offsets, its text's length
+
+            def chunk(e: Event) -> CompletionResponse:
+                lp = None
+                if top is not None and e.logprobs is not None:
+                    base = len(prompt_texts[e.index // n]) if echo else 0
+                    track, seen = offsets.setdefault(e.index, (Offsets(s.engine.tokenizer, True, base), [0]))
+                    seen[0] += len(e.text)
+                    lp = generated_logprobs(s.texts, e.token_ids, e.logprobs, e.top, track, seen[0])
+                reason = e.completion.finish_reason if e.completion is not None else None
+                return response(
+                    [CompletionChoice(index=e.index, text=e.text, logprobs=lp, finish_reason=reason)]
+                )
+
             tail = (lambda k: response([], usage(prompt_tokens, k))) if body.include_usage else None
-            return await call.stream([], lambda e: response([choice(e)]), tail)
+            return await call.stream(head, chunk, tail)
+
         done = await call.collect(request)
-        choices = [choice(Event(i, c.text, c.token_ids, c.logprobs, c)) for i, c in enumerate(done)]
-        return response(choices, usage(prompt_tokens, sum(c.completion_tokens for c in done)))
+
+        def choices() -> list[CompletionChoice]:
+            if echo:
+                decoded_prompts()
+            out = []
+            for i in range(len(prompts)):
+                text, lp = echoed(i) if echo else ("", None)
+                for j in range(n):
+                    c = None if score_only else done[i * n + j]
+                    out.append(self._choice(s, i * n + j, text, lp, c, top is not None))
+            return out
+
+        use = usage(prompt_tokens, sum(c.completion_tokens for c in done))
+
+        def body_json() -> bytes:
+            return response(choices(), use).model_dump_json().encode()
+
+        # token texts, offsets and the JSON of long prompts take a while: off the event loop (FastAPI would
+        # encode a returned model field by field on it, a stall for every stream)
+        return Response(await asyncio.to_thread(body_json), media_type="application/json")
 
     async def chat_completions(
         self, body: ChatCompletionRequest, request: HTTPRequest
@@ -189,30 +302,34 @@ class _API:
                     400, "max_tokens and max_completion_tokens differ; send one", param="max_tokens"
                 )
             asked, param = body.max_completion_tokens, "max_completion_tokens"
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-            for m in body.messages
-        ]
-        system = s.system_prompt if messages[0]["role"] != "system" else None
+        top = body.top_logprobs or 0
+        if top and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         try:
-            # message text cannot forge special tokens; encoded off the event loop like completions
-            ids = await asyncio.to_thread(s.engine.chat_ids, messages, system)
+            ids = await self._chat_ids(s, body.messages)
             max_tokens = self._max_tokens(s, len(ids), asked, param, "messages")
-            params = s.engine.chat_params(body.sampling(max_tokens, logprobs=bool(body.logprobs)))
-        except PromptTooLongError as exc:
-            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+            sampling = body.sampling(max_tokens, logprobs=bool(body.logprobs), top_logprobs=top)
+            params = s.engine.chat_params(sampling)
         except EngineError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        call = self._admit(s, self._jobs(s, [(ids, params)], body.n or 1, bool(body.stream)))
+        queue = asyncio.Queue[Event]()
+        jobs = self._jobs(s, [(ids, params)], body.n or 1, bool(body.stream), queue)
+        call = self._admit(s, jobs, queue)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def entry(token_id: int, logprob: float) -> TopLogprob:
+            t = s.texts.one(token_id)
+            return TopLogprob(token=t, logprob=finite(logprob), bytes=list(t.encode()))
 
         def logprobs(e: Event) -> ChatLogprobs | None:
             if e.logprobs is None:
                 return None
-            pairs = zip(self._texts(s, e.token_ids), e.logprobs, strict=False)
-            return ChatLogprobs(
-                content=[TokenLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in pairs]
-            )
+            tops = e.top if e.top is not None else [[] for _ in e.token_ids]
+            content = [
+                TokenLogprob(**entry(t, lp).model_dump(), top_logprobs=[entry(i, v) for i, v in row])
+                for t, lp, row in zip(e.token_ids, e.logprobs, tops, strict=True)
+            ]
+            return ChatLogprobs(content=content)
 
         def chunk(choices: list[ChatChunkChoice], use: Usage | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=s.name, choices=choices, usage=use)
@@ -242,7 +359,7 @@ class _API:
             ChatChoice(
                 index=i,
                 message=AssistantMessage(content=c.text),
-                logprobs=logprobs(Event(i, c.text, c.token_ids, c.logprobs, c)),
+                logprobs=logprobs(Event(i, c.text, c.token_ids, c.logprobs, c, top=c.top_logprobs)),
                 finish_reason=c.finish_reason,
             )
             for i, c in enumerate(done)
@@ -250,7 +367,150 @@ class _API:
         use = usage(len(ids), sum(c.completion_tokens for c in done))
         return ChatCompletionResponse(id=rid, created=created, model=s.name, choices=choices, usage=use)
 
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        s = self._model_or_first(body.model)
+        tok = self._tokenizer(s)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt (text) or messages (a chat) to tokenize", param="prompt")
+        if body.prompt is not None:
+            text = body.prompt
+            add = body.add_special_tokens is not False  # vLLM's default for a prompt: True
+            # any length (lm-eval tokenizes whole documents); the body limit bounds it; off the event loop
+            ids = await asyncio.to_thread(lambda: list(tok.encode(text, add_special_tokens=add).ids))
+        else:
+            if not body.add_generation_prompt:
+                raise APIError(
+                    400,
+                    "add_generation_prompt false is not supported: a chat's tokens open the assistant's "
+                    "turn, as /v1/chat/completions feeds them to the model",
+                    param="add_generation_prompt",
+                )
+            try:
+                ids = await self._chat_ids(s, body.messages or [])
+            except EngineError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+        strs = [tok.id_to_token(i) or "" for i in ids] if body.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=s.engine.cfg.max_seq_len, tokens=ids, token_strs=strs
+        )
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        s = self._model_or_first(body.model)
+        tok = self._tokenizer(s)
+        vocab = s.engine.cfg.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids outside 0..{vocab - 1}: {bad[:5]}", param="tokens")
+        ids = body.tokens
+        return DetokenizeResponse(
+            prompt=await asyncio.to_thread(lambda: tok.decode(ids, skip_special_tokens=False))
+        )
+
+    async def tokenizer_info(self, model: str | None = None) -> TokenizerInfo:
+        s = self._model_or_first(model)
+        tok, engine = self._tokenizer(s, status=404), s.engine
+
+        def special(token: str) -> int | None:
+            return tok.token_to_id(token)
+
+        eos_id = special("<|endoftext|>")
+        if eos_id is None or (engine.eos_ids and eos_id not in engine.eos_ids):
+            eos_id = min(engine.eos_ids) if engine.eos_ids else None
+        # a tokenizer whose post-processor opens every text with a token (Llama's <s>) has a BOS
+        plain, full = (tok.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        bos_id = full[0] if len(full) > len(plain) and full[1 : 1 + len(plain)] == plain else None
+        pad_id = special("<|pad|>")
+        unk = getattr(tok.model, "unk_token", None)
+        unk_id = special(unk) if isinstance(unk, str) else None
+
+        def text(token_id: int | None) -> str | None:
+            return tok.id_to_token(token_id) if token_id is not None else None
+
+        ctx = engine.cfg.max_seq_len
+        return TokenizerInfo(
+            bos_token=text(bos_id),
+            eos_token=text(eos_id),
+            pad_token=text(pad_id),
+            unk_token=text(unk_id),
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            unk_token_id=unk_id,
+            model_max_length=ctx,
+            max_model_len=ctx,
+            vocab_size=tok.get_vocab_size(with_added_tokens=True),
+            add_bos_token=bos_id is not None,
+            chat_template=CHAT_TEMPLATE if engine.chat_spec.format == "chatml" else None,
+        )
+
     # ---- helpers ----
+
+    def _model_or_first(self, name: str | None) -> _Served:
+        """The named model, or the first served one (the tokenizer endpoints' ``model`` is optional)."""
+        return self._model(name) if name is not None else next(iter(self.served.values()))
+
+    @staticmethod
+    def _tokenizer(s: _Served, status: int = 400) -> Any:
+        if s.engine.tokenizer is None:
+            raise APIError(
+                status,
+                f"the model {s.name!r} has no tokenizer; it takes and returns token ids only",
+                code="tokenizer_not_available",
+            )
+        return s.engine.tokenizer
+
+    @staticmethod
+    async def _chat_ids(s: _Served, chat: list[ChatMessage]) -> list[int]:
+        """A chat's token ids as /v1/chat/completions feeds them (the server's default system turn when
+        the chat has none). Message text cannot forge special tokens; encoded off the event loop.
+        Raises EngineError (PromptTooLongError: answered 400 ``context_length_exceeded``)."""
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in chat
+        ]
+        system = s.system_prompt if messages[0]["role"] != "system" else None
+        try:
+            return await asyncio.to_thread(s.engine.chat_ids, messages, system)
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+
+    @staticmethod
+    def _check_scored(s: _Served, ids: list[int]) -> None:
+        """400 for a prompt that cannot be scored: longer than the context, or ids outside the vocabulary."""
+        ctx, vocab = s.engine.cfg.max_seq_len, s.engine.cfg.vocab_size
+        if len(ids) > ctx:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens but the model's context is {ctx} tokens; shorten it",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"the prompt has token ids outside 0..{vocab - 1}: {bad[:5]}", param="prompt")
+
+    @staticmethod
+    def _choice(
+        s: _Served,
+        index: int,
+        echoed: str,
+        echoed_lp: CompletionLogprobs | None,
+        c: Completion | None,
+        with_logprobs: bool,
+    ) -> CompletionChoice:
+        """Choice ``index``: the echoed prompt (text and logprobs; "" and None without echo), then the
+        completion ``c`` (None: scored only, nothing generated)."""
+        lp = None
+        if with_logprobs:
+            parts = [echoed_lp] if echoed_lp is not None else []
+            if c is not None and c.logprobs is not None:
+                offsets = Offsets(s.engine.tokenizer, True, base=len(echoed))
+                parts.append(
+                    generated_logprobs(s.texts, c.token_ids, c.logprobs, c.top_logprobs, offsets, len(c.text))
+                )
+            lp = joined(parts)
+        text = echoed + (c.text if c is not None else "")
+        reason = c.finish_reason if c is not None else "length"
+        return CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=reason)
 
     def _model(self, name: str) -> _Served:
         if name not in self.served:
@@ -289,10 +549,17 @@ class _API:
         return min(COMPLETIONS_DEFAULT_MAX_TOKENS, ctx - n_prompt) if what == "prompt" else ctx - n_prompt
 
     @staticmethod
-    def _jobs(s: _Served, prompts: list[tuple[list[int], SamplingParams]], n: int, stream: bool) -> list[Job]:
-        """One job per (prompt, choice); the j-th choice of a seeded request samples with seed + j."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue[Event]()
-        jobs = []
+    def _jobs(
+        s: _Served,
+        prompts: list[tuple[list[int], SamplingParams]],
+        n: int,
+        stream: bool,
+        queue: asyncio.Queue[Event],
+    ) -> list[Job]:
+        """One job per (prompt, choice), choice ``i·n + j``; the j-th choice of a seeded request samples
+        with seed + j. Their events go to ``queue``."""
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = []
         for ids, params in prompts:
             for j in range(n):
                 p = (
@@ -307,7 +574,7 @@ class _API:
                 jobs.append(Job(len(jobs), request, stream, queue, loop))
         return jobs
 
-    def _admit(self, s: _Served, jobs: list[Job]) -> Call:
+    def _admit(self, s: _Served, jobs: Sequence[Job | ScoreJob], queue: asyncio.Queue[Event]) -> Call:
         if s.in_flight >= self.max_concurrency + self.max_queue:
             raise APIError(
                 429,
@@ -321,18 +588,13 @@ class _API:
         def release() -> None:
             s.in_flight -= 1
 
-        call = Call(jobs, self.timeout, release)
+        call = Call(jobs, self.timeout, release, queue)
         try:
             s.scheduler.submit(jobs)
         except APIError:
             call.close()
             raise
         return call
-
-    @staticmethod
-    def _texts(s: _Served, ids: list[int]) -> list[str]:
-        tok = s.engine.tokenizer
-        return [tok.decode([t], skip_special_tokens=False) if tok is not None else str(t) for t in ids]
 
 
 def create_app(
@@ -406,4 +668,7 @@ def create_app(
     app.get("/v1/models/{model_id:path}")(api.get_model)
     app.post("/v1/completions", response_model=None)(api.completions)
     app.post("/v1/chat/completions", response_model=None)(api.chat_completions)
+    app.post("/tokenize")(api.tokenize)
+    app.post("/detokenize")(api.detokenize)
+    app.get("/tokenizer_info")(api.tokenizer_info)
     return app

@@ -12,7 +12,8 @@ prompts all have one length needs neither the copy nor the mask.
 Per step the batch runs one forward of ``[B, 1]`` tokens (through the engine's CPU
 :class:`~moeforge.serve.decode.Decoder` when it has one), samples all rows with one vectorized
 :class:`~moeforge.serve.sampling.BatchSampler` call and moves the chosen ids to the CPU with one
-``tolist()`` for the stop checks. Rows finish independently (stop token, stop string, ``max_tokens`` or
+``tolist()`` for the stop checks. Log-probabilities (the chosen token's, and the ``top_logprobs`` most
+likely tokens) are computed only in steps where a running row asks for them. Rows finish independently (stop token, stop string, ``max_tokens`` or
 the model's context) or are cancelled; once at most half of the batch is still running, the done rows
 are dropped from the cache.
 """
@@ -77,19 +78,27 @@ class Batch:
     def _pick(self, logits_BV: torch.Tensor) -> None:
         """Sample the next token of every row, update the rows, and drop done rows when few remain."""
         logits_BV = logits_BV.float()
+        # log-probabilities only when a row asks: the model's own distribution over its whole vocabulary
+        # (before the vocabulary limit, penalties, temperature and filters), as scoring reports them
+        live_params = [r.params for r in self.requests if not r.done]
+        k = max((p.top_logprobs for p in live_params), default=0)
+        logp_BV = torch.log_softmax(logits_BV, -1) if k or any(p.logprobs for p in live_params) else None
         if self.vocab_limit is not None:
             logits_BV[:, self.vocab_limit :] = float("-inf")
         tokens_B = self.sampler.sample(logits_BV, self.steps)
         self.steps += 1
-        want_lp = any(r.params.logprobs for r in self.requests)
-        lp = (
-            torch.log_softmax(logits_BV, -1).gather(1, tokens_B[:, None]).squeeze(1).tolist()
-            if want_lp
-            else None
-        )
+        lp = top_ids = top_lps = None
+        if logp_BV is not None:
+            lp = logp_BV.gather(1, tokens_B[:, None]).squeeze(1).tolist()
+            if k:
+                values, ids = torch.topk(logp_BV, min(k, logp_BV.shape[-1]), dim=-1)
+                top_ids, top_lps = ids.tolist(), values.tolist()
         for i, (row, tok) in enumerate(zip(self.requests, tokens_B.tolist(), strict=True)):
             if not row.done:
-                row.accept(tok, lp[i] if lp is not None else None)
+                top = None
+                if top_ids is not None and top_lps is not None and row.params.top_logprobs:
+                    top = list(zip(top_ids[i], top_lps[i], strict=True))
+                row.accept(tok, lp[i] if lp is not None else None, top)
         self.next_B = tokens_B
         live = [i for i, r in enumerate(self.requests) if not r.done]
         if live and len(live) <= len(self.requests) // 2:

@@ -40,18 +40,10 @@ from moeforge.serve.chat import ChatError, chat_messages, chat_text, encode_chat
 from moeforge.serve.decode import Decoder, fast_decode_supported
 from moeforge.serve.request import Completion, FinishReason, Request
 from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams
+from moeforge.serve.scoring import TokenScores, score_sequences
 from moeforge.tokens.chat_spec import ChatSpec, apply_default_system, load_chat_spec
 
-__all__ = [
-    "Batch",
-    "Completion",
-    "Engine",
-    "EngineError",
-    "PromptTooLongError",
-    "Request",
-    "SamplingParams",
-    "StreamChunk",
-]
+__all__ = ["Engine", "EngineError", "PromptTooLongError", "StreamChunk"]
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +333,32 @@ class Engine:
         yield StreamChunk(
             completion.text[sent_text:], request.tokens[sent_ids:], request.finish_reason, completion
         )
+
+    # ---- scoring --------------------------------------------------------------------------------------
+
+    def score(
+        self,
+        sequences: Sequence[list[int] | str],
+        starts: Sequence[int] | int = 1,
+        *,
+        top_k: int = 0,
+    ) -> list[TokenScores]:
+        """The log-probability of every token of each sequence (text or ids) from ``starts[i]`` on, given
+        the tokens before it, with greedy flags and the ``top_k`` alternatives: what ``echo`` + ``logprobs``
+        and lm-eval's loglikelihood requests need (:func:`moeforge.serve.scoring.score_sequences`: batched
+        by length, shared contexts computed once). Raises :class:`EngineError` for a bad request."""
+        if isinstance(sequences, str):
+            raise EngineError("sequences must be a list; wrap a single sequence as [sequence]")
+        ids = [self.encode(s) if isinstance(s, str) else s for s in sequences]
+        for i, x in enumerate(ids):
+            if not isinstance(x, (list, tuple)) or not all(isinstance(t, int) for t in x):
+                raise EngineError(f"sequence {i} must be a string or a list of token ids")
+            if not x:
+                raise EngineError(f"sequence {i} is empty")
+        try:
+            return score_sequences(self.model, ids, starts, top_k=top_k)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
 
     # ---- step by step ---------------------------------------------------------------------------------
 

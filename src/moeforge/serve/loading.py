@@ -14,7 +14,7 @@ from pathlib import Path
 from moeforge.serve.api import ServeError, create_app
 from moeforge.serve.engine import Engine
 
-__all__ = ["ServeError", "find_system_prompt", "freeze_startup_heap", "load_engine", "serve"]
+__all__ = ["find_system_prompt", "freeze_startup_heap", "load_engine", "serve"]
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,25 @@ log = logging.getLogger(__name__)
 
 
 class AuthAndMetrics:
-    """Pure ASGI (streaming-safe): the API key check on ``/v1/*``, the request body limit and
-    per-endpoint request metrics.
+    """Pure ASGI (streaming-safe): the API key check on ``/v1/*`` (as vLLM, the tokenizer endpoints
+    ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` stay open like ``/health``: they run no model
+    and tell nothing a tokenizer file would not), the request body limit and per-endpoint request metrics.
 
     A request body larger than ``max_body_bytes`` is answered 413 without reading more of it than the
     limit: a declared ``Content-Length`` above the limit is refused before any byte is read, and a body
     without one is read up to the limit. Bodies within it are read here and handed to the route whole
     (FastAPI would buffer them anyway), so a multi-megabyte prompt never reaches JSON parsing."""
 
-    ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+    ENDPOINTS = (
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/health",
+        "/metrics",
+    )
 
     def __init__(
         self, app: ASGIApp, metrics: Metrics, api_key: str | None, max_body_bytes: int | None = None

@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, stop_holdback
 
-__all__ = ["Completion", "FinishReason", "Request"]
+__all__ = ["Completion", "FinishReason", "Request", "TopLogprobs"]
 
 FinishReason = Literal["stop", "length"]
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability) pairs, most likely first
 
 
 @dataclass
@@ -18,7 +19,8 @@ class Completion:
     """One finished request. ``token_ids`` are the generated ids, including a final stop token;
     ``text`` their text without the stop token or stop string; ``stop_reason`` the stop id or string
     matched (None when the length limit ended it); ``logprobs`` the model's log-probability of each
-    generated token (before penalties, temperature and filters) when asked for."""
+    generated token (before penalties, temperature and filters) when asked for, and ``top_logprobs`` the
+    ``params.top_logprobs`` most likely tokens at each step when asked for."""
 
     prompt_tokens: int
     token_ids: list[int]
@@ -26,6 +28,7 @@ class Completion:
     finish_reason: FinishReason
     stop_reason: int | str | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -38,8 +41,8 @@ class Request:
     (:meth:`Engine.start_batch`, :meth:`Batch.step`).
 
     A batch calls :meth:`accept` with each new token; readers may watch ``tokens``, ``text`` (kept as it
-    grows only when stop strings or streaming need it), ``logprobs`` and ``finish_reason`` (set once the
-    request is done). :meth:`cancel` ends it early. ``pad`` is its left padding in its batch's cache.
+    grows only when stop strings or streaming need it), ``logprobs``, ``top`` (the most likely tokens at
+    each step, when ``params.top_logprobs``) and ``finish_reason`` (set once the request is done). :meth:`cancel` ends it early. ``pad`` is its left padding in its batch's cache.
     """
 
     prompt: list[int]
@@ -50,6 +53,7 @@ class Request:
     pad: int = 0
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[TopLogprobs] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
@@ -70,11 +74,14 @@ class Request:
         which a stream must hold back (a stop string is never sent, not even in part)."""
         return len(self.text) - stop_holdback(self.text, self.params.stop)
 
-    def accept(self, tok: int, logprob: float | None) -> None:
-        """Append a generated token and apply the stop rules: stop id, stop string, length."""
+    def accept(self, tok: int, logprob: float | None, top: TopLogprobs | None = None) -> None:
+        """Append a generated token (with its log-probability and the most likely tokens, when asked for)
+        and apply the stop rules: stop id, stop string, length."""
         self.tokens.append(tok)
         if logprob is not None and self.params.logprobs:
             self.logprobs.append(logprob)
+        if top is not None and self.params.top_logprobs:
+            self.top.append(top[: self.params.top_logprobs])
         if tok in self.stop_ids:
             self._finish("stop", tok)
             return
@@ -118,4 +125,5 @@ class Request:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             logprobs=list(self.logprobs) if self.params.logprobs else None,
+            top_logprobs=list(self.top) if self.params.top_logprobs else None,
         )

@@ -35,7 +35,9 @@ class SamplingParams(StrictModel):
     EOS ids unless ``ignore_eos``) end it too and are kept in ``token_ids`` but never in the text.
     ``seed`` makes sampling reproducible and independent of the other requests in the batch.
     ``repetition_penalty`` (CTRL / transformers convention) divides positive and multiplies negative
-    logits of every token already seen, in the prompt or the completion.
+    logits of every token already seen, in the prompt or the completion. ``logprobs`` and
+    ``top_logprobs`` report the model's own distribution (log-softmax of its logits over the whole
+    vocabulary, before penalties, temperature and filters).
     """
 
     max_tokens: int = Field(default=128, ge=1, description="tokens to generate at most")
@@ -48,6 +50,9 @@ class SamplingParams(StrictModel):
     ignore_eos: bool = Field(default=False, description="do not stop at the engine's EOS ids")
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="per-request sampling seed")
     logprobs: bool = Field(default=False, description="return each chosen token's model log-probability")
+    top_logprobs: int = Field(
+        default=0, ge=0, description="also return the most likely tokens at each step, this many; 0 is off"
+    )
     skip_special_tokens: bool = Field(default=True, description="leave special tokens out of the text")
 
     @field_validator("stop", mode="before")

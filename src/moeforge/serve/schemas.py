@@ -1,9 +1,10 @@
 """OpenAI's request and response bodies for ``/v1/completions``, ``/v1/chat/completions`` and
-``/v1/models``, and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+``/v1/models``, vLLM's for ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``, and OpenAI's error
+body ``{"error": {"message", "type", "param", "code"}}``.
 
 Requests are strict as OpenAI's are: JSON types must match and unknown arguments are errors. Arguments
-this server cannot honour (``presence_penalty``, ``logit_bias``, ``echo``, alternative-token logprobs …)
-are rejected rather than silently ignored; ``top_k`` and ``repetition_penalty`` are extensions.
+this server cannot honour (``presence_penalty``, ``logit_bias``, ``suffix``, ``best_of`` …) are rejected
+rather than silently ignored; ``top_k`` and ``repetition_penalty`` are extensions.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from moeforge.serve.sampling import SamplingParams
 
 __all__ = [
     "MAX_CHOICES",
+    "MAX_LOGPROBS",
+    "MAX_SCORING_CHOICES",
+    "MAX_STOP",
     "APIError",
     "AssistantMessage",
     "ChatChoice",
@@ -33,15 +37,24 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "ModelCard",
     "ModelList",
     "TokenLogprob",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "TokenizerInfo",
+    "TopLogprob",
     "Usage",
     "usage",
     "validation_message",
 ]
 
 MAX_CHOICES = 16  # choices (prompts × n) per request
+MAX_SCORING_CHOICES = 256  # choices per echo request that generates at most one token (lm-eval's batches)
+MAX_LOGPROBS = 20  # most likely tokens per position (OpenAI's limit)
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; lm-eval adds the EOS to a task's own list)
 
 
 class APIError(Exception):
@@ -102,7 +115,7 @@ class _Sampling(_Strict):
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
     seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -134,7 +147,7 @@ class _Sampling(_Strict):
             raise ValueError(f"is not supported by this server (only 0 or null){hint}")
         return v
 
-    def sampling(self, max_tokens: int, logprobs: bool) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -144,6 +157,7 @@ class _Sampling(_Strict):
             stop=self.stop,
             seed=self.seed,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
 
     @property
@@ -152,10 +166,13 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids or token-id lists."""
+    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids or token-id lists.
+    ``echo`` puts the prompt before the completion (and its tokens' log-probabilities before the
+    completion's, with ``logprobs``); ``max_tokens`` 0 with ``echo`` scores the prompt only."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None  # 0: the chosen tokens' log-probabilities (no alternatives)
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = None  # the chosen tokens' log-probabilities and this many most likely tokens
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
@@ -180,7 +197,7 @@ class CompletionRequest(_Sampling):
                 _unicode(text)
         return v
 
-    @field_validator("echo", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _not_supported(cls, v: Any) -> Any:
         if v:
@@ -189,10 +206,11 @@ class CompletionRequest(_Sampling):
 
     @field_validator("logprobs")
     @classmethod
-    def _chosen_only(cls, v: int | None) -> int | None:
-        if v:
+    def _logprobs_range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
             raise ValueError(
-                "above 0 (alternative tokens) is not supported; 0 returns the chosen tokens' logprobs"
+                f"must be in 0..{MAX_LOGPROBS}: the number of most likely tokens to return at each "
+                "position besides the chosen one"
             )
         return v
 
@@ -250,11 +268,9 @@ class ChatCompletionRequest(_Sampling):
 
     @field_validator("top_logprobs")
     @classmethod
-    def _chosen_only(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError(
-                "above 0 (alternative tokens) is not supported; logprobs=true gives the chosen tokens'"
-            )
+    def _top_range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"must be in 0..{MAX_LOGPROBS}: the most likely tokens to return per position")
         return v
 
     @field_validator("messages", mode="before")
@@ -275,10 +291,14 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token its text, log-probability (None for an echoed prompt's first
+    token, which has no context), the most likely tokens there as ``{text: logprob}`` (None likewise)
+    and the character offset of its text in the choice's text."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: None = None
-    text_offset: None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int] | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -299,11 +319,17 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[Any] = Field(default_factory=list)
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChatLogprobs(BaseModel):
@@ -357,11 +383,77 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "moeforge"
+    max_model_len: int  # the context length in tokens, prompt and completion together (as vLLM reports)
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's): a ``prompt`` as ``/v1/completions`` reads it, or ``messages`` as
+    ``/v1/chat/completions`` renders them (the server's default system turn included). ``model`` defaults
+    to the first served model."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # prompt: True (vLLM's default); messages: False
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        return None if v is None else _unicode(v)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if v == []:
+            raise ValueError("is empty; a chat needs at least one message")
+        return v
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM's): the text of token ids, special tokens included."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """``GET /tokenizer_info``: the served tokenizer's configuration in ``tokenizer_config.json``'s terms
+    (what vLLM serves and lm-eval's remote tokenizer reads), with the special tokens' ids."""
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    model_max_length: int
+    max_model_len: int
+    vocab_size: int
+    add_bos_token: bool = False
+    add_eos_token: bool = False
+    clean_up_tokenization_spaces: bool = False
+    chat_template: str | None = None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
