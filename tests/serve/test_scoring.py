@@ -45,6 +45,9 @@ def _seqs(vocab: int) -> tuple[list[list[int]], list[int]]:
         for n in (1, 3, 5, 2)
     ]
     starts = [len(ctx)] * 4
+    short = torch.randint(0, vocab, (4,), generator=g).tolist()  # a second, shorter shared context
+    seqs += [short + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (1, 6, 2)]
+    starts += [len(short)] * 3
     seqs += [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (2, 17, 6)]  # unshared
     starts += [1, 1, 4]
     return seqs, starts

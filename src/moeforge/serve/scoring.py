@@ -23,7 +23,6 @@ fewer rows; a test pins 1e-5).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -212,74 +211,109 @@ def _score_shared(
     max_rows: int,
     head_rows: int,
 ) -> list[int]:
-    """Score the sequences whose context (``seq[:start]``) is shared by at least one other sequence:
-    the context once into a KV cache, then the continuations of the group on top of it, batched. Returns
-    the indices left for the plain path."""
+    """Score the sequences whose context (``seq[:start]``) is shared by at least one other sequence, and
+    return the indices left for the plain path.
+
+    Groups are taken a chunk at a time (contexts longest first, within the token budget). The chunk's
+    contexts run once, right-padded, into a KV cache with one row per context. Each continuation then gets
+    a copy of its context's cache row, and all the chunk's continuations run together on top of those
+    rows. RoPE positions continue each row's own context. A key-padding mask hides the cache slots between
+    a short context's end and the longest one's, so every row attends exactly to its own context and
+    continuation, as it would alone."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in todo:
         groups.setdefault(tuple(seqs[i][: st[i]]), []).append(i)
     rest = [i for g in groups.values() if len(g) == 1 for i in g]
+    shared = sorted(((c, m) for c, m in groups.items() if len(m) > 1), key=lambda cm: (-len(cm[0]), cm[1][0]))
     device = model.embed.weight.device
-    for ctx, members in groups.items():
-        if len(members) == 1:
-            continue
-        c = len(ctx)
-        conts = {i: seqs[i][c:] for i in members}
-        longest = max(len(v) for v in conts.values())
-        rows = max(1, min(max_rows, max_batch_tokens // max(longest + c, 1)))
-        # the context: one row into a cache of its own, its last position predicts each continuation's
-        # first token
-        cache = model.new_cache(1, c + longest)
-        h_ctx = _blocks(model, torch.tensor([list(ctx)], device=device), cache)[0, -1]  # [D]
-        ordered = sorted(members, key=lambda i: (-len(conts[i]), i))
-        for a in range(0, len(ordered), rows):
-            batch = ordered[a : a + rows]
-            L = len(conts[batch[0]])
-            ids = torch.zeros(len(batch), L, dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : len(conts[i])] = torch.tensor(conts[i])
-            ids = ids.to(device)
-            sub = None
-            if L > 1:  # each batch on its own copy of the context's cache, one row per continuation
-                sub = copy.copy(cache)
-                sub.keep_rows(torch.zeros(len(batch), dtype=torch.long, device=device))
-            h_cont = _blocks(model, ids[:, :-1], sub) if L > 1 else None  # positions c .. c+L-2
-            hs, targets = [], []
-            for r, i in enumerate(batch):
-                n = len(conts[i])
-                pieces = [h_ctx[None]]
-                if n > 1:
-                    assert h_cont is not None
-                    pieces.append(h_cont[r, : n - 1])
-                hs.append(torch.cat(pieces))
-                targets.append(ids[r, :n])
-            lp, gr, ti, tl = _head_scores(model, torch.cat(hs), torch.cat(targets), top_k, head_rows)
-            o = 0
-            for i in batch:
-                n = len(conts[i])
-                sl = slice(o, o + n)
-                results[i] = _result(
-                    seqs[i],
-                    st[i],
-                    lp[sl],
-                    gr[sl],
-                    ti[sl] if ti is not None else None,
-                    tl[sl] if tl is not None else None,
-                )
-                o += n
+    chunk: list[tuple[tuple[int, ...], list[int]]] = []
+    rows = 0
+    for ctx, members in shared:
+        width = len(shared[0][0]) if not chunk else len(chunk[0][0])
+        if chunk and ((len(chunk) + 1) * width > max_batch_tokens or rows + len(members) > 4 * max_rows):
+            _run_chunk(model, chunk, seqs, results, top_k, head_rows, device)
+            chunk, rows = [], 0
+        chunk.append((ctx, members))
+        rows += len(members)
+    if chunk:
+        _run_chunk(model, chunk, seqs, results, top_k, head_rows, device)
     return rest
 
 
-def _blocks(model: MoETransformer, ids_BT: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """The residual stream after every block for ``ids`` (positions continue the cache), advancing it."""
+def _run_chunk(
+    model: MoETransformer,
+    chunk: list[tuple[tuple[int, ...], list[int]]],
+    seqs: list[list[int]],
+    results: list[TokenScores | None],
+    top_k: int,
+    head_rows: int,
+    device: torch.device,
+) -> None:
+    ctx_len = [len(c) for c, _ in chunk]
+    C = max(ctx_len)
+    pairs = [(g, i) for g, (_, members) in enumerate(chunk) for i in members]
+    conts = {i: seqs[i][ctx_len[g] :] for g, i in pairs}
+    L = max(len(v) for v in conts.values())
+    ids = torch.zeros(len(chunk), C, dtype=torch.long)
+    for g, (ctx, _) in enumerate(chunk):
+        ids[g, : len(ctx)] = torch.tensor(ctx)
+    cache = model.new_cache(len(chunk), C + L)
+    h_ctx = _blocks(model, ids.to(device), cache, None, None)  # [G, C, D]
+    h_last = h_ctx[torch.arange(len(chunk), device=device), torch.tensor(ctx_len, device=device) - 1]
+    h_cont = None
+    if L > 1:  # the continuations' inputs: every token but the last, on a copy of their context's row
+        cache.keep_rows(torch.tensor([g for g, _ in pairs], device=device))
+        cont_ids = torch.zeros(len(pairs), L - 1, dtype=torch.long)
+        keep = torch.zeros(len(pairs), C + L - 1, dtype=torch.bool)
+        for r, (g, i) in enumerate(pairs):
+            n = len(conts[i]) - 1
+            if n:
+                cont_ids[r, :n] = torch.tensor(conts[i][:-1])
+            keep[r, : ctx_len[g]] = True
+            keep[r, C:] = True
+        positions = torch.tensor([ctx_len[g] for g, _ in pairs])[:, None] + torch.arange(L - 1)[None, :]
+        h_cont = _blocks(model, cont_ids.to(device), cache, positions.to(device), keep.to(device))
+    hs, targets = [], []
+    for r, (g, i) in enumerate(pairs):
+        n = len(conts[i])
+        hs.append(h_last[g][None])
+        if n > 1:
+            assert h_cont is not None
+            hs.append(h_cont[r, : n - 1])
+        targets.append(torch.tensor(conts[i], device=device))
+    lp, gr, ti, tl = _head_scores(model, torch.cat(hs), torch.cat(targets), top_k, head_rows)
+    o = 0
+    for g, i in pairs:
+        n = len(conts[i])
+        sl = slice(o, o + n)
+        results[i] = _result(
+            seqs[i],
+            ctx_len[g],
+            lp[sl],
+            gr[sl],
+            ti[sl] if ti is not None else None,
+            tl[sl] if tl is not None else None,
+        )
+        o += n
+
+
+def _blocks(
+    model: MoETransformer,
+    ids_BT: torch.Tensor,
+    cache: KVCache,
+    positions_BT: torch.Tensor | None,
+    key_padding_BS: torch.Tensor | None,
+) -> torch.Tensor:
+    """The residual stream after every block for ``ids`` written into ``cache`` after what it holds
+    (positions continue the cache unless given), advancing it."""
     B, T = ids_BT.shape
-    past = cache.length if cache is not None else 0
-    positions = torch.arange(past, past + T, device=ids_BT.device).expand(B, T)
-    cos_sin = model.rope(positions)
-    mask = build_attention_mask(T, past, None, None, device=ids_BT.device)
+    past = cache.length
+    if positions_BT is None:
+        positions_BT = torch.arange(past, past + T, device=ids_BT.device).expand(B, T)
+    cos_sin = model.rope(positions_BT)
+    mask = build_attention_mask(T, past, None, key_padding_BS, device=ids_BT.device)
     x = model.embed(ids_BT)
     for block in model.blocks:
         x, _ = block(x, cos_sin, mask, cache)
-    if cache is not None:
-        cache.advance(T)
+    cache.advance(T)
     return x
