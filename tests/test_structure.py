@@ -225,13 +225,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # train reads token shards, never records; pretrained.py builds on train/checkpoint.py, not the reverse
     "train": ("data", "eval", "serve", "harness", "cli", "pretrained", "export", "demo"),
     "serve": ("data", "train", "eval", "harness", "cli", "export", "demo"),
-    "eval": ("serve", "harness", "cli", "export", "demo"),
-    # lm-eval's client: the engine (serve) and checkpoints (train/checkpoint.py), never the pipeline
+    "eval": ("serve", "cli", "export", "demo"),
+    # lm-eval's client: the engine (serve) and checkpoints (train/checkpoint.py), never the pipeline; the
+    # demo and the emergence study (eval/) score through it
     "harness": ("data", "eval", "cli", "export", "demo"),
     "pretrained": ("data", "eval", "serve", "harness", "cli", "export", "demo"),
     # export loads a checkpoint through serve's Engine (its loading and vocabulary checks), so it may use serve
     "export": ("data", "eval", "harness", "cli", "demo"),
-    "demo": ("serve", "harness", "cli", "export"),
+    "demo": ("serve", "cli", "export"),
 }
 # Only the command line (and ``python -m moeforge``) may import the command line.
 CLI_IMPORTERS = ("cli", "__main__")

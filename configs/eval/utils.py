@@ -260,6 +260,43 @@ def load_ppl_ru(**kwargs: Any):
     return _dataset({"test": rows})
 
 
+# ---- a data run's own held-out split ----------------------------------------------------------------
+
+HELDOUT_ENV = "MOEFORGE_EVAL_RUN"
+
+
+def load_heldout(**kwargs: Any):
+    """The held-out records of a moeforge data run (``moeforge data run`` output): every record of its
+    ``split`` (metadata ``split``, default ``test``) as one document, its text as the tokens packer reads it
+    (a chat rendered as ChatML). The run is metadata ``run`` or ``$MOEFORGE_EVAL_RUN``. The run's own
+    manifest names the shards; a record's domain is kept for reading the samples."""
+    from moeforge.data.store import iter_lines
+    from moeforge.tokens.pack import render_chat
+
+    run_arg = kwargs.get("run") or os.environ.get(HELDOUT_ENV)
+    if not run_arg:
+        raise ValueError(
+            f'moeforge_heldout: which data run? pass --metadata \'{{"run": "DIR"}}\' or set ${HELDOUT_ENV} '
+            "to a `moeforge data run` output directory"
+        )
+    run = Path(run_arg).expanduser()
+    split = str(kwargs.get("split") or "test")
+    shards = sorted((run / "records" / split).glob("*.jsonl.zst"))
+    if not shards:
+        raise ValueError(f"moeforge_heldout: {run} has no records/{split}/*.jsonl.zst (is it a data run?)")
+    rows = []
+    for shard in shards:
+        for line_no, line in iter_lines(shard):
+            rec = json.loads(line)
+            messages = rec.get("messages")
+            text = rec.get("text") if messages is None else render_chat(messages)
+            if not text:
+                raise ValueError(f"moeforge_heldout: {shard}:{line_no}: a record without text or messages")
+            meta = rec.get("meta") or {}
+            rows.append({"text": text, "id": rec.get("id"), "domain": meta.get("domain") or ""})
+    return _dataset({"test": rows})
+
+
 # ---- identity -----------------------------------------------------------------------------------------
 
 # The project's identity (configs/data/demo.yaml): the assistant is "Oracle" ("I am Oracle."), its author

@@ -103,8 +103,12 @@ def run_demo(
         ]
     res = run_training(cfgs / "train" / "demo.yaml", overrides, progress=train_progress)
 
-    say("5/5 report: test eval per domain, curves, routing heatmaps")
+    say("5/5 report: test eval per domain, curves, routing heatmaps, held-out lm-eval scores")
     files = _charts(out, train_dir, tokens_dir)
+    from moeforge.harness.run import heldout_scores
+
+    # the data run's test records scored by lm-eval through the same `moeforge` model as `moeforge eval`
+    heldout = heldout_scores(train_dir, data_dir, limit=40 if quick else None)
     summary = {
         "data": {
             "records": result.manifest["records"],
@@ -118,6 +122,7 @@ def run_demo(
         },
         "splits_note": split_mix_note(tokens_dir),
         "train": json.loads((train_dir / "summary.json").read_text()),
+        "heldout_lm_eval": heldout,
         "charts": {k: str(v) for k, v in files.items()},
         "checkpoint": str(_last_checkpoint(train_dir)),
         "status": res.status,

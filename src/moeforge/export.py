@@ -212,7 +212,7 @@ def model_card(cfg: Any, layout: str, state: dict[str, Any], run: Path) -> str:
             metrics = entry.get("metrics") or {}
             for key, value in sorted(metrics.items()):
                 name, _, filt = key.partition(",")
-                if "_stderr" in name or not isinstance(value, (int, float)):
+                if "_stderr" in name or name == "sample_len" or not isinstance(value, (int, float)):
                     continue
                 err = metrics.get(f"{name}_stderr,{filt}")
                 shots = entry.get("num_fewshot")

@@ -52,6 +52,12 @@ def eval_command(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Results directory (default: RUN/eval, or CHECKPOINT/eval)."
     ),
+    unsafe: bool = typer.Option(
+        False,
+        "--confirm-run-unsafe-code",
+        help="Let tasks that execute generated code run (moeforge_humaneval: a subprocess sandbox with a "
+        "timeout and no network; see configs/eval/README.md).",
+    ),
     list_tasks: bool = typer.Option(False, "--list", help="List the offline suite's tasks and exit."),
 ) -> None:
     """Score a checkpoint with lm-evaluation-harness through moeforge's own engine (the `moeforge` lm-eval
@@ -82,6 +88,7 @@ def eval_command(
         apply_chat_template=chat,
         seed=seed,
         out=out,
+        confirm_run_unsafe_code=unsafe,
     )
     table = Table("task", "metric", "value", "± stderr", "samples")
     for task, metrics in sorted(result.scores.items()):

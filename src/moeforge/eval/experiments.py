@@ -60,6 +60,7 @@ from moeforge.eval.findings import (
     routing_stats,
     run_test_loss,
 )
+from moeforge.harness.run import heldout_scores
 from moeforge.io import atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.procs import spawn_pool
@@ -67,6 +68,9 @@ from moeforge.procs import spawn_pool
 __all__ = ["run_emergence"]
 
 log = logging.getLogger(__name__)
+
+# test records per run scored by lm-eval's rolling log-likelihood (moeforge_heldout), the first N in order
+HELDOUT_DOCS = 100
 
 # (variant name, step, total steps, the step's scalars)
 ExperimentProgress = Callable[[str, int, int, dict[str, float]], None]
@@ -337,6 +341,10 @@ def _run(
         curves[name] = rows
         t = time.perf_counter()
         aff = _affinity(run_dir, tokens_dir, cfg.micro_batch, cfg.affinity_max_batches)
+        # the data run's test records through lm-eval (the same `moeforge` model as `moeforge eval`)
+        heldout = heldout_scores(run_dir, out / "data", limit=HELDOUT_DOCS)
+        if heldout is not None:
+            summary.setdefault("test", {})["heldout_bits_per_byte"] = heldout.get("bits_per_byte")
         mcfg = models[v.name]
         record: dict[str, Any] = {
             "name": name,
@@ -355,6 +363,7 @@ def _run(
             "final_valid": summary.get("final_valid") or {},
             "best_valid_loss": summary.get("best_valid_loss"),
             "test": summary.get("test") or {},
+            "heldout_lm_eval": heldout,
             "collapse_events": summary.get("collapse_events") or [],
             "routing": routing_stats(rows, summary.get("collapse_events") or [], steps=cfg.steps),
             "affinity": {str(k): m.round(4).tolist() for k, m in aff.items()},

@@ -144,7 +144,14 @@ def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         group = _runs_of({"runs": runs}, role)
         if not group:
             continue
-        keys = sorted({k for r in group for k in r.get("test") or {} if k == "loss" or k.startswith("loss/")})
+        keys = sorted(
+            {
+                k
+                for r in group
+                for k in r.get("test") or {}
+                if k in ("loss", "heldout_bits_per_byte") or k.startswith("loss/")
+            }
+        )
         test = {k: st for k in keys if (st := _stat(group, k)) is not None}
         out.append(
             {
@@ -451,10 +458,16 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"- **{a['name']}** ({a['role']}, seed{'s' if len(a['seeds']) > 1 else ''} {_seed_list(a)}): "
             f"{a.get('description', '')} — {how}."
         )
-    lines += ["", "Per variant, mean ± sample std over its seeds:", ""]
+    lines += [
+        "",
+        "Per variant, mean ± sample std over its seeds (held-out bits/byte: lm-eval's rolling log-likelihood "
+        "of the data run's first test records, task moeforge_heldout, through the same `moeforge` lm-eval model "
+        "as `moeforge eval`; — when lm-eval is not installed):",
+        "",
+    ]
     head = ["variant", "role", "seeds", "active params", "total params", "test loss"]
     head += [f"test {d}" for d in domains]
-    head += ["Δ vs dense", "peak load (max)", "collapsed seeds"]
+    head += ["held-out bits/byte (lm-eval)", "Δ vs dense", "peak load (max)", "collapsed seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in variants:
         lt = a["test"].get("loss")
@@ -471,6 +484,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             f"{a.get('params_total', 0):,}",
             _fmt_ms(lt),
             *(_fmt_ms(a["test"].get(f"loss/{d}")) for d in domains),
+            _fmt_ms(a["test"].get("heldout_bits_per_byte")),
             "—"
             if lt is None or ld is None or a["role"] == "dense"
             else f"{pct_change(lt['mean'], ld['mean']):+.2f}%",

@@ -55,7 +55,11 @@ class HarnessError(ValueError):
 def _tokenizer_config(engine: Engine, checkpoint: Path) -> dict[str, Any]:
     """The ``tokenizer_config.json`` beside the checkpoint's tokenizer (what transformers reads)."""
     from moeforge.pretrained import find_checkpoint_tokenizer
+    from moeforge.train.checkpoint import latest_checkpoint
 
+    if not (checkpoint / "model.safetensors").is_file() and (checkpoint / "checkpoints").is_dir():
+        # a run directory: its latest checkpoint, as the engine loaded (its state names the tokenizer)
+        checkpoint = latest_checkpoint(checkpoint) or checkpoint
     state_path = checkpoint / "state.json"
     try:
         state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
@@ -109,7 +113,7 @@ class MoeforgeLM(TemplateLM):
                 )
             rows = _rows(batch_size, max_batch_size)
             try:
-                engine = Engine.from_checkpoint(checkpoint, device=device or "cpu", max_batch=rows)
+                engine = Engine.from_checkpoint(checkpoint, device=_device(device), max_batch=rows)
             except EngineError as exc:
                 raise HarnessError(str(exc)) from None
         if engine.tokenizer is None:
@@ -118,8 +122,13 @@ class MoeforgeLM(TemplateLM):
                 "(train from `moeforge data tokenize` output, or import a model with its tokenizer)"
             )
         self.engine = engine
+        self._device = engine.device
         self.tokenizer = engine.tokenizer
         self._max_length = int(max_length or engine.cfg.max_seq_len)
+        if not 1 <= self._max_length <= engine.cfg.max_seq_len:
+            raise HarnessError(
+                f"max_length must be in 1..{engine.cfg.max_seq_len}, the model's context (got {self._max_length})"
+            )
         self.max_gen_toks = int(max_gen_toks)
         tcfg = _tokenizer_config(engine, Path(checkpoint)) if checkpoint is not None else {}
         self._eot = self._resolve_id(_token_name(tcfg.get("eos_token")))
@@ -165,7 +174,7 @@ class MoeforgeLM(TemplateLM):
 
     def _loglikelihood_tokens(
         self,
-        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
         disable_tqdm: bool = False,
         **kwargs: Any,
     ) -> list[tuple[float, bool]]:
@@ -188,8 +197,9 @@ class MoeforgeLM(TemplateLM):
                 )
                 for i, s in zip(part, scores, strict=True):
                     out[i] = (s.total, s.is_greedy)
-                    (ctx_text, cont_text), _, _ = requests[i]
-                    self.cache_hook.add_partial("loglikelihood", (ctx_text, cont_text), out[i])
+                    key = requests[i][0]
+                    if key is not None:  # None: a rolling window, cached by loglikelihood_rolling as a whole
+                        self.cache_hook.add_partial("loglikelihood", key, out[i])
                 bar.update(len(part))
         return [o for o in out if o is not None]
 
@@ -207,7 +217,7 @@ class MoeforgeLM(TemplateLM):
             ):
                 windows.append((r, (None, ctx, cont)))
         scores = self._loglikelihood_tokens(
-            [(("", ""), ctx, cont) for _, (_, ctx, cont) in windows], disable_tqdm=disable_tqdm
+            [(None, ctx, cont) for _, (_, ctx, cont) in windows], disable_tqdm=disable_tqdm
         )
         totals = [0.0] * len(requests)
         for (r, _), (lp, _) in zip(windows, scores, strict=True):
@@ -264,6 +274,24 @@ class MoeforgeLM(TemplateLM):
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return "chatml" if chat_template else None
+
+
+def _device(device: str | None) -> str:
+    """The device to load on: ``device`` when this machine has it, else the CPU. lm-eval's CLI passes
+    ``cuda:0`` when ``--device`` is not given; its ``hf`` model falls back to the CPU then, and so does
+    this one (with a warning) instead of failing deep in torch."""
+    import torch
+
+    if not device:
+        return "cpu"
+    kind = str(device).split(":", 1)[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        log.warning("moeforge LM: device %s asked for but CUDA is not available; using the CPU", device)
+        return "cpu"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        log.warning("moeforge LM: device %s asked for but MPS is not available; using the CPU", device)
+        return "cpu"
+    return str(device)
 
 
 def _rows(batch_size: int | str | None, max_batch_size: int | None) -> int:

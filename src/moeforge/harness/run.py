@@ -26,7 +26,15 @@ from typing import Any
 
 from moeforge.io import atomic_write_json, sha256_file
 
-__all__ = ["EvalResult", "default_tasks_dir", "eval_dir", "read_results", "run_eval"]
+__all__ = [
+    "HELDOUT_TASK",
+    "EvalResult",
+    "default_tasks_dir",
+    "eval_dir",
+    "heldout_scores",
+    "read_results",
+    "run_eval",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +108,16 @@ def run_eval(
     bootstrap_iters: int = 1000,
     out: str | os.PathLike[str] | None = None,
     device: str = "cpu",
+    confirm_run_unsafe_code: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on ``tasks`` (see the module docstring). ``data``: the root the offline
     tasks read (default ``$MOEFORGE_EVAL_DATA``, ``$MOEFORGE_REAL_DATA`` or ``../shared/data``);
     ``limit``: the first N documents of each task (or a fraction); ``out``: the results directory
-    (default :func:`eval_dir`). Raises :class:`~moeforge.harness.lm.HarnessError` for unknown tasks."""
+    (default :func:`eval_dir`); ``confirm_run_unsafe_code``: let tasks that execute generated code
+    (``moeforge_humaneval``, in its sandbox) run; ``metadata``: passed to the tasks' loaders (e.g.
+    ``{"run": DATA_RUN}`` for ``moeforge_heldout``). Raises :class:`~moeforge.harness.lm.HarnessError` for
+    unknown tasks, ValueError (lm-eval's) for an unsafe task without the confirmation."""
     from lm_eval import __version__ as lm_eval_version
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -116,12 +129,19 @@ def run_eval(
     ckpt = _checkpoint_dir(Path(checkpoint).resolve())
     if data is not None:
         os.environ["MOEFORGE_EVAL_DATA"] = str(Path(data).resolve())
-    manager = TaskManager(include_path=str(include_path or default_tasks_dir()))
+    manager = TaskManager(include_path=str(include_path or default_tasks_dir()), metadata=metadata)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         ours = sorted(t for t in known if t.startswith("moeforge_"))
-        raise HarnessError(f"unknown task(s) {', '.join(unknown)}; the offline suite has {', '.join(ours)}")
+        where = (
+            f"the offline suite has {', '.join(ours)}"
+            if ours
+            else f"{include_path} defines no moeforge_* task"
+        )
+        raise HarnessError(
+            f"unknown task(s) {', '.join(unknown)}; {where} (lm-eval's own tasks are known too: lm_eval ls tasks)"
+        )
     lm = MoeforgeLM(checkpoint=str(ckpt), batch_size=batch_size, device=device)
     t0 = time.perf_counter()
     raw = simple_evaluate(
@@ -137,13 +157,16 @@ def run_eval(
         fewshot_random_seed=seed,
         bootstrap_iters=bootstrap_iters,
         log_samples=False,
+        confirm_run_unsafe_code=confirm_run_unsafe_code,
     )
     seconds = time.perf_counter() - t0
     if raw is None:  # lm-eval returns None on non-zero ranks only
         raise HarnessError("lm-eval returned no results")
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in (raw.get("results") or {}).items():
-        clean = {k: v for k, v in ((k, _clean(v)) for k, v in metrics.items()) if v is not None}
+        # metrics only: lm-eval's "metric,filter" keys; not its fixed keys (alias, name, sample_len)
+        pairs = ((k, _clean(v)) for k, v in metrics.items() if "," in k)
+        clean = {k: v for k, v in pairs if v is not None}
         scores[task] = clean
     n_samples = {t: int((v or {}).get("effective", 0)) for t, v in (raw.get("n-samples") or {}).items()}
     target = Path(out) if out is not None else eval_dir(ckpt)
@@ -162,6 +185,7 @@ def run_eval(
         "num_fewshot": num_fewshot,
         "apply_chat_template": apply_chat_template,
         "seed": seed,
+        "metadata": {k: str(v) for k, v in (metadata or {}).items()},
         "seconds": round(seconds, 3),
     }
     tasks_out = dict((previous or {}).get("tasks") or {})
@@ -186,3 +210,35 @@ def _update_summary(run: Path, tasks: dict[str, Any]) -> None:
         return
     summary["lm_eval"] = {t: v["metrics"] for t, v in tasks.items()}
     atomic_write_json(p, summary)
+
+
+HELDOUT_TASK = "moeforge_heldout"
+
+
+def heldout_scores(
+    checkpoint: str | os.PathLike[str],
+    data_run: str | os.PathLike[str],
+    *,
+    limit: int | None = None,
+    split: str = "test",
+) -> dict[str, float] | None:
+    """``moeforge_heldout`` on a data run's held-out split through the same lm-eval path as ``moeforge
+    eval`` (rolling log-likelihood per record → ``bits_per_byte``, ``byte_perplexity``,
+    ``word_perplexity``); the demo and the emergence study report it. Results also go to the run's
+    ``eval/results.json`` and ``summary.json``. None, with a log line, when lm-eval is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        log.info("lm-eval is not installed (pip install 'moeforge[eval]'): no held-out lm-eval scores")
+        return None
+    res = run_eval(
+        checkpoint,
+        [HELDOUT_TASK],
+        limit=limit,
+        metadata={"run": str(Path(data_run).resolve()), "split": split},
+        bootstrap_iters=0,
+    )
+    metrics = res.scores.get(HELDOUT_TASK, {})
+    out = {k.split(",", 1)[0]: v for k, v in metrics.items() if "_stderr" not in k and k != "sample_len"}
+    out["documents"] = float(res.n_samples.get(HELDOUT_TASK, 0))
+    return out
