@@ -42,6 +42,10 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
              if json.loads(x)["split"] == "valid"]  # fmt: skip
     assert {"loss/code", "loss/math", "loss/prose"} <= set(valid[-1])  # what loss.png draws per domain
     assert Path(s["checkpoint"]).name == "step-00000060"
+    # the data run's test records scored through lm-eval's `moeforge` model (the demo's --quick limit: 40)
+    held = s["heldout_lm_eval"]
+    assert held["documents"] == 40 and 0 < held["bits_per_byte"] < 8 and held["byte_perplexity"] > 1
+    assert "moeforge_heldout" in json.loads((out / "train" / "eval" / "results.json").read_text())["tasks"]
     losses = [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["split"] == "train"]  # fmt: skip
     assert losses[-1] < losses[0] - 1.0  # it learned something in 60 steps
