@@ -437,3 +437,25 @@ def test_lm_eval_local_completions_against_the_server(
     )
     params = SamplingParams(temperature=0, max_tokens=8, stop=["\n", "<|endoftext|>"])
     assert out == [c.text for c in reference.generate([reference.encode(c) for c in contexts], params)]
+
+
+def test_the_tokenizer_configs_bos_and_eos_are_what_the_server_reports_and_stops_at(tokenizer) -> None:
+    """An imported model's tokenizer config (SmolLM2: bos <|im_start|>, eos <|im_end|>, add_bos_token false)
+    is what transformers and lm-eval's hf backend read: /tokenizer_info reports those tokens (so lm-eval's
+    remote tokenizer opens rolling windows with the same prefix), adds no BOS, and generation stops at the
+    config's eos as well as <|endoftext|>."""
+    from fastapi.testclient import TestClient
+
+    conf = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "add_bos_token": False}
+    engine = Engine(_model(tokenizer), tokenizer, tokenizer_config=conf)
+    im_start, im_end, eot = (
+        tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    )
+    assert engine.eos_ids == frozenset({im_end, eot})
+    with TestClient(create_app(engine, model_name=MODEL, api_key=KEY)) as client:
+        info = client.get("/tokenizer_info").json()
+    assert (info["bos_token"], info["bos_token_id"]) == ("<|im_start|>", im_start)
+    assert (info["eos_token"], info["eos_token_id"]) == ("<|im_end|>", im_end)
+    assert info["add_bos_token"] is False
+    plain = Engine(_model(tokenizer), tokenizer)  # a moeforge-trained tokenizer: <|endoftext|> only
+    assert plain.eos_ids == frozenset({eot})

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from lm_eval.api.instance import Instance
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from moeforge.serve.engine import Engine, EngineError
 from moeforge.serve.sampling import SamplingParams
 from moeforge.serve.scoring import score_sequences
+from moeforge.tokens.tokenizer import special_token_name
 
 __all__ = ["HarnessError", "MoeforgeLM"]
 
@@ -50,36 +50,6 @@ _CHUNK = 64
 
 class HarnessError(ValueError):
     """A model the harness cannot evaluate (no tokenizer, a bad argument); the message says what to do."""
-
-
-def _tokenizer_config(engine: Engine, checkpoint: Path) -> dict[str, Any]:
-    """The ``tokenizer_config.json`` beside the checkpoint's tokenizer (what transformers reads)."""
-    from moeforge.pretrained import find_checkpoint_tokenizer
-    from moeforge.train.checkpoint import latest_checkpoint
-
-    if not (checkpoint / "model.safetensors").is_file() and (checkpoint / "checkpoints").is_dir():
-        # a run directory: its latest checkpoint, as the engine loaded (its state names the tokenizer)
-        checkpoint = latest_checkpoint(checkpoint) or checkpoint
-    state_path = checkpoint / "state.json"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
-    except (OSError, ValueError):
-        state = {}
-    tok = find_checkpoint_tokenizer(checkpoint, state)
-    if tok is None:
-        return {}
-    p = Path(tok) / "tokenizer_config.json"
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def _token_name(value: Any) -> str | None:
-    if isinstance(value, dict):  # {"content": "<|im_start|>", ...} as older configs store it
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 @register_model("moeforge")
@@ -130,13 +100,13 @@ class MoeforgeLM(TemplateLM):
                 f"max_length must be in 1..{engine.cfg.max_seq_len}, the model's context (got {self._max_length})"
             )
         self.max_gen_toks = int(max_gen_toks)
-        tcfg = _tokenizer_config(engine, Path(checkpoint)) if checkpoint is not None else {}
-        self._eot = self._resolve_id(_token_name(tcfg.get("eos_token")))
+        tcfg = engine.tokenizer_config  # what transformers reads: bos/eos as the hf backend sees them
+        self._eot = self._resolve_id(special_token_name(tcfg.get("eos_token")))
         if self._eot is None:
             self._eot = min(engine.eos_ids) if engine.eos_ids else self.tokenizer.token_to_id("<|endoftext|>")
         if self._eot is None:
             raise HarnessError("the tokenizer has no end-of-text token (eos_token / <|endoftext|>)")
-        bos = self._resolve_id(_token_name(tcfg.get("bos_token")))
+        bos = self._resolve_id(special_token_name(tcfg.get("bos_token")))
         self._prefix = (
             prefix_token_id if prefix_token_id is not None else (bos if bos is not None else self._eot)
         )

@@ -83,7 +83,7 @@ from moeforge.serve.schemas import (
     Usage,
     usage,
 )
-from moeforge.tokens.tokenizer import CHAT_TEMPLATE
+from moeforge.tokens.tokenizer import CHAT_TEMPLATE, special_token_name
 
 # Loading a model and running uvicorn (load_engine, serve) live in loading.py, which builds on this module.
 __all__ = ["ServeError", "create_app"]
@@ -413,12 +413,17 @@ class _API:
         def special(token: str) -> int | None:
             return tok.token_to_id(token)
 
-        eos_id = special("<|endoftext|>")
+        # the tokenizer config's bos/eos first, as transformers (and so lm-eval's hf backend) reads them
+        named = {k: special_token_name(engine.tokenizer_config.get(f"{k}_token")) for k in ("bos", "eos")}
+        eos_id = special(named["eos"]) if named["eos"] else None
+        if eos_id is None:
+            eos_id = special("<|endoftext|>")
         if eos_id is None or (engine.eos_ids and eos_id not in engine.eos_ids):
             eos_id = min(engine.eos_ids) if engine.eos_ids else None
-        # a tokenizer whose post-processor opens every text with a token (Llama's <s>) has a BOS
+        # a tokenizer whose post-processor opens every text with a token (Llama's <s>) adds a BOS
         plain, full = (tok.encode("a", add_special_tokens=flag).ids for flag in (False, True))
-        bos_id = full[0] if len(full) > len(plain) and full[1 : 1 + len(plain)] == plain else None
+        added_bos = full[0] if len(full) > len(plain) and full[1 : 1 + len(plain)] == plain else None
+        bos_id = special(named["bos"]) if named["bos"] else added_bos
         pad_id = special("<|pad|>")
         unk = getattr(tok.model, "unk_token", None)
         unk_id = special(unk) if isinstance(unk, str) else None
@@ -439,7 +444,7 @@ class _API:
             model_max_length=ctx,
             max_model_len=ctx,
             vocab_size=tok.get_vocab_size(with_added_tokens=True),
-            add_bos_token=bos_id is not None,
+            add_bos_token=added_bos is not None,
             chat_template=CHAT_TEMPLATE if engine.chat_spec.format == "chatml" else None,
         )
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from moeforge.serve.request import Completion, FinishReason, Request
 from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams
 from moeforge.serve.scoring import TokenScores, score_sequences
 from moeforge.tokens.chat_spec import ChatSpec, apply_default_system, load_chat_spec
+from moeforge.tokens.tokenizer import special_token_name
 
 __all__ = ["Engine", "EngineError", "PromptTooLongError", "StreamChunk"]
 
@@ -90,6 +91,7 @@ class Engine:
         eos_ids: Sequence[int] | None = None,
         fast_decode: bool | None = None,
         chat_spec: ChatSpec | None = None,
+        tokenizer_config: Mapping[str, Any] | None = None,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1 (got {max_batch})")
@@ -108,9 +110,11 @@ class Engine:
                     "use the tokenizer the model was trained with"
                 )
             self.vocab_limit = n if n < self.cfg.vocab_size else None
-        if eos_ids is None:
-            eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
-            eos_ids = [] if eos is None else [eos]
+        self.tokenizer_config = dict(tokenizer_config or {})
+        if eos_ids is None:  # <|endoftext|> and the tokenizer config's eos_token (<|im_end|> for SmolLM2)
+            names = ["<|endoftext|>", special_token_name(self.tokenizer_config.get("eos_token"))]
+            found = [tokenizer.token_to_id(n) for n in names if n] if tokenizer is not None else []
+            eos_ids = sorted({i for i in found if i is not None})
         self.eos_ids = frozenset(eos_ids)
         supported = fast_decode_supported(self.model)
         if fast_decode and not supported:
@@ -143,7 +147,7 @@ class Engine:
         use a ``tokenizer.json`` in or up to three levels above the checkpoint, else the one the training
         config names. Weights load strictly; a tied LM head may be stored once or twice."""
         from moeforge.pretrained import ModelImportError, find_checkpoint_tokenizer, load_model
-        from moeforge.tokens.tokenizer import load_tokenizer
+        from moeforge.tokens.tokenizer import load_tokenizer, read_tokenizer_config
 
         dev = torch.device(device) if device is not None else torch.device("cpu")
         try:
@@ -159,8 +163,10 @@ class Engine:
             if tokenizer is None:
                 log.warning("%s: no tokenizer.json found near the checkpoint; token-id prompts only", ckpt)
         chat_spec = None
+        tok_config: dict[str, Any] = {}
         if isinstance(tokenizer, (str, os.PathLike)):
             chat_spec = load_chat_spec(tokenizer)  # an imported model's template: default system turn
+            tok_config = read_tokenizer_config(tokenizer)
             tokenizer = load_tokenizer(tokenizer)
         log.info("loaded %s (%s) on %s", ckpt, cfg.name, dev)
         return cls(
@@ -171,6 +177,7 @@ class Engine:
             eos_ids=eos_ids,
             fast_decode=fast_decode,
             chat_spec=chat_spec,
+            tokenizer_config=tok_config,
         )
 
     # ---- text -----------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ __all__ = [
     "TokenizerConfig",
     "TokenizerError",
     "load_tokenizer",
+    "read_tokenizer_config",
+    "special_token_name",
     "special_tokens",
     "token_ids",
     "tokenizer_files",
@@ -159,6 +161,26 @@ def tokenizer_files(path: str | os.PathLike[str]) -> list[Path]:
         f"{p}: holds neither tokenizer.json nor vocab.json + merges.txt; "
         "train one with `moeforge tokenizer train` or point at a GPT-2-style tokenizer directory"
     )
+
+
+def read_tokenizer_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``tokenizer_config.json`` beside a tokenizer (``path``: its directory or its ``tokenizer.json``)
+    as transformers reads it — ``bos_token``, ``eos_token``, ``add_bos_token`` …; empty when there is none
+    or it is not a JSON object."""
+    p = Path(path)
+    cfg_path = (p if p.is_dir() else p.parent) / "tokenizer_config.json"
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def special_token_name(value: Any) -> str | None:
+    """A special token as a tokenizer config names it: a string, or ``{"content": …}`` (older configs)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
