@@ -21,13 +21,13 @@ cores.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from live_server import LiveServer
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("datasets")
@@ -99,28 +99,6 @@ def hf_lm(ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
 
     export = export_checkpoint(ckpt, tmp_path_factory.mktemp("smollm2-export") / "hf")
     return HFLM(pretrained=str(export), dtype="float32", device="cpu", batch_size=4)
-
-
-class LiveServer:
-    """``app`` served by uvicorn in a background thread on 127.0.0.1, on a port the OS picks (as in
-    tests/serve/test_logprobs.py)."""
-
-    def __init__(self, app: Any) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

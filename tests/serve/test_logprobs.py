@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from live_server import LiveServer as BaseLiveServer
+
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -33,25 +35,8 @@ PROSE = (
 CHAT = [{"role": "user", "content": "How many sacks did the miller count?"}]
 
 
-class LiveServer:
-    """``app`` served by uvicorn in a background thread on 127.0.0.1, on a port the OS picks."""
-
-    def __init__(self, app: fastapi.FastAPI) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+class LiveServer(BaseLiveServer):
+    """The shared live server with an authenticated POST."""
 
     def post(self, path: str, body: object, key: str | None = KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
