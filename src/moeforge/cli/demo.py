@@ -50,6 +50,13 @@ def demo(
     for k in sorted(test):
         if k.startswith("loss"):
             table.add_row(f"test {k}", f"{test[k]:.4f}")
+    held = s.get("heldout_lm_eval")
+    if held:
+        table.add_row(
+            "held-out (lm-eval)",
+            f"{held['bits_per_byte']:.3f} bits/byte, byte perplexity {held['byte_perplexity']:.2f} on "
+            f"{int(held['documents'])} test records (moeforge_heldout, as `moeforge eval` scores)",
+        )
     table.add_row("collapse events", str(len(t.get("collapse_events") or [])))
     for name, path in res.files.items():
         table.add_row(name, escape(str(path)))
