@@ -84,8 +84,8 @@ def test_language_modeling_is_lm_plus_aux_and_reports_both(make_config, tmp_path
 
 
 def test_an_unknown_objective_is_named() -> None:
-    with pytest.raises(ValueError, match=r"objective: unknown 'dpo'.*lm"):
-        build_objective("dpo", torch.device("cpu"), "fp32", document=True)
+    with pytest.raises(ValueError, match=r"objective: unknown 'kto'.*lm, dpo, ipo, simpo"):
+        build_objective("kto", torch.device("cpu"), "fp32", document=True)
 
 
 def test_check_start_refuses_another_runs_checkpoints_before_any_tokenizing(

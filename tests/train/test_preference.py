@@ -172,3 +172,81 @@ def test_bad_settings_are_named(kwargs: dict[str, Any], match: str) -> None:
         preference_loss(
             kind, x, x, ref, ref, chosen_tokens=torch.tensor([1]), rejected_tokens=torch.tensor([1]), **kwargs
         )
+
+
+# ---- the objective: a batch of pairs through the model ------------------------------------------------
+
+
+def _pair_batch(vocab: int, with_ref: bool) -> dict[str, torch.Tensor]:
+    """Two pairs: a shared 4-token prompt, completions of 3 (chosen) and 2-3 (rejected) tokens, labels
+    shifted (labels[t] is the target at t) and -100 outside the completions."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (4, 8), generator=g)
+    labels = torch.full((4, 8), -100)
+    for row, n in enumerate((3, 3, 2, 3)):
+        labels[row, 3 : 3 + n] = ids[row, 4 : 4 + n]
+    batch = {"input_ids": ids, "labels": labels}
+    if with_ref:
+        batch["ref_logps"] = torch.tensor([-20.0, -21.0, -19.0, -22.0])
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "simpo"])
+def test_the_preference_objective_is_the_loss_of_the_models_sequence_logps_plus_aux(kind: str) -> None:
+    from moeforge.model.config import load_model_config
+    from moeforge.model.transformer import MoETransformer
+    from moeforge.train.objectives import build_objective, sequence_logps
+
+    torch.manual_seed(0)
+    model = MoETransformer(load_model_config("tiny", ["moe.router_noise_std=0"]))
+    batch = _pair_batch(model.cfg.vocab_size, with_ref=kind != "simpo")
+    objective = build_objective(kind, torch.device("cpu"), "fp32", document=False, beta=0.2)
+    res = objective(model, batch)
+    with torch.no_grad():
+        out = model(batch["input_ids"])
+    logps = sequence_logps(out.logits, batch["labels"])
+    tokens = (batch["labels"] != -100).sum(-1)
+    ref = batch.get("ref_logps")
+    c, r = logps.chunk(2)
+    expect = preference_loss(
+        kind,
+        c,
+        r,
+        *(ref.chunk(2) if ref is not None else (None, None)),
+        chosen_tokens=tokens[:2],
+        rejected_tokens=tokens[2:],
+        beta=0.2,
+    )
+    assert out.aux_loss is not None
+    assert float(res.loss.detach()) == pytest.approx(float(expect.losses.mean() + out.aux_loss), rel=1e-5)
+    assert float(res.scalars["aux_loss"]) == pytest.approx(
+        float(out.aux_loss), rel=1e-5
+    )  # still applied, logged
+    assert set(res.scalars) == set(objective.scalar_names) and res.tokens == 32 and res.moe_stats
+    res.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_sequence_logps_sums_the_labelled_tokens_only() -> None:
+    from moeforge.train.objectives import sequence_logps
+
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[1, -100, 3, -100], [-100, -100, -100, -100]])
+    lp = torch.log_softmax(logits, -1)
+    assert sequence_logps(logits, labels).tolist() == pytest.approx([float(lp[0, 0, 1] + lp[0, 2, 3]), 0.0])
+
+
+def test_a_preference_batch_needs_pairs_and_dpo_needs_reference_logps() -> None:
+    from moeforge.model.config import load_model_config
+    from moeforge.model.transformer import MoETransformer
+    from moeforge.train.objectives import build_objective
+
+    model = MoETransformer(load_model_config("tiny", []))
+    dpo = build_objective("dpo", torch.device("cpu"), "fp32", document=False)
+    batch = _pair_batch(model.cfg.vocab_size, with_ref=False)
+    with pytest.raises(ValueError, match="needs the reference log-probs"):
+        dpo(model, batch)
+    with pytest.raises(ValueError, match="an even count"):
+        dpo(model, {k: v[:3] for k, v in batch.items()})
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        build_objective("ipo", torch.device("cpu"), "fp32", document=False, beta=0.0)

@@ -30,9 +30,11 @@ __all__ = [
     "LanguageModeling",
     "Objective",
     "ObjectiveOutput",
+    "Preference",
     "autocast",
     "build_objective",
     "model_inputs",
+    "sequence_logps",
 ]
 
 
@@ -103,8 +105,90 @@ class LanguageModeling:
         return ObjectiveOutput(total, scalars, int(ids.numel()), out.moe_stats)
 
 
-def build_objective(name: str, device: torch.device, precision: str, *, document: bool) -> Objective:
-    """The objective a training config names (``objective:``; today only ``lm``)."""
+def sequence_logps(
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """``[B]``: each row's summed log-probability of its labelled tokens (``labels[t]`` is the target at
+    position ``t``, already shifted, as the model's own loss takes them), log-softmax in float32."""
+    mask = labels_BT != ignore_index
+    logp = torch.log_softmax(logits_BTV.float(), dim=-1)
+    picked = logp.gather(-1, labels_BT.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+class Preference:
+    """A preference objective (:mod:`moeforge.train.preference`: ``dpo``, ``ipo``, ``simpo``) plus the MoE
+    auxiliary losses, on a batch of pairs laid out as ``P`` chosen rows then ``P`` rejected rows:
+    ``input_ids`` and ``labels`` ``[2P, T]`` (labels −100 outside the completion) and, for DPO and IPO,
+    ``ref_logps`` ``[2P]`` — the reference model's :func:`sequence_logps`, computed once into a cache
+    rather than by a second model at every step. Its scalars are the preference metrics and ``aux_loss``."""
+
+    name = "preference"
+    scalar_names = (
+        "loss",
+        "aux_loss",
+        "rewards/accuracy",
+        "rewards/margin",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+    )
+
+    def __init__(
+        self, kind: str, device: torch.device, precision: str, *, beta: float = 0.1, simpo_gamma: float = 0.5
+    ) -> None:
+        from moeforge.train.preference import check_settings, preference_loss
+
+        check_settings(kind, beta)
+        self.kind = kind
+        self.device = device
+        self.precision = precision
+        self.beta = beta
+        self.simpo_gamma = simpo_gamma
+        self._loss = preference_loss
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        if ids.shape[0] % 2:
+            raise ValueError(
+                f"a preference batch has chosen then rejected rows: an even count (got {ids.shape[0]})"
+            )
+        with autocast(self.device, self.precision):
+            out = model(ids)
+        logps = sequence_logps(out.logits, labels)
+        tokens = (labels != -100).sum(-1)
+        c, r = logps.chunk(2)
+        nc, nr = tokens.chunk(2)
+        ref = batch.get("ref_logps")
+        rc, rr = ref.to(self.device).to(logps.dtype).chunk(2) if ref is not None else (None, None)
+        pref = self._loss(
+            self.kind,
+            c,
+            r,
+            rc,
+            rr,
+            chosen_tokens=nc,
+            rejected_tokens=nr,
+            beta=self.beta,
+            simpo_gamma=self.simpo_gamma,
+        )
+        aux = out.aux_loss
+        loss = pref.losses.mean() + (aux if aux is not None else 0.0)
+        m = pref.metrics(c, r)
+        scalars = {k: torch.tensor(m[k]) for k in self.scalar_names if k in m}
+        scalars["aux_loss"] = aux.detach() if aux is not None else torch.zeros(())
+        return ObjectiveOutput(loss, scalars, int(ids.numel()), out.moe_stats)
+
+
+def build_objective(
+    name: str, device: torch.device, precision: str, *, document: bool, beta: float = 0.1
+) -> Objective:
+    """The objective a training config names: ``lm`` (language modeling), or a preference loss ``dpo``,
+    ``ipo``, ``simpo`` (:class:`Preference`)."""
     if name == "lm":
         return LanguageModeling(device, precision, document=document)
-    raise ValueError(f"objective: unknown {name!r}; the objectives are: lm")
+    if name in ("dpo", "ipo", "simpo"):
+        return Preference(name, device, precision, beta=beta)
+    raise ValueError(f"objective: unknown {name!r}; the objectives are: lm, dpo, ipo, simpo")

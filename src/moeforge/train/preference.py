@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PreferenceLoss", "PreferenceOutput", "preference_loss"]
+__all__ = ["PreferenceLoss", "PreferenceOutput", "check_settings", "preference_loss"]
 
 PreferenceLoss = Literal["dpo", "ipo", "simpo"]
 
@@ -55,7 +55,8 @@ class PreferenceOutput:
         }
 
 
-def _check(kind: str, beta: float, label_smoothing: float) -> None:
+def check_settings(kind: str, beta: float, label_smoothing: float = 0.0) -> None:
+    """Refuse an unknown loss, a non-positive β or a label smoothing outside [0, 0.5), naming it."""
     if kind not in ("dpo", "ipo", "simpo"):
         raise ValueError(f"preference loss: unknown {kind!r}; the losses are dpo, ipo, simpo")
     if beta <= 0:
@@ -79,7 +80,7 @@ def preference_loss(
 ) -> PreferenceOutput:
     """The ``kind`` loss of a batch of pairs (see the module docstring); every tensor is ``[pairs]``.
     The reference log-probs are required by DPO and IPO and ignored by SimPO."""
-    _check(kind, beta, label_smoothing)
+    check_settings(kind, beta, label_smoothing)
     n_c = chosen_tokens.to(chosen_logps.dtype).clamp(min=1.0)
     n_r = rejected_tokens.to(rejected_logps.dtype).clamp(min=1.0)
     if kind == "simpo":
