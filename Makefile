@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	MOEFORGE_REAL_DATA=$(MOEFORGE_REAL_DATA) $(PY) -m pytest -q
+	MOEFORGE_REAL_DATA=$(MOEFORGE_REAL_DATA) $(PY) -m pytest -q --durations=20
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not realdata"

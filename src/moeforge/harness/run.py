@@ -129,7 +129,11 @@ def run_eval(
     ckpt = _checkpoint_dir(Path(checkpoint).resolve())
     if data is not None:
         os.environ["MOEFORGE_EVAL_DATA"] = str(Path(data).resolve())
-    manager = TaskManager(include_path=str(include_path or default_tasks_dir()), metadata=metadata)
+    where_ours = str(include_path or default_tasks_dir())
+    # indexing lm-eval's own thousands of task files takes seconds: only when a task is not one of ours
+    manager = TaskManager(include_path=where_ours, include_defaults=False, metadata=metadata)
+    if any(t not in set(manager.all_tasks) for t in tasks):
+        manager = TaskManager(include_path=where_ours, metadata=metadata)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
