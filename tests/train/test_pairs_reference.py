@@ -33,27 +33,8 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def tok(make_bpe_for_pairs: Any) -> Any:
-    return make_bpe_for_pairs
-
-
-@pytest.fixture(scope="module")
-def make_bpe_for_pairs() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from moeforge.tokens.tokenizer import BASE_SPECIALS
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=list(BASE_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    t.train_from_iterator([TEXT] * 20, trainer=trainer)
-    return t
+def tok(make_bpe: Any) -> Any:
+    return make_bpe(TEXT, vocab_size=300)
 
 
 def _encode(tok: Any, max_len: int = 64) -> list[Any]:

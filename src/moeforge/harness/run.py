@@ -79,7 +79,10 @@ def eval_dir(checkpoint: Path) -> Path:
 
 def read_results(run_or_checkpoint: Path) -> dict[str, Any] | None:
     """The ``eval/results.json`` of a run or checkpoint, or None."""
-    p = Path(run_or_checkpoint) / "eval" / "results.json"
+    return _read_json(Path(run_or_checkpoint) / "eval" / "results.json")
+
+
+def _read_json(p: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -175,12 +178,9 @@ def run_eval(
     n_samples = {t: int((v or {}).get("effective", 0)) for t, v in (raw.get("n-samples") or {}).items()}
     target = Path(out) if out is not None else eval_dir(ckpt)
     path = target / "results.json"
-    previous = read_results(target.parent) if target.name == "eval" else None
+    previous = _read_json(path)
     if previous is None and path.is_file():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            log.warning("%s is not valid JSON; starting it again", path)
+        log.warning("%s is not a results file; starting it again", path)
     entry = {
         "checkpoint": str(ckpt),
         "model_sha256": sha256_file(ckpt / "model.safetensors"),

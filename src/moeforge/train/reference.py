@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moeforge.io import save_safetensors
+from moeforge.io import atomic_write_bytes, save_safetensors
 from moeforge.tokens.pairs import EncodedPair, collate_pairs
 from moeforge.train.objectives import sequence_logps
 
@@ -88,8 +88,9 @@ def cached_reference_logps(
         raise ValueError(f"reference log-probs must be [{len(pairs)}, 2] (got {list(values.shape)})")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    save_safetensors({"ref_logps": values.contiguous()}, tmp, metadata=want)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:  # canonical bytes (save_safetensors), published with the project's atomic write
+        save_safetensors({"ref_logps": values.contiguous()}, tmp, metadata=want)
+        atomic_write_bytes(target, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
     return values
