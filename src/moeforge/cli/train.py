@@ -45,7 +45,8 @@ def train(
         False, "--overwrite", help="Replace an earlier run's checkpoints and metrics in out_dir."
     ),
 ) -> None:
-    """Train (pretrain or SFT) with MoE losses, eval, checkpoints, routing metrics and collapse detection.
+    """Train (pretrain, SFT, or DPO/IPO/SimPO on a pair set) with MoE losses, eval, checkpoints, routing
+    metrics and collapse detection.
 
     Multi-process: torchrun --nproc-per-node N -m moeforge.train CONFIG. Ctrl-C writes a checkpoint and
     stops; --resume continues bit-exactly.
@@ -59,8 +60,13 @@ def train(
 
         result = run_training(config, overrides, resume=resume, overwrite=overwrite, progress=progress)
     line = f"{result.status}: {result.steps} steps → {escape(str(result.run_dir))}"
-    if result.final_valid.get("loss") is not None:
-        line += f"; valid loss {result.final_valid['loss']:.4f} (ppl {result.final_valid['ppl']:.2f})"
+    fv = result.final_valid
+    if fv.get("loss") is not None:
+        line += f"; valid loss {fv['loss']:.4f}"
+        if "ppl" in fv:
+            line += f" (ppl {fv['ppl']:.2f})"
+        if "rewards/accuracy" in fv:
+            line += f" (reward accuracy {fv['rewards/accuracy']:.3f}, margin {fv['rewards/margin']:.4f})"
     if result.test.get("loss") is not None:
         line += f"; test loss {result.test['loss']:.4f}"
     console.print(line)

@@ -11,19 +11,38 @@ already-shifted convention, so ``objectives.sequence_logps`` of a row is log π(
 right-padded (a causal model's positions never see the padding after them) — the batch layout of the
 ``Preference`` objective. A pair whose content holds a ChatML marker, or that does not fit ``max_len``
 tokens, is refused with a reason, never silently cut.
+
+:func:`open_pair_data` reads a pair set (:mod:`moeforge.data.pairset`, sha256-checked) and encodes its
+splits for a run: refused pairs are left out and counted by reason (:class:`PairSplit`), never cut.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeforge.data.preference import PreferencePair
 from moeforge.tokens.pack import IM_END, IM_START, render_chat
 
-__all__ = ["EncodedPair", "PairRefused", "collate_pairs", "encode_pair"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EncodedPair",
+    "PairData",
+    "PairRefused",
+    "PairSplit",
+    "collate_pairs",
+    "encode_pair",
+    "encode_split",
+    "open_pair_data",
+    "pad_id",
+]
 
 
 class PairRefused(ValueError):
@@ -121,3 +140,110 @@ def collate_pairs(
             )
         batch["ref_logps"] = torch.cat([ref_logps[:, 0], ref_logps[:, 1]])
     return batch
+
+
+@dataclass
+class PairSplit:
+    """One split's encoded pairs, their reference log-probs ``[P, 2]`` (None without a reference) and the
+    count of pairs left out, by reason."""
+
+    name: str
+    pairs: list[EncodedPair]
+    ref: torch.Tensor | None = None
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def batch(self, idx: Sequence[int], pad: int) -> dict[str, torch.Tensor]:
+        """The objective's batch of the pairs at ``idx`` (chosen rows, then rejected rows)."""
+        ref = self.ref[list(idx)] if self.ref is not None else None
+        return collate_pairs([self.pairs[i] for i in idx], pad_id=pad, ref_logps=ref)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id right-padding uses (never attended to by a causal model, never labelled)."""
+    for name in ("<|endoftext|>", "<|im_end|>"):
+        i = tokenizer.token_to_id(name)
+        if i is not None:
+            return int(i)
+    return 0
+
+
+def encode_split(name: str, pairs: Sequence[PreferencePair], tokenizer: Any, *, max_len: int) -> PairSplit:
+    """Encode ``pairs``; refused ones are counted by reason and left out (see the module docstring)."""
+    out: list[EncodedPair] = []
+    refused: Counter[str] = Counter()
+    for p in pairs:
+        try:
+            out.append(
+                encode_pair(
+                    tokenizer,
+                    [m.model_dump() for m in p.prompt],
+                    [m.model_dump() for m in p.chosen],
+                    [m.model_dump() for m in p.rejected],
+                    max_len=max_len,
+                )
+            )
+        except PairRefused as exc:
+            refused[exc.reason] += 1
+    if refused:
+        log.warning(
+            "%s pairs: %d of %d left out (%s)",
+            name,
+            sum(refused.values()),
+            len(pairs),
+            ", ".join(f"{k} {v}" for k, v in sorted(refused.items())),
+        )
+    return PairSplit(name, out, None, dict(sorted(refused.items())))
+
+
+@dataclass
+class PairData:
+    """A pair set as a run uses it: the non-empty splits encoded with the run's tokenizer."""
+
+    root: Path
+    tokenizer_dir: Path
+    splits: dict[str, PairSplit]
+    vocab_size: int
+    pad: int
+    manifest_sha256: str
+
+    def summary(self) -> dict[str, Any]:
+        """For ``config.json``: where the pairs came from and how many of each split are used."""
+        return {
+            "path": str(self.root),
+            "manifest_sha256": self.manifest_sha256,
+            "tokenizer": str(self.tokenizer_dir),
+            "pairs": {k: len(v.pairs) for k, v in self.splits.items()},
+            "refused": {k: v.refused for k, v in self.splits.items() if v.refused},
+        }
+
+
+def open_pair_data(root: Path, tokenizer_dir: Path, *, max_len: int) -> PairData:
+    """Read and encode every non-empty split of the pair set at ``root`` (sha256-checked); ValueError
+    (:class:`~moeforge.data.pairset.PairSetError`) names what is wrong, also a train split left empty."""
+    from moeforge.data.pairset import PairSetError, load_pairset_manifest, read_pairs
+    from moeforge.io import sha256_file
+    from moeforge.tokens.tokenizer import load_tokenizer
+
+    manifest = load_pairset_manifest(root)
+    tok = load_tokenizer(tokenizer_dir)
+    splits: dict[str, PairSplit] = {}
+    for name in ("train", "valid", "test"):
+        if (manifest.get("files", {}).get(f"{name}.jsonl") or {}).get("pairs"):
+            split = encode_split(name, read_pairs(root, name), tok, max_len=max_len)
+            if split.pairs:
+                splits[name] = split
+            elif name == "train":
+                raise PairSetError(
+                    f"{root}: no train pair can be model input with data.seq_len {max_len} "
+                    f"(left out: {split.refused}); raise data.seq_len or shorten the pairs"
+                )
+    if "train" not in splits:
+        raise PairSetError(f"{root}: the train split is empty; write the pair set with a train ratio > 0")
+    return PairData(
+        root,
+        tokenizer_dir,
+        splits,
+        int(tok.get_vocab_size(with_added_tokens=True)),
+        pad_id(tok),
+        sha256_file(root / "manifest.json"),
+    )

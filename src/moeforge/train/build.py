@@ -59,11 +59,13 @@ class Stateful(Protocol):
 
 @dataclass(frozen=True)
 class RunInputs:
-    """What a run trains on, fixed before it starts: the tokenized directory and the resolved
-    ``init_from`` checkpoint (resolved once: a run directory's "latest" must not move between uses)."""
+    """What a run trains on, fixed before it starts: the tokenized directory (language modeling) or the
+    pair set (a preference objective), and the resolved ``init_from`` checkpoint (resolved once: a run
+    directory's "latest" must not move between uses)."""
 
-    tokens: Path
+    tokens: Path | None
     init_from: Path | None
+    pairs: Path | None = None
 
 
 @dataclass
@@ -135,8 +137,11 @@ def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint
 
 
 def prepare_run(cfg: TrainConfig, info: DistInfo | None = None) -> RunInputs:
-    """The step before training: resolve ``init_from`` and tokenize the data (see :func:`prepare_tokens`)."""
+    """The step before training: resolve ``init_from`` and tokenize the data (see :func:`prepare_tokens`);
+    a pair set is encoded by the trainer itself (its reference log-probs need the model)."""
     init = resolve_init_from(cfg.init_from) if cfg.init_from else None
+    if cfg.data.pairs is not None:
+        return RunInputs(None, init, Path(cfg.data.pairs))
     return RunInputs(prepare_tokens(cfg, info, checkpoint=init), init)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "FreezeConfig",
+    "ObjectiveConfig",
     "OptimConfig",
     "TrainConfig",
     "checkpoint_model_config",
@@ -46,11 +47,18 @@ class DataConfig(StrictModel):
 
     run: str | None = Field(default=None, description="a `moeforge data run` output, tokenized via the cache")
     tokens: str | None = Field(default=None, description="a `moeforge data tokenize` output directory")
+    pairs: str | None = Field(
+        default=None,
+        description="a pair set (`moeforge data pairs import|generate`) for a preference objective",
+    )
     tokenizer: str | None = Field(
         default=None,
-        description="tokenizer directory (needed with `run`, unless `init_from` carries one: then its own)",
+        description="tokenizer directory (needed with `run` or `pairs`, unless `init_from` carries one: "
+        "then its own)",
     )
-    seq_len: int = Field(default=256, ge=8, description="tokens per training sequence")
+    seq_len: int = Field(
+        default=256, ge=8, description="tokens per training sequence (with `pairs`: prompt + side at most)"
+    )
     mode: Literal["pretrain", "sft"] = "pretrain"
     attention: Literal["document", "causal"] = Field(
         default="document", description="document: attend only within each packed document"
@@ -60,9 +68,11 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.run is None) == (self.tokens is None):
-            raise ValueError("data needs exactly one of `run` (with `tokenizer`) or `tokens`")
-        # data.run without data.tokenizer is checked by TrainConfig: init_from may supply the tokenizer
+        if sum(x is not None for x in (self.run, self.tokens, self.pairs)) != 1:
+            raise ValueError(
+                "data needs exactly one of `run` (with `tokenizer`), `tokens`, or `pairs` (a preference objective)"
+            )
+        # data.run/pairs without data.tokenizer is checked by TrainConfig: init_from may supply the tokenizer
         return self
 
 
@@ -98,6 +108,27 @@ class FreezeConfig(StrictModel):
         default=False, description="freeze an untied LM head (a tied one follows `embeddings`)"
     )
     blocks: int = Field(default=0, ge=0, description="freeze the first N transformer blocks (0..n_layers)")
+
+
+class ObjectiveConfig(StrictModel):
+    """What the run minimizes: language modeling, or a preference loss over ``data.pairs``.
+
+    ``dpo`` (sigmoid) and ``ipo`` compare the policy with a reference: the ``init_from`` checkpoint, whose
+    log-probabilities of every pair are computed once before the first step into ``RUN/reference/`` (keyed
+    by the weights' sha256 and the pairs) — no second model in memory while training. ``simpo`` is
+    reference-free (length-normalized log-probabilities with a target margin ``simpo_gamma``). The MoE
+    auxiliary losses are added to every objective.
+    """
+
+    name: Literal["lm", "dpo", "ipo", "simpo"] = "lm"
+    beta: float = Field(default=0.1, gt=0, description="preference temperature (IPO: its regularizer τ)")
+    simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO target reward margin")
+    kl_pairs: int = Field(
+        default=32,
+        ge=0,
+        description="held-out pairs whose prompts measure the per-token KL to the reference at each eval "
+        "(the reference is loaded for the eval only); 0 skips it",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -144,6 +175,12 @@ class TrainConfig(StrictModel):
         "config and (with data.run) tokenizer",
     )
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+
+    @property
+    def preference(self) -> bool:
+        """True for a preference objective (dpo, ipo, simpo): the run trains on ``data.pairs``."""
+        return self.objective.name != "lm"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -164,6 +201,21 @@ class TrainConfig(StrictModel):
                 "data.run needs data.tokenizer (a `moeforge tokenizer train` output), "
                 "or init_from a checkpoint that carries its tokenizer"
             )
+        name = self.objective.name
+        if self.preference and self.data.pairs is None:
+            raise ValueError(f"objective {name} trains on preference pairs: set data.pairs to a pair set")
+        if not self.preference and self.data.pairs is not None:
+            raise ValueError(
+                "data.pairs is a preference pair set: set objective.name to dpo, ipo or simpo "
+                "(language modeling reads data.run or data.tokens)"
+            )
+        if name in ("dpo", "ipo") and self.init_from is None:
+            raise ValueError(
+                f"objective {name} needs init_from: the checkpoint is both the starting policy and the "
+                "reference (use simpo to train without a reference)"
+            )
+        if self.data.pairs is not None and self.data.tokenizer is None and self.init_from is None:
+            raise ValueError("data.pairs needs data.tokenizer, or init_from a checkpoint with its tokenizer")
         return self
 
 
@@ -227,10 +279,10 @@ def resolve_tokenizer(cfg: TrainConfig, checkpoint: Path | None = None) -> Path 
     (``data.tokens``). ``checkpoint``: the already-resolved init_from, to skip resolving it again."""
     if cfg.data.tokenizer is not None:
         return Path(cfg.data.tokenizer)
-    if cfg.data.run is None:
+    if cfg.data.run is None and cfg.data.pairs is None:
         return None
     if cfg.init_from is None:  # the validator already refuses this; kept for direct callers
-        raise ConfigError("data.run needs data.tokenizer (a `moeforge tokenizer train` output)")
+        raise ConfigError("data.run/pairs needs data.tokenizer (a `moeforge tokenizer train` output)")
     ckpt = checkpoint if checkpoint is not None else resolve_init_from(cfg.init_from)
     tok = checkpoint_tokenizer(ckpt)
     if tok is None:

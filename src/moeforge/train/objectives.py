@@ -183,12 +183,18 @@ class Preference:
 
 
 def build_objective(
-    name: str, device: torch.device, precision: str, *, document: bool, beta: float = 0.1
+    name: str,
+    device: torch.device,
+    precision: str,
+    *,
+    document: bool,
+    beta: float = 0.1,
+    simpo_gamma: float = 0.5,
 ) -> Objective:
     """The objective a training config names: ``lm`` (language modeling), or a preference loss ``dpo``,
     ``ipo``, ``simpo`` (:class:`Preference`)."""
     if name == "lm":
         return LanguageModeling(device, precision, document=document)
     if name in ("dpo", "ipo", "simpo"):
-        return Preference(name, device, precision, beta=beta)
+        return Preference(name, device, precision, beta=beta, simpo_gamma=simpo_gamma)
     raise ValueError(f"objective: unknown {name!r}; the objectives are: lm, dpo, ipo, simpo")

@@ -37,7 +37,8 @@ from moeforge.io import DirectoryLock, atomic_write_bytes, atomic_write_json, at
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.model.transformer import MoETransformer
-from moeforge.tokens.loader import TokenDataset
+from moeforge.tokens.loader import TokenDataset, TokenLoader
+from moeforge.tokens.pairs import PairData, open_pair_data
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.build import (
     RunInputs,
@@ -50,7 +51,7 @@ from moeforge.train.build import (
     seed_everything,
 )
 from moeforge.train.collapse import CollapseDetector
-from moeforge.train.config import TrainConfig, checkpoint_model_config, resolve_model
+from moeforge.train.config import TrainConfig, checkpoint_model_config, resolve_model, resolve_tokenizer
 from moeforge.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_model
 from moeforge.train.evaluation import eval_batches, evaluate
 from moeforge.train.ghost import GhostController
@@ -59,6 +60,12 @@ from moeforge.train.metric_log import MetricsWriter
 from moeforge.train.metrics import RoutingAccumulator, Throughput, measure_peak_flops, mfu
 from moeforge.train.objectives import build_objective
 from moeforge.train.optim import build_optimizer, freeze_parameters, lr_at, set_lr
+from moeforge.train.pairdata import (
+    PairLoader,
+    evaluate_pairs,
+    kl_to_reference,
+    reference_for,
+)
 
 __all__ = ["ProgressFn", "TrainResult", "Trainer"]
 
@@ -141,9 +148,19 @@ class Trainer:
 
         self.init_ckpt: Path | None = inputs.init_from
         self.tokens_dir = inputs.tokens
-        splits = open_splits(inputs.tokens)
-        self.train_ds, self.valid_ds, self.test_ds = splits.train, splits.valid, splits.test
-        self.model_cfg: ModelConfig = resolve_model(cfg, splits.vocab_size, checkpoint=self.init_ckpt)
+        self.pairs: PairData | None = None
+        self.train_ds = self.valid_ds = self.test_ds = None
+        if inputs.pairs is not None:
+            tok_dir = resolve_tokenizer(cfg, self.init_ckpt)
+            assert tok_dir is not None  # the config validator requires a tokenizer source with data.pairs
+            self.pairs = open_pair_data(inputs.pairs, tok_dir, max_len=cfg.data.seq_len)
+            vocab = self.pairs.vocab_size
+        else:
+            assert inputs.tokens is not None
+            splits = open_splits(inputs.tokens)
+            self.train_ds, self.valid_ds, self.test_ds = splits.train, splits.valid, splits.test
+            vocab = splits.vocab_size
+        self.model_cfg: ModelConfig = resolve_model(cfg, vocab, checkpoint=self.init_ckpt)
         dtype = (
             "bfloat16"
             if (cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"))
@@ -151,7 +168,7 @@ class Trainer:
         )
         self.resources = check_resources(
             self.model_cfg,
-            micro_batch=cfg.micro_batch,
+            micro_batch=cfg.micro_batch * (2 if self.pairs is not None else 1),  # a pair is two rows
             seq_len=cfg.data.seq_len,
             device=self.device,
             dtype=dtype,
@@ -170,10 +187,24 @@ class Trainer:
                 f"; frozen: {_describe_freeze(cfg)}" if self.frozen.frozen else "",
             )
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        # the preference objectives will be chosen by the config; language modeling is the only one today
-        self.objective = build_objective("lm", self.device, cfg.precision, document=self.document)
+        o = cfg.objective
+        self.objective = build_objective(
+            o.name, self.device, cfg.precision, document=self.document, beta=o.beta, simpo_gamma=o.simpo_gamma
+        )
         self.collapse = CollapseDetector.from_config(cfg.collapse)
-        self.loader = build_loader(self.train_ds, cfg, info)
+        self.loader: TokenLoader | PairLoader
+        if self.pairs is not None:
+            self.loader = PairLoader(
+                self.pairs.splits["train"],
+                batch_pairs=cfg.micro_batch,
+                seed=cfg.seed,
+                pad=self.pairs.pad,
+                rank=info.rank,
+                world_size=info.world_size,
+            )
+        else:
+            assert self.train_ds is not None
+            self.loader = build_loader(self.train_ds, cfg, info)
         self.step = 0
         self.tokens_seen = 0
         self.best_valid: float | None = None
@@ -181,11 +212,16 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", self.run_dir)
+        needs_ref = o.name in ("dpo", "ipo")
         if self.init_ckpt is not None:
-            if info.is_main:
+            if info.is_main or needs_ref:
                 self.init_sha256 = sha256_file(self.init_ckpt / "model.safetensors")
-            if latest is None:  # a resumed run continues from its own checkpoint instead
+            # a resumed run continues from its own checkpoint, but a reference is computed from the
+            # init weights first (a cache hit on resume skips the computation)
+            if latest is None or needs_ref:
                 self._load_init(self.init_ckpt)
+        if needs_ref:
+            self._compute_references()
         if latest is not None:
             r = restore(
                 latest,
@@ -230,6 +266,20 @@ class Trainer:
             ) from exc
         log.info("initialized from %s", path)
 
+    def _compute_references(self) -> None:
+        """Every split's reference log-probs, by the model as loaded from ``init_from`` (before any step)."""
+        assert self.pairs is not None and self.init_sha256 is not None
+        for split in self.pairs.splits.values():
+            split.ref = reference_for(
+                split,
+                self.model,
+                self.run_dir / "reference",
+                model_sha256=self.init_sha256,
+                pad=self.pairs.pad,
+                batch_pairs=self.cfg.micro_batch,
+                info=self.info,
+            )
+
     def _config_dump(self) -> dict[str, Any]:
         """The train config as saved: without ``model`` under init_from (it may not be given then)."""
         return self.cfg.model_dump(mode="json", exclude={"model"} if self.cfg.init_from else None)
@@ -241,14 +291,15 @@ class Trainer:
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tok_src = self.tokens_dir / "tokenizer"
+        tok_src = self.pairs.tokenizer_dir if self.pairs is not None else self.tokens_dir / "tokenizer"  # type: ignore[operator]
         if tok_src.is_dir():  # the run carries its tokenizer: checkpoints can be served and exported alone
             for f in sorted(tok_src.iterdir()):
                 atomic_write_bytes(self.run_dir / "tokenizer" / f.name, f.read_bytes())
         resolved = {
             "train": self._config_dump(),
             "model": self.model_cfg.model_dump(mode="json"),
-            "tokens": str(self.tokens_dir),
+            "tokens": str(self.tokens_dir) if self.tokens_dir is not None else None,
+            "pairs": self.pairs.summary() if self.pairs is not None else None,
             "world_size": self.info.world_size,
             "init_from": self._init_record(),
             "params_trainable": self.frozen.trainable,
@@ -342,6 +393,8 @@ class Trainer:
         # a resumed run starts from the validation result its checkpoint's step had (a run resumed at its
         # last step trains nothing more, and its summary must still report it)
         valid: dict[str, float] = self.writer.last("valid")
+        if self.pairs is not None and self.step == 0 and "valid" in self.pairs.splits:
+            valid = self._eval_pairs("valid", cfg.eval.max_batches)  # the start: policy = reference
         window: list[dict[str, float]] = []
         self.ddp_model.train()
         while self.step < cfg.steps:
@@ -352,8 +405,8 @@ class Trainer:
                 window = []
                 if self.collapse.should_stop:
                     status = "collapsed"
-            if self.valid_ds is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
-                valid = self._eval(self.valid_ds, "valid", cfg.eval.max_batches)
+            if self._has_split("valid") and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                valid = self._eval_split("valid", cfg.eval.max_batches)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or status != "completed":
                 self.save(metric=valid.get("loss") if valid and self.step % cfg.eval.every == 0 else None)
             if progress is not None:
@@ -365,8 +418,8 @@ class Trainer:
                 self.save()
                 break
         test: dict[str, float] = {}
-        if status == "completed" and cfg.eval.test_at_end and self.test_ds is not None:
-            test = self._eval(self.test_ds, "test", None)
+        if status == "completed" and cfg.eval.test_at_end and self._has_split("test"):
+            test = self._eval_split("test", None)
         result = TrainResult(
             self.run_dir, self.step, status, valid, test, [e.__dict__ for e in self.collapse.events]
         )
@@ -375,6 +428,60 @@ class Trainer:
         self.writer.close()
         self.close()
         return result
+
+    def _has_split(self, split: str) -> bool:
+        if self.pairs is not None:
+            return split in self.pairs.splits
+        return (self.valid_ds if split == "valid" else self.test_ds) is not None
+
+    def _eval_split(self, split: str, max_batches: int | None) -> dict[str, float]:
+        if self.pairs is not None:
+            return self._eval_pairs(split, max_batches)
+        ds = self.valid_ds if split == "valid" else self.test_ds
+        assert ds is not None
+        return self._eval(ds, split, max_batches)
+
+    def _eval_pairs(self, split: str, max_batches: int | None) -> dict[str, float]:
+        """The objective's metrics over the split's pairs and, with a reference, the KL to it."""
+        assert self.pairs is not None
+        data = self.pairs.splits[split]
+        res = evaluate_pairs(
+            self.model,
+            self.objective,
+            data,
+            pad=self.pairs.pad,
+            batch_pairs=self.cfg.micro_batch,
+            max_batches=max_batches,
+            info=self.info,
+        )
+        if self.cfg.objective.kl_pairs and self.init_ckpt is not None and self.info.is_main:
+            reference = MoETransformer(self.model_cfg).to(self.device)
+            ckpt.load_checkpoint(self.init_ckpt, reference, None, restore_rng_state=False)
+            res["kl"] = kl_to_reference(
+                self.model,
+                reference,
+                data,
+                pad=self.pairs.pad,
+                batch_pairs=self.cfg.micro_batch,
+                max_pairs=self.cfg.objective.kl_pairs,
+                device=self.device,
+                precision=self.cfg.precision,
+            )
+            del reference
+        return self._record_eval(split, res)
+
+    def _record_eval(self, split: str, res: dict[str, float]) -> dict[str, float]:
+        if split == "valid" and "loss" in res and (self.best_valid is None or res["loss"] < self.best_valid):
+            self.best_valid = res["loss"]
+        self.writer.write(self.step, split, res)
+        if self.info.is_main:
+            extra = (
+                f" accuracy {res['rewards/accuracy']:.3f} margin {res['rewards/margin']:.4f}"
+                if "rewards/accuracy" in res
+                else f" ppl {res.get('ppl', float('nan')):.2f}"
+            )
+            log.info("step %d %s loss %.4f%s", self.step, split, res.get("loss", float("nan")), extra)
+        return res
 
     def _eval(self, ds: TokenDataset, split: str, max_batches: int | None) -> dict[str, float]:
         batches = eval_batches(
@@ -393,18 +500,7 @@ class Trainer:
             document=self.document,
             info=self.info,
         )
-        if split == "valid" and "loss" in res and (self.best_valid is None or res["loss"] < self.best_valid):
-            self.best_valid = res["loss"]
-        self.writer.write(self.step, split, res)
-        if self.info.is_main:
-            log.info(
-                "step %d %s loss %.4f ppl %.2f",
-                self.step,
-                split,
-                res.get("loss", float("nan")),
-                res.get("ppl", float("nan")),
-            )
-        return res
+        return self._record_eval(split, res)
 
     def _log(self, window: list[dict[str, float]]) -> None:
         agg = {k: float(np.mean([w[k] for w in window])) for k in (*self.objective.scalar_names, "grad_norm")}
@@ -448,7 +544,8 @@ class Trainer:
             "test": result.test,
             "collapse_events": result.collapse_events,
             "ghost_events": [e.__dict__ for e in self.ghost.events],
-            "tokens_dir": str(self.tokens_dir),
+            "tokens_dir": str(self.tokens_dir) if self.tokens_dir is not None else None,
+            "pairs_dir": str(self.pairs.root) if self.pairs is not None else None,
         }
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
