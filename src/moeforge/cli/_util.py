@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import typer
+from rich.markup import escape
+from rich.table import Table
+
+EXIT_GATES_FAILED = 1  # `data verify`, `data pairs …`: a gate failed
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -32,3 +37,16 @@ def human_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def gate_table(gates: list[dict[str, Any]]) -> Table:
+    """The gates of a data run or a pair set (``gate``, ``verdict``, ``evidence``) as a table."""
+    table = Table(title="gates")
+    table.add_column("gate")
+    table.add_column("verdict")
+    table.add_column("evidence", overflow="fold")
+    colours = {"pass": "green", "FAIL": "bold red", "skip": "yellow"}
+    for g in gates:
+        v = g["verdict"]
+        table.add_row(g["gate"], f"[{colours[v]}]{v}[/]", escape(g["evidence"]))
+    return table

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moeforge.cli._progress import Bars
+from moeforge.cli._util import EXIT_GATES_FAILED, gate_table
 from moeforge.data.contract import record_json_schema
 from moeforge.io import atomic_write_json
 
@@ -21,7 +22,6 @@ app = typer.Typer(
 )
 console = Console()
 
-EXIT_GATES_FAILED = 1
 EXIT_QUARANTINED = 3
 
 
@@ -36,18 +36,6 @@ def schema(
     else:
         atomic_write_json(out, s)
         typer.echo(f"wrote {out}")
-
-
-def _gate_table(gates: list[dict]) -> Table:
-    table = Table(title="gates")
-    table.add_column("gate")
-    table.add_column("verdict")
-    table.add_column("evidence", overflow="fold")
-    colours = {"pass": "green", "FAIL": "bold red", "skip": "yellow"}
-    for g in gates:
-        v = g["verdict"]
-        table.add_row(g["gate"], f"[{colours[v]}]{v}[/]", escape(g["evidence"]))
-    return table
 
 
 @app.command("run")
@@ -96,7 +84,7 @@ def run(
         f"  (tasks run {result.tasks_run}, resumed {result.tasks_skipped})"
     )
     console.print(f"report: {escape(str(report_path))}")
-    console.print(_gate_table(result.manifest["gates"]))
+    console.print(gate_table(result.manifest["gates"]))
     if not result.gates_passed:
         console.print("[bold red]a gate failed[/]: the dataset breaks its contract (see the table)")
         raise typer.Exit(EXIT_GATES_FAILED)
@@ -145,7 +133,7 @@ def verify(
     if as_json:
         sys.stdout.write(json.dumps({"passed": passed, "gates": gates}, indent=2) + "\n")
     else:
-        console.print(_gate_table(gates))
+        console.print(gate_table(gates))
         console.print("[green]all gates pass[/]" if passed else "[bold red]verification failed[/]")
     if not passed:
         raise typer.Exit(EXIT_GATES_FAILED)
@@ -159,3 +147,12 @@ def _register_token_commands() -> None:
 
 
 _register_token_commands()
+
+
+def _register_pair_commands() -> None:
+    from moeforge.cli import pairs as pairs_cli
+
+    app.add_typer(pairs_cli.app, name="pairs")
+
+
+_register_pair_commands()
