@@ -213,7 +213,7 @@ def import_cycles(edges: list[Edge]) -> list[str]:
 
 _FOUNDATION = ("config", "io", "procs", "faults")  # the helpers every package uses; they use none
 _PACKAGES = ("data", "tokens", "model", "train", "eval", "serve", "harness", "cli")
-_TOP_LEVEL = ("pretrained", "export", "demo")
+_TOP_LEVEL = ("pretrained", "export", "demo", "curriculum")
 
 # area → the areas it must never import. An area is a subpackage or a top-level module of moeforge.
 FORBIDDEN: dict[str, tuple[str, ...]] = {
@@ -233,6 +233,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # export loads a checkpoint through serve's Engine (its loading and vocabulary checks), so it may use serve
     "export": ("data", "eval", "harness", "cli", "demo"),
     "demo": ("serve", "cli", "export"),
+    # the curriculum chains data, pair sampling (serve's engine), training and evaluation runs; it is
+    # driven by the command line
+    "curriculum": ("cli", "export", "demo"),
 }
 # Only the command line (and ``python -m moeforge``) may import the command line.
 CLI_IMPORTERS = ("cli", "__main__")

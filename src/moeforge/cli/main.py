@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moeforge import __version__
+from moeforge.cli import curriculum as curriculum_cli
 from moeforge.cli import data as data_cli
 from moeforge.cli import demo as demo_cli
 from moeforge.cli import eval as eval_cli
@@ -43,6 +44,7 @@ app.add_typer(experiment_cli.app, name="experiment")
 app.add_typer(export_cli.app, name="export")
 app.command("serve")(serve_cli.serve)
 app.command("eval")(eval_cli.eval_command)
+app.add_typer(curriculum_cli.app, name="curriculum")
 
 err_console = Console(stderr=True)
 

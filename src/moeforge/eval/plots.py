@@ -13,7 +13,7 @@ import numpy as np
 
 from moeforge.io import atomic_write_bytes
 
-__all__ = ["affinity_heatmaps", "load_metrics", "loss_curves", "routing_load_curves"]
+__all__ = ["affinity_heatmaps", "load_metrics", "loss_curves", "routing_load_curves", "stage_curves"]
 
 
 def _plt() -> Any:
@@ -89,6 +89,34 @@ def loss_curves(
         fig.subplots_adjust(bottom=0.27)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def stage_curves(
+    stages: Sequence[tuple[str, int, Sequence[dict[str, Any]]]], path: Path, *, title: str = "loss"
+) -> Path:
+    """Train loss (thin) and validation loss (markers) of consecutive training stages on one step axis:
+    ``stages`` is ``(name, first step, metric rows)`` each, a dotted line marks where each begins."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, (name, offset, rows) in enumerate(stages):
+        for split, style in (
+            ("train", {"alpha": 0.5, "lw": 1}),
+            ("valid", {"marker": "o", "ms": 3, "lw": 1.5}),
+        ):
+            pts = [
+                (offset + r["step"], r["loss"])
+                for r in rows
+                if r.get("split") == split and r.get("loss") is not None
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=f"C{k}", label=f"{name} {split}", **style)
+        ax.axvline(offset, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("optimizer step (stages one after another)")
+    ax.set_ylabel("loss (LM: nats/token; preference: its own loss)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

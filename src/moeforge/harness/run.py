@@ -107,6 +107,7 @@ def run_eval(
     include_path: str | os.PathLike[str] | None = None,
     data: str | os.PathLike[str] | None = None,
     apply_chat_template: bool = False,
+    system_instruction: str | None = None,
     seed: int = 1234,
     bootstrap_iters: int = 1000,
     out: str | os.PathLike[str] | None = None,
@@ -119,7 +120,8 @@ def run_eval(
     ``limit``: the first N documents of each task (or a fraction); ``out``: the results directory
     (default :func:`eval_dir`); ``confirm_run_unsafe_code``: let tasks that execute generated code
     (``moeforge_humaneval``, in its sandbox) run; ``metadata``: passed to the tasks' loaders (e.g.
-    ``{"run": DATA_RUN}`` for ``moeforge_heldout``). Raises :class:`~moeforge.harness.lm.HarnessError` for
+    ``{"run": DATA_RUN}`` for ``moeforge_heldout``); ``system_instruction``: a system turn opening every
+    prompt (with ``apply_chat_template``; its special tokens, e.g. an identity token, stay special). Raises :class:`~moeforge.harness.lm.HarnessError` for
     unknown tasks, ValueError (lm-eval's) for an unsafe task without the confirmation."""
     from lm_eval import __version__ as lm_eval_version
     from lm_eval.evaluator import simple_evaluate
@@ -158,6 +160,7 @@ def run_eval(
         limit=limit,
         task_manager=manager,
         apply_chat_template=apply_chat_template,
+        system_instruction=system_instruction,
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,

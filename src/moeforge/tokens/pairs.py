@@ -167,8 +167,20 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def encode_split(name: str, pairs: Sequence[PreferencePair], tokenizer: Any, *, max_len: int) -> PairSplit:
-    """Encode ``pairs``; refused ones are counted by reason and left out (see the module docstring)."""
+def encode_split(
+    name: str,
+    pairs: Sequence[PreferencePair],
+    tokenizer: Any,
+    *,
+    max_len: int,
+    default_system: str | None = None,
+) -> PairSplit:
+    """Encode ``pairs``; refused ones are counted by reason and left out (see the module docstring).
+    ``default_system`` opens prompts that have no system turn, as the model's chat template (an imported
+    model's default system turn, :mod:`moeforge.tokens.chat_spec`) and the engine that sampled them do."""
+    from moeforge.tokens.chat_spec import ChatSpec, apply_default_system
+
+    spec = ChatSpec(default_system_prompt=default_system) if default_system else None
     out: list[EncodedPair] = []
     refused: Counter[str] = Counter()
     for p in pairs:
@@ -176,7 +188,9 @@ def encode_split(name: str, pairs: Sequence[PreferencePair], tokenizer: Any, *, 
             out.append(
                 encode_pair(
                     tokenizer,
-                    [m.model_dump() for m in p.prompt],
+                    apply_default_system([m.model_dump() for m in p.prompt], spec)
+                    if spec is not None
+                    else [m.model_dump() for m in p.prompt],
                     [m.model_dump() for m in p.chosen],
                     [m.model_dump() for m in p.rejected],
                     max_len=max_len,
@@ -218,18 +232,23 @@ class PairData:
 
 
 def open_pair_data(root: Path, tokenizer_dir: Path, *, max_len: int) -> PairData:
-    """Read and encode every non-empty split of the pair set at ``root`` (sha256-checked); ValueError
+    """Read and encode every non-empty split of the pair set at ``root`` (sha256-checked), prompts without a
+    system turn opened by the tokenizer's chat spec default (as SFT tokenizing and the engine do); ValueError
     (:class:`~moeforge.data.pairset.PairSetError`) names what is wrong, also a train split left empty."""
     from moeforge.data.pairset import PairSetError, load_pairset_manifest, read_pairs
     from moeforge.io import sha256_file
+    from moeforge.tokens.chat_spec import load_chat_spec
     from moeforge.tokens.tokenizer import load_tokenizer
 
     manifest = load_pairset_manifest(root)
     tok = load_tokenizer(tokenizer_dir)
+    spec = load_chat_spec(tokenizer_dir)  # an imported model's default system turn opens its prompts
     splits: dict[str, PairSplit] = {}
     for name in ("train", "valid", "test"):
         if (manifest.get("files", {}).get(f"{name}.jsonl") or {}).get("pairs"):
-            split = encode_split(name, read_pairs(root, name), tok, max_len=max_len)
+            split = encode_split(
+                name, read_pairs(root, name), tok, max_len=max_len, default_system=spec.default_system_prompt
+            )
             if split.pairs:
                 splits[name] = split
             elif name == "train":

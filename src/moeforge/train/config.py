@@ -123,6 +123,12 @@ class ObjectiveConfig(StrictModel):
     name: Literal["lm", "dpo", "ipo", "simpo"] = "lm"
     beta: float = Field(default=0.1, gt=0, description="preference temperature (IPO: its regularizer τ)")
     simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO target reward margin")
+    nll_coef: float = Field(
+        default=0.0,
+        ge=0,
+        description="add this times the chosen answers' per-token NLL (RPO, TRL's rpo_alpha): DPO alone can "
+        "lower both sides' likelihood, a model drifting away from the chosen answers",
+    )
     kl_pairs: int = Field(
         default=32,
         ge=0,

@@ -121,7 +121,9 @@ class Preference:
     auxiliary losses, on a batch of pairs laid out as ``P`` chosen rows then ``P`` rejected rows:
     ``input_ids`` and ``labels`` ``[2P, T]`` (labels −100 outside the completion) and, for DPO and IPO,
     ``ref_logps`` ``[2P]`` — the reference model's :func:`sequence_logps`, computed once into a cache
-    rather than by a second model at every step. Its scalars are the preference metrics and ``aux_loss``."""
+    rather than by a second model at every step. ``nll_coef`` > 0 adds the chosen answers' per-token NLL
+    times it (RPO; TRL's ``rpo_alpha``), which keeps the chosen answers likely instead of only relatively
+    likelier. Its scalars are the preference metrics, ``nll/chosen`` and ``aux_loss``."""
 
     name = "preference"
     scalar_names = (
@@ -133,10 +135,18 @@ class Preference:
         "rewards/rejected",
         "logps/chosen",
         "logps/rejected",
+        "nll/chosen",
     )
 
     def __init__(
-        self, kind: str, device: torch.device, precision: str, *, beta: float = 0.1, simpo_gamma: float = 0.5
+        self,
+        kind: str,
+        device: torch.device,
+        precision: str,
+        *,
+        beta: float = 0.1,
+        simpo_gamma: float = 0.5,
+        nll_coef: float = 0.0,
     ) -> None:
         from moeforge.train.preference import check_settings, preference_loss
 
@@ -146,6 +156,7 @@ class Preference:
         self.precision = precision
         self.beta = beta
         self.simpo_gamma = simpo_gamma
+        self.nll_coef = nll_coef
         self._loss = preference_loss
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
@@ -175,9 +186,13 @@ class Preference:
             simpo_gamma=self.simpo_gamma,
         )
         aux = out.aux_loss
+        nll = -(c / nc.clamp(min=1)).mean()  # the chosen answers' per-token NLL (RPO's term)
         loss = pref.losses.mean() + (aux if aux is not None else 0.0)
+        if self.nll_coef:
+            loss = loss + self.nll_coef * nll
         m = pref.metrics(c, r)
         scalars = {k: torch.tensor(m[k]) for k in self.scalar_names if k in m}
+        scalars["nll/chosen"] = nll.detach()
         scalars["aux_loss"] = aux.detach() if aux is not None else torch.zeros(())
         return ObjectiveOutput(loss, scalars, int(ids.numel()), out.moe_stats)
 
@@ -190,11 +205,12 @@ def build_objective(
     document: bool,
     beta: float = 0.1,
     simpo_gamma: float = 0.5,
+    nll_coef: float = 0.0,
 ) -> Objective:
     """The objective a training config names: ``lm`` (language modeling), or a preference loss ``dpo``,
     ``ipo``, ``simpo`` (:class:`Preference`)."""
     if name == "lm":
         return LanguageModeling(device, precision, document=document)
     if name in ("dpo", "ipo", "simpo"):
-        return Preference(name, device, precision, beta=beta, simpo_gamma=simpo_gamma)
+        return Preference(name, device, precision, beta=beta, simpo_gamma=simpo_gamma, nll_coef=nll_coef)
     raise ValueError(f"objective: unknown {name!r}; the objectives are: lm, dpo, ipo, simpo")

@@ -189,7 +189,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         o = cfg.objective
         self.objective = build_objective(
-            o.name, self.device, cfg.precision, document=self.document, beta=o.beta, simpo_gamma=o.simpo_gamma
+            o.name,
+            self.device,
+            cfg.precision,
+            document=self.document,
+            beta=o.beta,
+            simpo_gamma=o.simpo_gamma,
+            nll_coef=o.nll_coef,
         )
         self.collapse = CollapseDetector.from_config(cfg.collapse)
         self.loader: TokenLoader | PairLoader
