@@ -243,6 +243,16 @@ def test_cli_import_quarantines_a_malformed_line_and_prints_the_summary(tmp_path
         "pairs:import",
         "format:pair:standard",
     ]
+    # `data verify` re-checks a pair set from its files: a pair moved from valid to train fails it
+    ok = CliRunner().invoke(app, ["data", "verify", str(out), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["passed"], ok.output
+    moved = (out / "valid.jsonl").read_text().splitlines(keepends=True)
+    (out / "valid.jsonl").write_text("".join(moved[1:]))
+    with (out / "train.jsonl").open("a") as fh:
+        fh.write(moved[0])
+    bad = CliRunner().invoke(app, ["data", "verify", str(out), "--json"])
+    gates = {g["gate"]: g for g in json.loads(bad.output)["gates"]}
+    assert bad.exit_code == 1 and "does not match the manifest" in gates["pairs:hash"]["evidence"]
 
 
 def test_cli_import_of_a_missing_path_is_a_one_line_error(tmp_path, monkeypatch, capsys):

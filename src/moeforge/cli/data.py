@@ -114,21 +114,31 @@ def report(
 @app.command("verify")
 def verify(
     run_dir: Path = typer.Argument(
-        ..., metavar="DIR", help="A run directory written by `moeforge data run`."
+        ..., metavar="DIR", help="A run directory (`moeforge data run`) or a pair set (`data pairs …`)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the gate results as JSON."),
 ) -> None:
     """Re-check a dataset against its contract from the files alone; exit 1 when any gate fails.
 
     Gates: schema, accounting, coverage, leakage, split_ratios, lang_balance, pii_residue, provenance, hash.
+    A pair set: pairs:hash (every file against its sha256), pairs:leakage, pairs:balance,
+    pairs:length_bias, pairs:duplicates.
     """
     from moeforge.data.gates import run_gates
     from moeforge.data.manifest import load_manifest
+    from moeforge.data.pairset import PAIRSET_KIND, verify_pair_set
     from moeforge.data.recipe import Recipe
 
-    manifest = load_manifest(run_dir)
-    recipe = Recipe.model_validate(manifest["recipe"])
-    gates = [g.to_json() for g in run_gates(run_dir, manifest, recipe)]
+    try:  # a pair set (`data pairs import|generate`) has its own gates
+        kind = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == PAIRSET_KIND:
+        gates = [g.to_json() for g in verify_pair_set(run_dir)]
+    else:
+        manifest = load_manifest(run_dir)
+        recipe = Recipe.model_validate(manifest["recipe"])
+        gates = [g.to_json() for g in run_gates(run_dir, manifest, recipe)]
     passed = all(g["passed"] for g in gates)
     if as_json:
         sys.stdout.write(json.dumps({"passed": passed, "gates": gates}, indent=2) + "\n")

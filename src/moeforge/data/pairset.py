@@ -61,6 +61,7 @@ __all__ = [
     "load_pairset_manifest",
     "pair_gates",
     "read_pairs",
+    "verify_pair_set",
     "write_pair_set",
 ]
 
@@ -374,3 +375,28 @@ def read_pairs(root: str | os.PathLike[str], split: str) -> list[PreferencePair]
             except ValidationError as exc:
                 raise PairSetError(f"{path} line {i}: not a valid pair ({exc.errors()[0]['msg']})") from None
     return out
+
+
+def verify_pair_set(root: str | os.PathLike[str]) -> list[GateResult]:
+    """Re-check a written pair set from its files alone (``moeforge data verify`` on a pair set): every
+    split's sha256 and records (``pairs:hash``), then the gates of :func:`pair_gates` recomputed with the
+    manifest's config — a file edited after the write, or pairs moved between splits, fail here."""
+    m = load_pairset_manifest(root)
+    cfg = PairSetConfig.model_validate(m["config"])
+    splits: dict[str, list[PreferencePair]] = {}
+    problems = []
+    for split in SPLITS:
+        try:
+            splits[split] = read_pairs(root, split)
+        except PairSetError as exc:
+            problems.append(str(exc))
+    counts = {s: len(v) for s, v in splits.items()}
+    expected = {s: m["counts"].get(s) for s in SPLITS}
+    if not problems and counts != expected:
+        problems.append(f"pairs per split {counts} differ from the manifest's {expected}")
+    out = [GateResult("pairs:hash", not problems, "; ".join(problems) or "every file matches its sha256")]
+    if problems:
+        return out
+    kept = [p for ps in splits.values() for p in ps]
+    units = dict(zip((p.id for p in kept), _prompt_clusters(kept, cfg.near_dup), strict=True))
+    return out + pair_gates(splits, units, cfg)
