@@ -32,12 +32,12 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not realdata"
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 
 format: setup
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks experiments
+	$(VENV)/bin/ruff check --fix src tests benchmarks experiments
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -50,6 +50,7 @@ bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/generate.py --model smollm2
+	$(PY) benchmarks/dpo_step.py
 	$(PY) benchmarks/pipeline.py --systems moeforge,datatrove_ws,langid
 	$(PY) benchmarks/langid.py
 	$(PY) benchmarks/decontam.py --quick
