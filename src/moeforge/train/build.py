@@ -46,6 +46,7 @@ __all__ = [
     "read_state",
     "restore",
     "seed_everything",
+    "shape_changing_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -215,3 +216,43 @@ def read_state(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def _changed_keys(base: dict[str, Any], overrides: dict[str, Any]) -> list[tuple[list[str], Any, Any]]:
+    """``(key path, old, new)`` for every leaf of ``overrides`` whose value differs from ``base``."""
+    out: list[tuple[list[str], Any, Any]] = []
+    for k, v in overrides.items():
+        b = base.get(k)
+        if isinstance(v, dict) and isinstance(b, dict):
+            out.extend((([k, *path], old, new) for path, old, new in _changed_keys(b, v)))
+        elif v != b:
+            out.append(([k], b, v))
+    return out
+
+
+def _weight_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """State-dict shapes of a model with this config (built on the meta device); None if it is invalid."""
+    try:
+        mc = ModelConfig.model_validate(model_config)
+    except ValueError:
+        return None
+    with torch.device("meta"):
+        model = MoETransformer(mc)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def shape_changing_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """``key (old → new)`` for each override that alone changes the weight shapes of ``base`` (or makes
+    it invalid); every changed override when none does alone."""
+    ref = _weight_shapes(base)
+    changed = _changed_keys(base, overrides)
+    out = []
+    for path, old, new in changed:
+        trial = json.loads(json.dumps(base))
+        node = trial
+        for part in path[:-1]:
+            node = node[part]  # a dict in base: _changed_keys only descends into those
+        node[path[-1]] = new
+        if ref is None or _weight_shapes(trial) != ref:
+            out.append(f"{'.'.join(path)} ({old!r} → {new!r})")
+    return out or [f"{'.'.join(p)} ({o!r} → {n!r})" for p, o, n in changed]

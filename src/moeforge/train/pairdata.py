@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeforge.tokens.pairs import PairSplit, collate_pairs
+from moeforge.tokens.pairs import PairData, PairSplit, collate_pairs
 from moeforge.train.distributed import DistInfo, all_reduce_sum_tensor, barrier
 from moeforge.train.objectives import Objective, autocast
 from moeforge.train.reference import cached_reference_logps, reference_logps
 
-__all__ = ["PairLoader", "evaluate_pairs", "kl_to_reference", "reference_for"]
+__all__ = ["PairLoader", "attach_references", "evaluate_pairs", "kl_to_reference", "reference_for"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,29 @@ def reference_for(
     if ref is None:
         ref = cached_reference_logps(path, split.pairs, model_sha256=model_sha256, compute=compute)
     return ref
+
+
+def attach_references(
+    data: PairData,
+    model: torch.nn.Module,
+    cache_dir: Path,
+    *,
+    model_sha256: str,
+    batch_pairs: int,
+    info: DistInfo | None = None,
+) -> None:
+    """Set every split's reference log-probs (:func:`reference_for`), computed by ``model``, which must hold
+    the reference weights (the ``init_from`` checkpoint, before any step)."""
+    for split in data.splits.values():
+        split.ref = reference_for(
+            split,
+            model,
+            cache_dir,
+            model_sha256=model_sha256,
+            pad=data.pad,
+            batch_pairs=batch_pairs,
+            info=info,
+        )
 
 
 class PairLoader:
@@ -162,10 +185,9 @@ def evaluate_pairs(
     return out
 
 
-@torch.no_grad()
 def kl_to_reference(
     model: torch.nn.Module,
-    reference: torch.nn.Module,
+    reference: Path,
     split: PairSplit,
     *,
     pad: int,
@@ -175,7 +197,27 @@ def kl_to_reference(
     precision: str = "fp32",
 ) -> float:
     """Mean over the completion positions of the first ``max_pairs`` chosen answers of
-    KL(π(·|prefix) ‖ π_ref(·|prefix)), summed over the vocabulary, in nats per token."""
+    KL(π(·|prefix) ‖ π_ref(·|prefix)), summed over the vocabulary, in nats per token; π_ref is the
+    checkpoint ``reference``, loaded for this call only (a model of ``model``'s config)."""
+    from moeforge.model.transformer import MoETransformer
+    from moeforge.train.checkpoint import load_checkpoint
+
+    ref_model = MoETransformer(model.cfg).to(device)  # type: ignore[arg-type]
+    load_checkpoint(reference, ref_model, None, restore_rng_state=False)
+    return _kl(model, ref_model, split, pad, batch_pairs, max_pairs, device, precision)
+
+
+@torch.no_grad()
+def _kl(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    split: PairSplit,
+    pad: int,
+    batch_pairs: int,
+    max_pairs: int,
+    device: torch.device,
+    precision: str,
+) -> float:
     was = model.training, reference.training
     model.eval()
     reference.eval()

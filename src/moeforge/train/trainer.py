@@ -36,7 +36,6 @@ import torch
 from moeforge.io import DirectoryLock, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
-from moeforge.model.transformer import MoETransformer
 from moeforge.tokens.loader import TokenDataset, TokenLoader
 from moeforge.tokens.pairs import PairData, open_pair_data
 from moeforge.train import checkpoint as ckpt
@@ -49,6 +48,7 @@ from moeforge.train.build import (
     prepare_run,
     restore,
     seed_everything,
+    shape_changing_overrides,
 )
 from moeforge.train.collapse import CollapseDetector
 from moeforge.train.config import TrainConfig, checkpoint_model_config, resolve_model, resolve_tokenizer
@@ -60,12 +60,7 @@ from moeforge.train.metric_log import MetricsWriter
 from moeforge.train.metrics import RoutingAccumulator, Throughput, measure_peak_flops, mfu
 from moeforge.train.objectives import build_objective
 from moeforge.train.optim import build_optimizer, freeze_parameters, lr_at, set_lr
-from moeforge.train.pairdata import (
-    PairLoader,
-    evaluate_pairs,
-    kl_to_reference,
-    reference_for,
-)
+from moeforge.train.pairdata import PairLoader, attach_references, evaluate_pairs, kl_to_reference
 
 __all__ = ["ProgressFn", "TrainResult", "Trainer"]
 
@@ -227,7 +222,15 @@ class Trainer:
             if latest is None or needs_ref:
                 self._load_init(self.init_ckpt)
         if needs_ref:
-            self._compute_references()
+            assert self.pairs is not None and self.init_sha256 is not None
+            attach_references(
+                self.pairs,
+                self.model,
+                self.run_dir / "reference",
+                model_sha256=self.init_sha256,
+                batch_pairs=cfg.micro_batch,
+                info=info,
+            )
         if latest is not None:
             r = restore(
                 latest,
@@ -262,7 +265,7 @@ class Trainer:
         try:
             ckpt.load_checkpoint(path, self.model, None, restore_rng_state=False)
         except ckpt.CheckpointError as exc:
-            culprits = _shape_changing_overrides(checkpoint_model_config(path), self.cfg.model_overrides)
+            culprits = shape_changing_overrides(checkpoint_model_config(path), self.cfg.model_overrides)
             if not culprits:
                 raise
             raise ckpt.CheckpointError(
@@ -271,20 +274,6 @@ class Trainer:
                 "(router noise, lb_coef, …): remove it"
             ) from exc
         log.info("initialized from %s", path)
-
-    def _compute_references(self) -> None:
-        """Every split's reference log-probs, by the model as loaded from ``init_from`` (before any step)."""
-        assert self.pairs is not None and self.init_sha256 is not None
-        for split in self.pairs.splits.values():
-            split.ref = reference_for(
-                split,
-                self.model,
-                self.run_dir / "reference",
-                model_sha256=self.init_sha256,
-                pad=self.pairs.pad,
-                batch_pairs=self.cfg.micro_batch,
-                info=self.info,
-            )
 
     def _config_dump(self) -> dict[str, Any]:
         """The train config as saved: without ``model`` under init_from (it may not be given then)."""
@@ -461,11 +450,9 @@ class Trainer:
             info=self.info,
         )
         if self.cfg.objective.kl_pairs and self.init_ckpt is not None and self.info.is_main:
-            reference = MoETransformer(self.model_cfg).to(self.device)
-            ckpt.load_checkpoint(self.init_ckpt, reference, None, restore_rng_state=False)
             res["kl"] = kl_to_reference(
                 self.model,
-                reference,
+                self.init_ckpt,
                 data,
                 pad=self.pairs.pad,
                 batch_pairs=self.cfg.micro_batch,
@@ -473,7 +460,6 @@ class Trainer:
                 device=self.device,
                 precision=self.cfg.precision,
             )
-            del reference
         return self._record_eval(split, res)
 
     def _record_eval(self, split: str, res: dict[str, float]) -> dict[str, float]:
@@ -562,43 +548,3 @@ def _describe_freeze(cfg: TrainConfig) -> str:
     if f.blocks:
         parts.append(f"blocks 0..{f.blocks - 1}")
     return ", ".join(parts)
-
-
-def _changed_keys(base: dict[str, Any], overrides: dict[str, Any]) -> list[tuple[list[str], Any, Any]]:
-    """``(key path, old, new)`` for every leaf of ``overrides`` whose value differs from ``base``."""
-    out: list[tuple[list[str], Any, Any]] = []
-    for k, v in overrides.items():
-        b = base.get(k)
-        if isinstance(v, dict) and isinstance(b, dict):
-            out.extend((([k, *path], old, new) for path, old, new in _changed_keys(b, v)))
-        elif v != b:
-            out.append(([k], b, v))
-    return out
-
-
-def _weight_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """State-dict shapes of a model with this config (built on the meta device); None if it is invalid."""
-    try:
-        mc = ModelConfig.model_validate(model_config)
-    except ValueError:
-        return None
-    with torch.device("meta"):
-        model = MoETransformer(mc)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _shape_changing_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
-    """``key (old → new)`` for each override that alone changes the weight shapes of ``base`` (or makes
-    it invalid); every changed override when none does alone."""
-    ref = _weight_shapes(base)
-    changed = _changed_keys(base, overrides)
-    out = []
-    for path, old, new in changed:
-        trial = json.loads(json.dumps(base))
-        node = trial
-        for part in path[:-1]:
-            node = node[part]  # a dict in base: _changed_keys only descends into those
-        node[path[-1]] = new
-        if ref is None or _weight_shapes(trial) != ref:
-            out.append(f"{'.'.join(path)} ({old!r} → {new!r})")
-    return out or [f"{'.'.join(p)} ({o!r} → {n!r})" for p, o, n in changed]
