@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def gsm8k_em(checkpoint: str, test_file: Path, n: int, batch: int) -> dict[str, Any]:
     """Greedy exact match on the first ``n`` problems of ``test_file`` through the engine."""
-    from moeforge.data.pairgen import INSTRUCTIONS, eval_module, gsm8k_reference
+    from moeforge.data.pairgen import eval_module, gsm8k_reference
+    from moeforge.data.pairgen.config import INSTRUCTIONS
     from moeforge.serve.engine import Engine
     from moeforge.serve.sampling import SamplingParams
 

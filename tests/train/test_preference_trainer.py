@@ -178,3 +178,17 @@ def test_preference_config_errors_name_the_fix(setup: dict[str, Path], tmp_path:
     c["data"] = {"pairs": str(tmp_path / "nowhere"), "seq_len": 64}
     with pytest.raises(ValueError, match="not a pair set"):
         Trainer.from_config(_load(tmp_path / "d.yaml", c), CPU)
+
+
+def test_simpo_trains_without_a_reference_cache(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "simpo"
+    c = _config(setup, out, steps=2, objective={"name": "simpo", "beta": 2.0, "kl_pairs": 0})
+    c["eval"] = {"every": 2, "max_batches": 1}
+    res = Trainer.from_config(_load(tmp_path / "s.yaml", c), CPU).run()
+    assert res.status == "completed" and not (out / "reference").exists()
+    valid = _rows(out, "valid")
+    # reference-free: the step-0 rewards are the policy's own (β × mean log-prob per token), not zero
+    assert (
+        valid[0]["step"] == 0 and valid[0]["rewards/chosen"] < 0 and valid[0]["loss"] != pytest.approx(0.6931)
+    )
+    assert "kl" not in valid[-1]
