@@ -20,12 +20,20 @@ def _plan(tmp_path: Path) -> Path:
     plan = yaml.safe_load((CONFIGS / "curriculum" / "demo.yaml").read_text())
     plan["data"]["recipe"] = str(CONFIGS / "data" / "demo.yaml")
     plan["data"]["tokenizer_vocab"] = 512
-    short = ["eval.max_batches=2", "log_every=2", "optim.warmup_steps=1"]
+    # short: a few steps, a given peak (no FLOP/s probe in the test's empty cache), no test-split pass, a slice
+    # of the records
+    short = [
+        "eval.max_batches=2",
+        "eval.test_at_end=false",
+        "log_every=2",
+        "optim.warmup_steps=1",
+        "peak_flops=1.0e11",
+    ]
     for stage in plan["stages"]:
         stage["train"] = str(CONFIGS / "train" / Path(stage["train"]).name)
         stage["set"] += short
-    plan["stages"][0]["set"] += ["steps=6", "eval.every=6", "checkpoint_every=6"]
-    plan["stages"][1]["set"] += ["steps=8", "eval.every=4", "checkpoint_every=4"]
+    plan["stages"][0]["set"] += ["steps=6", "eval.every=6", "checkpoint_every=6", "data.max_records=300"]
+    plan["stages"][1]["set"] += ["steps=8", "eval.every=4", "checkpoint_every=4", "data.max_records=300"]
     plan["stages"][2]["set"] += ["steps=4", "eval.every=4", "checkpoint_every=4", "objective.kl_pairs=4"]
     plan["stages"][2]["pairs"] = str(CONFIGS / "pairs" / "demo-identity.yaml")
     plan["stages"][2]["pairs_set"] = ["samples=2", "max_tokens=12", "max_pairs_per_prompt=2"]
