@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	MOEFORGE_REAL_DATA=$(MOEFORGE_REAL_DATA) $(PY) -m pytest -q --durations=20
+	MOEFORGE_REAL_DATA=$(MOEFORGE_REAL_DATA) $(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not realdata"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not realdata"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks experiments

@@ -25,12 +25,17 @@ CONFIG = ROOT / "configs" / "experiments" / "emergence-tiny.yaml"
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moeforge.cli.experiment import app
+    from moeforge.cli import experiment
 
     out = tmp_path_factory.mktemp("emergence") / "out"
-    res = CliRunner().invoke(
-        app, ["emergence", str(CONFIG), "--quick", "--out", str(out)], env={"COLUMNS": "200"}
-    )
+    # the command's console took its width when the module was first imported, maybe by another test
+    # in this process: widen it for the table's columns, then restore it
+    width = experiment.console.width
+    experiment.console.width = 200
+    try:
+        res = CliRunner().invoke(experiment.app, ["emergence", str(CONFIG), "--quick", "--out", str(out)])
+    finally:
+        experiment.console.width = width
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "report:" in res.output and "Δ vs dense" in res.output
     return out
