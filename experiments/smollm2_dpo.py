@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="DPO config override k=v")
     args = ap.parse_args()
 
     import torch
@@ -128,11 +129,18 @@ def main() -> None:
     save()
 
     run = out / "dpo"
-    if not (run / "summary.json").is_file():
+    summary = run / "summary.json"  # a stopped run (Ctrl-C) writes one too: only a completed run is done
+    if not summary.is_file() or json.loads(summary.read_text()).get("status") != "completed":
         t0 = time.perf_counter()
         run_training(
             ROOT / "configs" / "train" / "smollm2-dpo.yaml",
-            [f"init_from={args.checkpoint}", f"data.pairs={pairs}", f"out_dir={run}", f"steps={args.steps}"],
+            [
+                f"init_from={args.checkpoint}",
+                f"data.pairs={pairs}",
+                f"out_dir={run}",
+                f"steps={args.steps}",
+                *args.overrides,
+            ],
             resume=(run / "checkpoints").is_dir(),
         )
         results["train_seconds"] = time.perf_counter() - t0
