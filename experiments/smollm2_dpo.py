@@ -15,7 +15,7 @@ The steps, each resumable (rerun the command after an interruption):
 
 Writes ``OUT/results.json``; the numbers go to docs/EXPERIMENTS.md. Run::
 
-    python experiments/smollm2_dpo.py --out runs/exp/smollm2-dpo     # about an hour on 2 CPU cores
+    python experiments/smollm2_dpo.py --out runs/exp/smollm2-dpo     # ~40 min on 2 idle CPU cores
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def main() -> None:
     ap.add_argument(
         "--data", default=os.environ.get("MOEFORGE_REAL_DATA", str(ROOT.parent / "shared" / "data"))
     )
-    ap.add_argument("--prompts", type=int, default=160)
+    ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--eval-n", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-n", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="DPO config override k=v")
     args = ap.parse_args()
