@@ -110,3 +110,28 @@ def test_plan_errors_are_clear(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(ok))
     with pytest.raises(CurriculumError, match=r"missing\.yaml does not exist"):
         run_curriculum(path, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [*CONFIGS.glob("train/*.yaml"), *CONFIGS.glob("pairs/*.yaml"), *CONFIGS.glob("curriculum/*.yaml")]
+    ),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_every_shipped_training_pairs_and_curriculum_config_validates(path: Path) -> None:
+    from moeforge.config import load_yaml_config
+    from moeforge.curriculum import CurriculumPlan
+    from moeforge.data.pairgen import load_generate_config
+    from moeforge.train.config import load_train_config
+
+    kind = path.parent.name
+    if kind == "train":
+        load_train_config(path)
+    elif kind == "pairs":
+        load_generate_config(path)
+    else:
+        plan = load_yaml_config(CurriculumPlan, path)
+        for stage in plan.stages:  # the stage configs a plan names exist, relative to the plan
+            assert (path.parent / stage.train).is_file(), stage.train
+            assert stage.pairs is None or (path.parent / stage.pairs).is_file(), stage.pairs
