@@ -152,7 +152,7 @@ def main() -> None:
     ]
     save()
 
-    from moeforge.curriculum import best_checkpoint
+    from moeforge.train.checkpoint import best_checkpoint
 
     best = best_checkpoint(run)
     if "after" not in results or results["after"]["checkpoint"] != str(best):

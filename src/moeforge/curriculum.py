@@ -44,7 +44,6 @@ __all__ = [
     "CurriculumPlan",
     "CurriculumResult",
     "StagePlan",
-    "best_checkpoint",
     "run_curriculum",
 ]
 
@@ -125,21 +124,6 @@ class CurriculumResult:
     out: Path
     state: dict[str, Any]
     report: Path
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the lowest recorded validation loss (the earliest on ties), else the latest."""
-    from moeforge.train.checkpoint import latest_checkpoint, list_checkpoints
-
-    scored = []
-    for step, path in list_checkpoints(run_dir):
-        try:
-            metric = json.loads((path / "state.json").read_text()).get("metric")
-        except (OSError, ValueError):
-            metric = None
-        if metric is not None:
-            scored.append((float(metric), step, path))
-    return min(scored)[2] if scored else latest_checkpoint(run_dir)
 
 
 def _plan_hash(plan: CurriculumPlan, files: list[Path]) -> str:
@@ -235,6 +219,7 @@ def run_curriculum(
     train_progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> CurriculumResult:
     """Run (or continue) the plan at ``plan_path``; see the module docstring."""
+    from moeforge.train import checkpoint as ckpt
     from moeforge.train.config import load_train_config
     from moeforge.train.run import run_training
 
@@ -295,7 +280,7 @@ def run_curriculum(
             rec.update(status="running")
             atomic_write_json(root / _STATE, state)
             raise CurriculumError(f"stage {stage.name} ended {res.status}; run the plan again to continue it")
-        best = best_checkpoint(stage_dir / "train")
+        best = ckpt.best_checkpoint(stage_dir / "train")
         if best is None:
             raise CurriculumError(f"stage {stage.name} wrote no checkpoint under {stage_dir / 'train'}")
         summary = json.loads((stage_dir / "train" / "summary.json").read_text())

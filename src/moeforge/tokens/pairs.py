@@ -180,7 +180,7 @@ def encode_split(
     model's default system turn, :mod:`moeforge.tokens.chat_spec`) and the engine that sampled them do."""
     from moeforge.tokens.chat_spec import ChatSpec, apply_default_system
 
-    spec = ChatSpec(default_system_prompt=default_system) if default_system else None
+    spec = ChatSpec(default_system_prompt=default_system)
     out: list[EncodedPair] = []
     refused: Counter[str] = Counter()
     for p in pairs:
@@ -188,9 +188,7 @@ def encode_split(
             out.append(
                 encode_pair(
                     tokenizer,
-                    apply_default_system([m.model_dump() for m in p.prompt], spec)
-                    if spec is not None
-                    else [m.model_dump() for m in p.prompt],
+                    apply_default_system([m.model_dump() for m in p.prompt], spec),
                     [m.model_dump() for m in p.chosen],
                     [m.model_dump() for m in p.rejected],
                     max_len=max_len,

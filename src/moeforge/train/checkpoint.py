@@ -34,6 +34,7 @@ from moeforge.io import CHECKSUMS, atomic_directory, atomic_write_json, verify_c
 
 __all__ = [
     "CheckpointError",
+    "best_checkpoint",
     "capture_rng",
     "latest_checkpoint",
     "list_checkpoints",
@@ -174,6 +175,13 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The kept checkpoint with the lowest recorded validation loss (the earliest on ties) — the one
+    pruning always keeps — else the latest."""
+    scored = [(m, s, p) for s, p in list_checkpoints(run_dir) if (m := _metric(p)) is not None]
+    return min(scored)[2] if scored else latest_checkpoint(run_dir)
 
 
 def _metric(path: Path) -> float | None:
