@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+# the moto S3 server (session) and a fresh bucket per test, for every storage test
+from s3_server import moto_endpoint, s3  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch() -> None:

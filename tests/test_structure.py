@@ -211,7 +211,8 @@ def import_cycles(edges: list[Edge]) -> list[str]:
 
 # ---- the layering of docs/ARCHITECTURE.md ----
 
-_FOUNDATION = ("config", "io", "procs", "faults")  # the helpers every package uses; they use none
+# the helpers every package uses; they use none. storage/ is fsspec: listing, verified upload and download
+_FOUNDATION = ("config", "io", "procs", "faults", "storage")
 _PACKAGES = ("data", "tokens", "model", "train", "eval", "serve", "harness", "cli")
 _TOP_LEVEL = ("pretrained", "export", "demo", "curriculum")
 
