@@ -1,0 +1,281 @@
+"""Export a directory (a data run, token shards, a checkpoint) to an object store, and delete the local
+copy only once the remote one is proven.
+
+The order is the guarantee:
+
+1. every file is digested locally (sha256, and the ETag S3 will compute for it);
+2. each is uploaded unless the remote object already verifies (a rerun skips finished work; a partial
+   multipart upload from an interrupted run is aborted and redone);
+3. each remote object is verified: size, the sha256 in its metadata, and the ETag the server computed
+   from the bytes it received (S3) — plus, with ``verify="read-back"`` (or on stores whose HEAD proves
+   nothing), its bytes streamed back through sha256;
+4. the directory's own top-level ``manifest.json`` (a data run's) goes up after everything it lists, and
+   ``export-manifest.json`` — every file's key, size and sha256 — is written last: its presence means the
+   export is complete;
+5. only then, and only with ``delete_local``, are the local files that verified deleted. A failure anywhere
+   before step 5 deletes nothing, and the rerun of the same command finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moeforge.io import DirectoryLock
+from moeforge.storage.objects import DEFAULT_PART_SIZE, LocalFile, ObjectStore, digest_file, open_store
+from moeforge.storage.urls import StorageError, is_remote
+
+__all__ = [
+    "EXPORT_KIND",
+    "EXPORT_MANIFEST",
+    "ExportSummary",
+    "VerifyMode",
+    "export_directory",
+    "local_files",
+]
+
+log = logging.getLogger(__name__)
+
+EXPORT_MANIFEST = "export-manifest.json"
+EXPORT_KIND = "moeforge-export"
+VerifyMode = Literal["head", "read-back"]
+_LAST = ("manifest.json",)  # a run's own manifest lists the other files: it goes up after them
+
+
+@dataclass
+class ExportSummary:
+    """What an export did, file by file. ``kept`` maps a local file that was not deleted to why."""
+
+    destination: str
+    files: int = 0
+    bytes_total: int = 0
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already there and verified
+    verified: list[str] = field(default_factory=list)
+    read_back: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    aborted_uploads: int = 0
+    bytes_uploaded: int = 0
+    complete: bool = False  # every file verified and export-manifest.json written
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "complete": self.complete,
+            "files": self.files,
+            "bytes_total": self.bytes_total,
+            "bytes_uploaded": self.bytes_uploaded,
+            "uploaded": self.uploaded,
+            "skipped": self.skipped,
+            "verified": self.verified,
+            "read_back": self.read_back,
+            "deleted": self.deleted,
+            "kept": self.kept,
+            "failed": self.failed,
+            "aborted_uploads": self.aborted_uploads,
+        }
+
+
+def _exported(name: str) -> bool:
+    # the run's lock and the temp names atomic writes use (.NAME.XXXX.tmp) are not part of the run
+    return not (
+        name == ".lock" or (name.startswith(".") and (name.endswith(".tmp") or name.endswith(".lock")))
+    )
+
+
+def local_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(key, path) of every regular file under ``root``, keys with ``/``, sorted, the run's own
+    ``manifest.json`` last."""
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if _exported(d))
+        for name in filenames:
+            p = Path(dirpath) / name
+            if _exported(name) and p.is_file():
+                found.append((p.relative_to(root).as_posix(), p))
+    found.sort(key=lambda kp: (kp[0] in _LAST, kp[0]))
+    yield from found
+
+
+def _check_remote(
+    store: ObjectStore, f: LocalFile, verify: VerifyMode, progress: Callable[[int], None]
+) -> str | None:
+    """None when the remote copy of ``f`` is proven; else why not (a sentence)."""
+    obj = store.head(f.key)
+    if obj is None:
+        return "not in the store"
+    if obj.size != f.size:
+        return f"remote size {obj.size} bytes, local {f.size}"
+    if store.attests_content:
+        if obj.sha256 is not None and obj.sha256 != f.sha256:
+            return f"remote sha256 metadata {obj.sha256[:12]}…, local {f.sha256[:12]}…"
+        if obj.sha256 is None:
+            return "remote object has no sha256 metadata (not written by moeforge export)"
+        if obj.etag_is_md5 and obj.etag != f.etag:
+            return (
+                f"the store's digest of the bytes it holds (ETag {obj.etag}) differs from the local file's "
+                f"({f.etag}): the upload was altered in transit or written in other part sizes"
+            )
+        if not obj.etag_is_md5 and verify != "read-back":
+            return "the store's ETag is not a digest of the content (SSE-KMS/SSE-C); verify with --verify read-back"
+    if verify == "read-back" or not store.attests_content:
+        n, sha = store.read_back(f.key, progress)
+        if n != f.size or sha != f.sha256:
+            return f"read back {n} bytes with sha256 {sha[:12]}…, local {f.size} bytes {f.sha256[:12]}…"
+    return None
+
+
+def _entry(f: LocalFile) -> dict[str, Any]:
+    return {"key": f.key, "size": f.size, "sha256": f.sha256, "etag": f.etag}
+
+
+def _manifest_bytes(src: Path, entries: list[dict[str, Any]], part_size: int) -> bytes:
+    doc = {
+        "kind": EXPORT_KIND,
+        "version": 1,
+        "source": src.name,
+        "part_size": part_size,
+        "files": sorted(entries, key=lambda e: e["key"]),
+        "bytes": sum(e["size"] for e in entries),
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def export_directory(
+    source: str | os.PathLike[str],
+    destination: str,
+    *,
+    delete_local: bool = False,
+    verify: VerifyMode = "head",
+    part_size: int = DEFAULT_PART_SIZE,
+    on_file: Callable[[str, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> ExportSummary:
+    """Upload every file under ``source`` to ``destination`` (see the module docstring for the order that
+    makes it safe). Never raises for a single file's failure: it lands in ``summary.failed``, nothing is
+    deleted, and ``summary.complete`` is False. Raises :class:`StorageError` for an unusable source or
+    destination."""
+    src = Path(source)
+    if is_remote(os.fspath(source)):
+        raise StorageError(f"{source}: the export source must be a local directory")
+    if not src.is_dir():
+        raise StorageError(f"{src}: no such directory; pass a data run, token shard or checkpoint directory")
+    if verify not in ("head", "read-back"):
+        raise StorageError(f"--verify must be head or read-back, got {verify!r}")
+    progress = on_bytes or (lambda _n: None)
+    store = open_store(destination, part_size)
+    summary = ExportSummary(destination)
+    lock = DirectoryLock(src, "this directory (being exported)")
+    try:
+        files = [digest_file(path, key, part_size) for key, path in local_files(src)]
+        carried = _carry_prior(store, {f.key for f in files}, summary)
+        if not files and not carried:
+            raise StorageError(f"{src}: nothing to export (no files)")
+        summary.files = len(files)
+        summary.bytes_total = sum(f.size for f in files)
+        proven: set[str] = set()
+        for f in files:
+            if on_file:
+                on_file(f.key, f.size)
+            try:
+                why = _check_remote(store, f, verify, lambda _n: None)
+                if why is None:
+                    summary.skipped.append(f.key)
+                    proven.add(f.key)
+                    progress(f.size)
+                    continue
+                summary.aborted_uploads += store.abort_incomplete(f.key)
+                store.upload(f, progress)
+                summary.uploaded.append(f.key)
+                summary.bytes_uploaded += f.size
+                why = _check_remote(store, f, verify, lambda _n: None)
+                if why is not None:
+                    summary.failed[f.key] = f"uploaded, but the remote copy does not verify: {why}"
+                    continue
+                summary.verified.append(f.key)
+                if verify == "read-back" or not store.attests_content:
+                    summary.read_back.append(f.key)
+                proven.add(f.key)
+            except StorageError as exc:
+                summary.failed[f.key] = str(exc)
+            except Exception as exc:  # the client's many network/HTTP error types; the file stays local
+                summary.failed[f.key] = f"{exc.__class__.__name__}: {exc}"
+        if not summary.failed:
+            try:
+                data = _manifest_bytes(src, [*map(_entry, files), *carried], part_size)
+                store.put_bytes(EXPORT_MANIFEST, data)
+                if store.get_bytes(EXPORT_MANIFEST) != data:
+                    raise StorageError(f"{EXPORT_MANIFEST} read back differs from what was written")
+                summary.complete = True
+            except Exception as exc:
+                summary.failed[EXPORT_MANIFEST] = f"{exc.__class__.__name__}: {exc}"
+        for f in files:
+            if not delete_local:
+                summary.kept[f.key] = "--delete-local not given"
+            elif not summary.complete:
+                summary.kept[f.key] = "the export is incomplete; nothing is deleted until every file verifies"
+            elif f.key not in proven:  # cannot happen when complete; kept as the invariant's last guard
+                summary.kept[f.key] = "remote copy not verified"
+            else:
+                Path(f.path).unlink()
+                summary.deleted.append(f.key)
+    finally:
+        lock.release()
+    if summary.deleted:
+        _remove_empty_dirs(src)
+    for key, why in summary.failed.items():
+        log.warning("%s: %s", key, why)
+    return summary
+
+
+def _carry_prior(store: ObjectStore, local: set[str], summary: ExportSummary) -> list[dict[str, Any]]:
+    """The entries of a previous export's manifest whose local file is gone (deleted by that export after
+    it completed, or by a run interrupted while deleting) and whose remote copy still matches: they stay in
+    the new manifest. One that no longer matches cannot be repaired from here and is reported."""
+    raw = store.get_bytes(EXPORT_MANIFEST)
+    if raw is None:
+        return []
+    try:
+        prior = json.loads(raw)
+        entries = [e for e in prior["files"] if e["key"] not in local]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(
+            f"{store.location.url}/{EXPORT_MANIFEST}: unreadable ({exc}); it is not a moeforge export manifest — "
+            "export to an empty prefix"
+        ) from exc
+    carried = []
+    for e in entries:
+        obj = store.head(e["key"])
+        ok = obj is not None and obj.size == e["size"]
+        if ok and store.attests_content:
+            ok = (
+                obj is not None
+                and obj.sha256 == e["sha256"]
+                and (not obj.etag_is_md5 or obj.etag == e["etag"])
+            )
+        if ok:
+            carried.append(e)
+            summary.skipped.append(e["key"])
+        else:
+            summary.failed[e["key"]] = (
+                "listed by the previous export, no local copy, and the remote copy no longer matches its "
+                "size/sha256; restore it from another copy"
+            )
+    return carried
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for dirpath, _dirs, _files in sorted(os.walk(root, topdown=False), key=lambda t: -len(t[0])):
+        p = Path(dirpath)
+        leftovers = [c for c in p.iterdir() if c.name != ".lock"]
+        if not leftovers:
+            (p / ".lock").unlink(missing_ok=True)
+            if p != root:
+                p.rmdir()
