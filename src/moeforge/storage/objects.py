@@ -108,9 +108,21 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> RemoteObject | None: ...
     def upload(self, local: LocalFile, progress: Progress = _noop) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
-    def read_back(self, key: str, progress: Progress = _noop) -> tuple[int, str]: ...
+    def read_back(self, key: str, progress: Progress = _noop, out: Any = None) -> tuple[int, str]: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def abort_incomplete(self, key: str) -> int: ...
+
+
+def _copy_hashing(fh: Any, out: Any, progress: Progress) -> tuple[int, str]:
+    """Copy ``fh`` to ``out`` (None: just read) through sha256: (bytes, hex digest)."""
+    sha, n = hashlib.sha256(), 0
+    while chunk := fh.read(_READ):
+        sha.update(chunk)
+        if out is not None:
+            out.write(chunk)
+        n += len(chunk)
+        progress(len(chunk))
+    return n, sha.hexdigest()
 
 
 def _b64(digest: bytes) -> str:
@@ -218,15 +230,10 @@ class S3Store:
             ContentMD5=_b64(hashlib.md5(data, usedforsecurity=False).digest()),
         )
 
-    def read_back(self, key: str, progress: Progress = _noop) -> tuple[int, str]:
-        """Stream the object's bytes through sha256: (bytes read, hex digest)."""
-        sha, n = hashlib.sha256(), 0
+    def read_back(self, key: str, progress: Progress = _noop, out: Any = None) -> tuple[int, str]:
+        """Stream the object's bytes through sha256 (and into ``out`` when given): (bytes, hex digest)."""
         with self.fs.open(f"{self.bucket}/{self._key(key)}", "rb", cache_type="none") as fh:
-            while chunk := fh.read(_READ):
-                sha.update(chunk)
-                n += len(chunk)
-                progress(len(chunk))
-        return n, sha.hexdigest()
+            return _copy_hashing(fh, out, progress)
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -272,14 +279,9 @@ class FsspecStore:
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, target)
 
-    def read_back(self, key: str, progress: Progress = _noop) -> tuple[int, str]:
-        sha, n = hashlib.sha256(), 0
+    def read_back(self, key: str, progress: Progress = _noop, out: Any = None) -> tuple[int, str]:
         with self.fs.open(self._path(key), "rb") as fh:
-            while chunk := fh.read(_READ):
-                sha.update(chunk)
-                n += len(chunk)
-                progress(len(chunk))
-        return n, sha.hexdigest()
+            return _copy_hashing(fh, out, progress)
 
     def get_bytes(self, key: str) -> bytes | None:
         try:

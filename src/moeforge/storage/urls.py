@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["Location", "StorageError", "is_remote", "join", "locate"]
 
 
-class StorageError(RuntimeError):
+class StorageError(OSError):
     """A storage operation that cannot go on; the message names the location and what to do."""
 
 

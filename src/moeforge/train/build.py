@@ -106,15 +106,32 @@ def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> list[tuple[i
     return found
 
 
+def _local(location: str, info: DistInfo | None) -> Path:
+    """A local directory for ``location``: itself, or for an exported URL (``s3://…/run``) its verified
+    local copy (:func:`moeforge.storage.fetch.fetch_export`; rank 0 fetches, the others then find it)."""
+    from moeforge.storage.urls import is_remote
+
+    if not is_remote(location):
+        return Path(location)
+    from moeforge.storage.fetch import fetch_export
+
+    if info is None or not info.enabled:
+        return fetch_export(location)
+    path = fetch_export(location) if info.is_main else None
+    barrier(info)
+    return path if path is not None else fetch_export(location)
+
+
 def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint: Path | None = None) -> Path:
     """The tokenized directory for ``cfg.data``: given, or built (on rank 0) through the token cache with
     ``data.tokenizer`` or, when that is omitted, the ``init_from`` checkpoint's tokenizer (``checkpoint``:
     the already-resolved init_from)."""
     if cfg.data.tokens is not None:
-        return Path(cfg.data.tokens)
+        return _local(cfg.data.tokens, info)
     from moeforge.tokens.tokenize import tokenize_run
 
     assert cfg.data.run is not None
+    run = _local(cfg.data.run, info)
     tokenizer = resolve_tokenizer(cfg, checkpoint)
     assert tokenizer is not None
     if cfg.data.tokenizer is None:
@@ -122,7 +139,7 @@ def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint
 
     def build() -> Path:
         return tokenize_run(
-            cfg.data.run,
+            run,
             tokenizer,
             seq_len=cfg.data.seq_len,
             mode=cfg.data.mode,
