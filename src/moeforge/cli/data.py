@@ -113,8 +113,11 @@ def report(
 
 @app.command("verify")
 def verify(
-    run_dir: Path = typer.Argument(
-        ..., metavar="DIR", help="A run directory (`moeforge data run`) or a pair set (`data pairs …`)."
+    location: str = typer.Argument(
+        ...,
+        metavar="DIR|URL",
+        help="A run directory (`moeforge data run`), a pair set (`data pairs …`), or where `data export` put "
+        "one (s3://BUCKET/PREFIX/run).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the gate results as JSON."),
 ) -> None:
@@ -122,12 +125,30 @@ def verify(
 
     Gates: schema, accounting, coverage, leakage, split_ratios, lang_balance, pii_residue, provenance, hash.
     A pair set: pairs:hash (every file against its sha256), pairs:leakage, pairs:balance,
-    pairs:length_bias, pairs:duplicates.
+    pairs:length_bias, pairs:duplicates. An exported URL is first streamed into a local cache, every file
+    checked against the export's manifest (sha256), then gated like a local run.
     """
     from moeforge.data.gates import run_gates
     from moeforge.data.manifest import load_manifest
     from moeforge.data.pairset import PAIRSET_KIND, verify_pair_set
     from moeforge.data.recipe import Recipe
+    from moeforge.storage.fetch import fetch_export
+    from moeforge.storage.urls import StorageError, is_remote
+
+    if is_remote(location):
+        try:
+            run_dir = fetch_export(location)
+        except StorageError as exc:
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(2) from exc
+        if not as_json:
+            console.print(
+                f"{escape(location)}: every file matches the export manifest → {escape(str(run_dir))}"
+            )
+    else:
+        run_dir = Path(location)
 
     try:  # a pair set (`data pairs import|generate`) has its own gates
         kind = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("kind")
@@ -166,3 +187,21 @@ def _register_pair_commands() -> None:
 
 
 _register_pair_commands()
+
+
+def _register_storage_commands() -> None:
+    from moeforge.cli import storage as storage_cli
+
+    app.command("export")(storage_cli.export)
+
+
+_register_storage_commands()
+
+
+def _register_inventory_command() -> None:
+    from moeforge.cli import inventory as inventory_cli
+
+    app.command("inventory")(inventory_cli.inventory)
+
+
+_register_inventory_command()

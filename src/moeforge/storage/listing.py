@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from moeforge.storage.objects import SHA256_META
 from moeforge.storage.urls import Location, StorageError, locate
 
 __all__ = ["ObjectInfo", "head_sha256", "iter_objects"]
@@ -220,7 +221,7 @@ def head_sha256(root: str, key: str) -> str | None:
     full = f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
     head = _s3_call(loc, loc.filesystem(), "head_object", Bucket=bucket, Key=full)
     meta = {str(k).lower(): v for k, v in (head.get("Metadata") or {}).items()}
-    value = meta.get("sha256")
+    value = meta.get(SHA256_META)
     return str(value) if value else None
 
 
@@ -258,6 +259,7 @@ def _walk_fsspec(
         return
     except OSError as exc:
         raise StorageError(f"{loc.url}: cannot list {path} ({exc})") from exc
+    fs.invalidate_cache(path)  # gcsfs and others cache every listing: memory would grow with the tree
     entries: list[tuple[str, str, dict[str, Any]]] = []  # (sort key, name, info)
     prefix = path.rstrip("/") + "/"
     for info in listing:
