@@ -13,9 +13,11 @@ that computes differently (e.g. ghost experts caught half-awake).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,15 @@ from moeforge.io import atomic_directory, atomic_write_bytes, atomic_write_text,
 from moeforge.model.hf import hf_layout, to_hf_state_dict
 from moeforge.model.sizing import count_params
 
-__all__ = ["ExportError", "export_checkpoint", "save_sharded", "upload_to_hub"]
+__all__ = [
+    "ExportError",
+    "HubUpload",
+    "HubVerificationError",
+    "export_checkpoint",
+    "file_digests",
+    "save_sharded",
+    "upload_to_hub",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,10 @@ DEFAULT_SHARD_BYTES = 5_000_000_000
 
 class ExportError(ValueError):
     """The export or upload cannot be done as asked; the message says why and what to do."""
+
+
+class HubVerificationError(ExportError):
+    """The upload went through but the Hub's listing does not match the local files."""
 
 
 def save_sharded(
@@ -251,6 +265,85 @@ def model_card(cfg: Any, layout: str, state: dict[str, Any], run: Path) -> str:
     return "\n".join(lines)
 
 
+class HubUpload(list[tuple[str, int]]):
+    """The files of an upload as ``(path, bytes)`` pairs — a plain list to callers that want only that —
+    plus where they went: ``url`` (the repository's page), ``commit`` (the commit the upload created;
+    ``None`` for a dry run) and ``verified`` (path → ``"sha256 <hex>"`` for LFS files or ``"blob <sha1>"``
+    for regular ones, as the Hub listed them at ``commit``; empty for a dry run)."""
+
+    def __init__(
+        self,
+        files: list[tuple[str, int]],
+        *,
+        url: str,
+        commit: str | None = None,
+        verified: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(files)
+        self.url = url
+        self.commit = commit
+        self.verified: dict[str, str] = dict(verified or {})
+
+
+_HASH_CHUNK = 1 << 20
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """``(sha256, git blob id)`` of the file at ``path`` in one streaming pass: the sha256 is what the Hub
+    lists for an LFS file (``lfs.sha256``), the blob id — sha1 of ``b"blob <size>\\0" + content`` — what it
+    lists as ``oid`` for a file stored in git."""
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    sha1 = hashlib.sha1(b"blob %d\0" % size)
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            sha256.update(chunk)
+            sha1.update(chunk)
+    return sha256.hexdigest(), sha1.hexdigest()
+
+
+def _upload_files(d: Path) -> list[tuple[str, int]]:
+    """The files ``HfApi.upload_folder`` sends from ``d``: every file below it (POSIX paths relative to
+    ``d``), less ``.git`` and ``.cache/huggingface`` (huggingface_hub's ``DEFAULT_IGNORE_PATTERNS``)."""
+    out = []
+    for f in sorted(d.rglob("*")):
+        rel = f.relative_to(d).as_posix()
+        if not f.is_file() or "/.git/" in f"/{rel}/" or "/.cache/huggingface/" in f"/{rel}/":
+            continue
+        out.append((rel, f.stat().st_size))
+    return out
+
+
+def _compare(
+    files: list[tuple[str, int]], local: dict[str, tuple[str, str]], remote: dict[str, Any]
+) -> tuple[dict[str, str], list[str]]:
+    """Each local file against its ``RepoFile`` in the Hub's listing: ``(verified, problems)``."""
+    verified: dict[str, str] = {}
+    problems: list[str] = []
+    for name, size in files:
+        sha256, blob = local[name]
+        entry = remote.get(name)
+        if entry is None:
+            problems.append(f"{name}: missing from the commit (expected sha256 {sha256}, {size} bytes)")
+        elif entry.lfs is not None:  # LFS or Xet storage: the Hub lists the content's sha256 and size
+            got_sha, got_size = str(entry.lfs.sha256).lower(), int(entry.lfs.size)
+            if got_sha != sha256 or got_size != size:
+                problems.append(
+                    f"{name}: sha256 expected {sha256} ({size} bytes), got {got_sha} ({got_size} bytes)"
+                )
+            else:
+                verified[name] = f"sha256 {sha256}"
+        else:  # a regular git file: the Hub lists its git blob id
+            got_blob, got_size = str(entry.blob_id).lower(), int(entry.size)
+            if got_blob != blob or got_size != size:
+                problems.append(
+                    f"{name}: git blob id expected {blob} ({size} bytes), got {got_blob} ({got_size} bytes)"
+                )
+            else:
+                verified[name] = f"blob {blob}"
+    return verified, problems
+
+
 def upload_to_hub(
     directory: str | os.PathLike[str],
     repo: str,
@@ -258,31 +351,68 @@ def upload_to_hub(
     token: str | None = None,
     private: bool = False,
     dry_run: bool = False,
-) -> list[tuple[str, int]]:
-    """Upload an export directory to the Hugging Face Hub as model repo ``repo``. Returns the files
-    (name, bytes) uploaded — or, with ``dry_run``, that would be. Fails clearly without a token or
-    network."""
+    endpoint: str | None = None,
+) -> HubUpload:
+    """Upload an export directory to the Hugging Face Hub as model repo ``repo``, then verify it: the Hub's
+    listing at the commit the upload created must hold every local file with the same sha256 (LFS files)
+    or git blob id (regular files) and size. Returns the files (path, bytes) uploaded and verified — or,
+    with ``dry_run``, that would be uploaded. ``endpoint`` is a Hub mirror or a private Hub (default:
+    ``$HF_ENDPOINT``, else https://huggingface.co). Fails clearly without a token or network, and with
+    :class:`HubVerificationError` naming each file the Hub does not hold as it is here."""
     d = Path(directory)
     if not (d / "config.json").is_file() or not any(d.glob("model*.safetensors")):
         raise ExportError(
             f"{d}: not an export (needs config.json and model*.safetensors); run `moeforge export hf`"
         )
-    files = sorted((f.name, f.stat().st_size) for f in d.iterdir() if f.is_file())
+    files = _upload_files(d)
     if "/" not in repo or repo.count("/") != 1:
         raise ExportError(f"--repo must be OWNER/NAME, got {repo!r}")
     if dry_run:
-        return files
+        base = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        return HubUpload(files, url=f"{base.rstrip('/')}/{repo}")
     try:
-        from huggingface_hub import HfApi, get_token
+        from huggingface_hub import HfApi, RepoFile, get_token
     except ImportError as exc:
         raise ExportError("uploading needs huggingface_hub: pip install 'moeforge[hf]'") from exc
     tok = token or os.environ.get("HF_TOKEN") or get_token()
     if not tok:
         raise ExportError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
-    api = HfApi(token=tok)
+    api = HfApi(endpoint=endpoint, token=tok)
+    local = {name: file_digests(d / name) for name, _ in files}
+    # Transfer protocol: with hf_xet installed, huggingface_hub (2.4.0) sends every non-regular file through
+    # Xet without asking the server — `upload_folder` takes its Xet pipeline whenever `is_xet_available()`,
+    # whatever upload mode the Hub's preupload answer names — and has no LFS fallback. The only switch is
+    # HF_HUB_DISABLE_XET, read once when huggingface_hub is imported. huggingface.co speaks Xet; a mirror
+    # or private Hub that does not needs HF_HUB_DISABLE_XET=1 in the environment (the tests' stand-in Hub
+    # on 127.0.0.1 sets it and is uploaded to over the LFS basic transfer). The check below holds for both:
+    # the Hub lists an LFS or Xet file with its content's sha256 (`lfs.sha256`), a git file by blob id.
     try:
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(d), repo_id=repo, repo_type="model")
+        info = api.upload_folder(folder_path=str(d), repo_id=repo, repo_type="model")
+        if isinstance(info, Future):  # only with run_as_future=True; kept for the type checker
+            info = info.result()
+        commit = info.oid
+        remote = {
+            e.path: e
+            for e in api.list_repo_tree(repo, recursive=True, revision=commit, repo_type="model")
+            if isinstance(e, RepoFile)
+        }
     except Exception as exc:  # huggingface_hub raises HTTP and connection errors of many types
-        raise ExportError(f"upload to {repo} failed: {exc.__class__.__name__}: {exc}") from exc
-    return files
+        hint = ""
+        if "xet" in str(exc).lower():
+            hint = (
+                f"; {api.endpoint} may not support the Xet protocol: set HF_HUB_DISABLE_XET=1 to upload "
+                "over LFS instead"
+            )
+        raise ExportError(f"upload to {repo} failed: {exc.__class__.__name__}: {exc}{hint}") from exc
+    verified, problems = _compare(files, local, remote)
+    if problems:
+        raise HubVerificationError(
+            f"upload to {repo} at {api.endpoint} did not verify: {len(problems)} of {len(files)} files differ "
+            f"from the Hub's listing at commit {commit}:\n  "
+            + "\n  ".join(problems)
+            + f"\nThe local files in {d} are untouched; rerun `moeforge export hub {d} --repo {repo}` to "
+            "upload them again (files the Hub already holds intact are skipped)."
+        )
+    log.info("uploaded %d files to %s/%s at commit %s, each verified", len(files), api.endpoint, repo, commit)
+    return HubUpload(files, url=f"{api.endpoint.rstrip('/')}/{repo}", commit=commit, verified=verified)

@@ -14,6 +14,10 @@ app = typer.Typer(
     help="Export: a checkpoint as a Hugging Face model directory, and its upload.", no_args_is_help=True
 )
 console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_NOT_VERIFIED = 1  # `export hub`: uploaded, but the Hub does not hold every file as it is locally
+EXIT_USAGE = 2  # as `moeforge` reports any other user error
 
 
 @app.command("hf")
@@ -53,12 +57,33 @@ def hub(
     ),
     private: bool = typer.Option(False, "--private", help="Create the repository as private."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and stop."),
+    endpoint: str | None = typer.Option(
+        None,
+        "--endpoint",
+        help="A Hub mirror or a private Hub (default: $HF_ENDPOINT, else https://huggingface.co). "
+        "Set HF_HUB_DISABLE_XET=1 if it does not speak the Xet protocol.",
+    ),
 ) -> None:
-    """Upload an export to the Hugging Face Hub (needs a token and network; --dry-run needs neither)."""
-    from moeforge.export import upload_to_hub
+    """Upload an export to the Hugging Face Hub, then check every file against the Hub's listing at the
+    new commit: sha256 for LFS files, git blob id for the rest (needs a token and network; --dry-run
+    needs neither). Exits 1 when a file does not match — rerun to upload again — and 2 on other errors."""
+    from moeforge.export import ExportError, HubVerificationError, upload_to_hub
 
-    files = upload_to_hub(directory, repo, token=token, private=private, dry_run=dry_run)
-    verb = "would upload" if dry_run else "uploaded"
-    for name, size in files:
-        console.print(f"  {escape(name):40} {human_bytes(size):>10}")
-    console.print(f"{verb} {len(files)} files to https://huggingface.co/{escape(repo)}")
+    try:
+        result = upload_to_hub(
+            directory, repo, token=token, private=private, dry_run=dry_run, endpoint=endpoint
+        )
+    except ExportError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_NOT_VERIFIED if isinstance(exc, HubVerificationError) else EXIT_USAGE) from exc
+    for name, size in result:
+        check = f"  verified {result.verified[name]}" if name in result.verified else ""
+        console.print(f"  {escape(name):40} {human_bytes(size):>10}{escape(check)}", soft_wrap=True)
+    if dry_run:
+        console.print(f"would upload {len(result)} files to {escape(result.url)}")
+    else:
+        console.print(
+            f"uploaded {len(result)} files to {escape(result.url)} (commit {escape(result.commit or '?')}); "
+            f"all {len(result.verified)} verified against the Hub's listing",
+            soft_wrap=True,
+        )
