@@ -38,10 +38,14 @@ class S3:
     def url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}".rstrip("/")
 
-    def client(self):  # boto3: the second client beside s3fs
+    def client(self, *, raw: bool = False):
+        """boto3, the second client beside s3fs. ``raw``: do not check the response checksums moto echoes
+        from the upload request (to read back bytes that were damaged on the way in)."""
         import boto3
+        from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint)
+        config = Config(response_checksum_validation="when_required") if raw else None
+        return boto3.client("s3", endpoint_url=self.endpoint, config=config)
 
 
 def point_clients_at(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
