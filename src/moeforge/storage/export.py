@@ -172,7 +172,14 @@ def export_directory(
     progress = on_bytes or (lambda _n: None)
     store = open_store(destination, part_size)
     summary = ExportSummary(destination)
-    lock = DirectoryLock(src, "this directory (being exported)")
+    try:  # keep a moeforge run from writing into the directory while it is exported
+        lock: DirectoryLock | None = DirectoryLock(src, "this directory (being exported)")
+    except PermissionError:
+        if delete_local:
+            raise StorageError(
+                f"{src}: not writable, so its files cannot be deleted; drop --delete-local"
+            ) from None
+        lock = None  # a read-only source (another team's corpus, a read-only mount) is exported as it is
     try:
         files = [digest_file(path, key, part_size) for key, path in local_files(src)]
         carried = _carry_prior(store, {f.key for f in files}, summary)
@@ -227,7 +234,8 @@ def export_directory(
                 Path(f.path).unlink()
                 summary.deleted.append(f.key)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     if summary.deleted:
         _remove_empty_dirs(src)
     for key, why in summary.failed.items():
