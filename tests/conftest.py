@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+# a fault-injecting proxy between the S3 clients and moto (tests/storage)
+from fault_proxy import fault_proxy  # noqa: F401
+
 # the moto S3 server (session) and a fresh bucket per test, for every storage test
 from s3_server import moto_endpoint, s3  # noqa: F401
 
