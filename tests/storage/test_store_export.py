@@ -140,3 +140,66 @@ def test_bad_sources_are_clear_errors(tmp_path: Path) -> None:
         export_directory(tmp_path / "empty", str(tmp_path / "d"))
     with pytest.raises(StorageError, match="minimum"):
         export_directory(make_run(tmp_path / "r"), "s3://bucket/x", part_size=1024)
+
+
+def test_a_local_destination_overlapping_the_source_is_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", big=10)
+    for dest in (run, run / "backup", tmp_path):
+        with pytest.raises(StorageError, match="overlaps the source"):
+            export_directory(run, str(dest), delete_local=True)
+    assert len(list(local_files(run))) == 5
+
+
+def test_the_exports_own_files_in_the_source_are_never_uploaded_as_data(s3: S3, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", big=10)
+    (run / EXPORT_MANIFEST).write_text('{"kind": "moeforge-export", "files": []}')  # copied back from a store
+    (run / ".fetched.json").write_text("{}")  # a fetch cache's state
+    s = export_directory(run, s3.url("run"), delete_local=True)
+    assert s.complete and EXPORT_MANIFEST not in s.uploaded and ".fetched.json" not in s.uploaded
+    assert (run / EXPORT_MANIFEST).exists()  # not ours to delete: it was not exported
+    doc = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=f"run/{EXPORT_MANIFEST}")["Body"].read())
+    assert EXPORT_MANIFEST not in {f["key"] for f in doc["files"]}
+
+
+def test_an_earlier_different_export_is_not_overwritten_without_asking(s3: S3, tmp_path: Path) -> None:
+    a = make_run(tmp_path / "a", big=10)
+    export_directory(a, s3.url("p"))
+    b = make_run(tmp_path / "b", big=20)  # another run: tokens.bin differs
+    with pytest.raises(StorageError, match=r"earlier export whose files differ.*--overwrite"):
+        export_directory(b, s3.url("p"), delete_local=True)
+    assert remote_keys(s3, "p/tokens.bin") and len(list(local_files(b))) == 5  # nothing touched
+    s = export_directory(b, s3.url("p"), overwrite=True)
+    assert s.complete and s.uploaded == ["tokens.bin"]
+
+
+def test_a_file_changed_after_its_upload_is_kept(s3: S3, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", big=10)
+    first = run / "quarantine" / "bad.jsonl"
+
+    def touch(key: str, _size: int) -> None:
+        if key == "manifest.json":  # the last file: the first one has long been uploaded and verified
+            first.write_bytes(b"a late write\n")
+
+    s = export_directory(run, s3.url("run"), delete_local=True, on_file=touch)
+    assert s.complete and "quarantine/bad.jsonl" not in s.deleted
+    assert "changed since" in s.kept["quarantine/bad.jsonl"] and first.read_bytes() == b"a late write\n"
+
+
+def test_read_back_decides_when_the_etag_cannot(s3: S3, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    export_directory(run, s3.url("run"), part_size=PART)  # tokens.bin went up in 3 parts
+    # another part size gives another ETag for the same bytes: a HEAD cannot prove them, the bytes can
+    head = export_directory(run, s3.url("run"), part_size=4 * PART)
+    assert head.uploaded == ["tokens.bin"]
+    export_directory(run, s3.url("run"), part_size=PART)
+    back = export_directory(run, s3.url("run"), part_size=4 * PART, verify="read-back")
+    assert back.uploaded == [] and back.complete
+
+
+def test_symlinked_directories_are_reported_not_silently_skipped(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", big=10)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.txt").write_text("x")
+    (run / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    s = export_directory(run, str(tmp_path / "copy"))
+    assert s.complete and "linked" in s.not_exported and (tmp_path / "elsewhere" / "x.txt").exists()

@@ -53,6 +53,12 @@ def export(
     part_size_mb: int = typer.Option(
         16, "--part-size", min=5, help="Multipart part size in MiB (files above it go up in parts; S3 min 5)."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an earlier export at DEST_URL whose files differ (its export-manifest.json is removed "
+        "first). Without it such a destination is refused.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Upload RUN_DIR to DEST_URL and prove every remote copy before anything local is deleted.
@@ -85,6 +91,7 @@ def export(
                 delete_local=delete_local,
                 verify=verify.value,  # type: ignore[arg-type]
                 part_size=part_size_mb * 1024 * 1024,
+                overwrite=overwrite,
                 on_file=on_file,
                 on_bytes=on_bytes,
             )
@@ -113,6 +120,8 @@ def export(
             console.print(f"aborted {summary.aborted_uploads} leftover multipart upload(s) of an earlier run")
         for key, why in summary.failed.items():
             err_console.print(f"[bold red]failed[/] {escape(key)}: {escape(why)}")
+        for key, why in summary.not_exported.items():
+            err_console.print(f"[yellow]not exported[/] {escape(key)}: {escape(why)}")
         kept_reasons = sorted(set(summary.kept.values()))
         for why in kept_reasons:
             n = sum(1 for v in summary.kept.values() if v == why)

@@ -18,6 +18,7 @@ The order is the guarantee:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from moeforge.io import DirectoryLock
 from moeforge.storage.objects import DEFAULT_PART_SIZE, LocalFile, ObjectStore, digest_file, open_store
-from moeforge.storage.urls import StorageError, is_remote
+from moeforge.storage.urls import StorageError, is_remote, locate, storage_errors
 
 __all__ = [
     "EXPORT_KIND",
@@ -61,6 +62,7 @@ class ExportSummary:
     deleted: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    not_exported: dict[str, str] = field(default_factory=dict)  # symlinked directories, and why
     aborted_uploads: int = 0
     bytes_uploaded: int = 0
     complete: bool = False  # every file verified and export-manifest.json written
@@ -79,6 +81,7 @@ class ExportSummary:
             "deleted": self.deleted,
             "kept": self.kept,
             "failed": self.failed,
+            "not_exported": self.not_exported,
             "aborted_uploads": self.aborted_uploads,
         }
 
@@ -90,16 +93,28 @@ def _exported(name: str) -> bool:
     )
 
 
-def local_files(root: Path) -> Iterator[tuple[str, Path]]:
+# top-level names that belong to the export itself, never to the exported directory: a directory copied
+# back from an export, or a fetch cache, holds them, and uploading them would clobber the new manifest
+RESERVED = frozenset({"export-manifest.json", ".fetched.json"})
+
+
+def local_files(root: Path, links: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
     """(key, path) of every regular file under ``root``, keys with ``/``, sorted, the run's own
-    ``manifest.json`` last."""
+    ``manifest.json`` last. Symlinked directories are not followed; they go into ``links`` (key → why)."""
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if _exported(d))
+        here = Path(dirpath)
+        for d in dirnames:
+            if (here / d).is_symlink() and links is not None:
+                links[(here / d).relative_to(root).as_posix()] = (
+                    "a symlinked directory: not followed, not exported; export its target separately"
+                )
+        dirnames[:] = sorted(d for d in dirnames if _exported(d) and not (here / d).is_symlink())
         for name in filenames:
-            p = Path(dirpath) / name
-            if _exported(name) and p.is_file():
-                found.append((p.relative_to(root).as_posix(), p))
+            p = here / name
+            key = p.relative_to(root).as_posix()
+            if _exported(name) and key not in RESERVED and p.is_file():
+                found.append((key, p))
     found.sort(key=lambda kp: (kp[0] in _LAST, kp[0]))
     yield from found
 
@@ -118,10 +133,11 @@ def _check_remote(
             return f"remote sha256 metadata {obj.sha256[:12]}…, local {f.sha256[:12]}…"
         if obj.sha256 is None:
             return "remote object has no sha256 metadata (not written by moeforge export)"
-        if obj.etag_is_md5 and obj.etag != f.etag:
+        if obj.etag_is_md5 and obj.etag != f.etag and verify != "read-back":
             return (
                 f"the store's digest of the bytes it holds (ETag {obj.etag}) differs from the local file's "
-                f"({f.etag}): the upload was altered in transit or written in other part sizes"
+                f"({f.etag}): the upload was altered in transit or written in other part sizes (a store "
+                "whose ETag is not an MD5 needs --verify read-back)"
             )
         if not obj.etag_is_md5 and verify != "read-back":
             return "the store's ETag is not a digest of the content (SSE-KMS/SSE-C); verify with --verify read-back"
@@ -148,6 +164,17 @@ def _manifest_bytes(src: Path, entries: list[dict[str, Any]], part_size: int) ->
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
+def _overlap(src: Path, destination: str) -> str | None:
+    """Why a local destination cannot take ``src`` (the same directory, or one inside the other), else None."""
+    loc = locate(destination)
+    if loc.remote:
+        return None
+    a, b = os.path.realpath(src), os.path.realpath(loc.path)
+    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+        return f"{destination} overlaps the source {src}: export to a directory outside it"
+    return None
+
+
 def export_directory(
     source: str | os.PathLike[str],
     destination: str,
@@ -155,13 +182,16 @@ def export_directory(
     delete_local: bool = False,
     verify: VerifyMode = "head",
     part_size: int = DEFAULT_PART_SIZE,
+    overwrite: bool = False,
     on_file: Callable[[str, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> ExportSummary:
     """Upload every file under ``source`` to ``destination`` (see the module docstring for the order that
     makes it safe). Never raises for a single file's failure: it lands in ``summary.failed``, nothing is
     deleted, and ``summary.complete`` is False. Raises :class:`StorageError` for an unusable source or
-    destination."""
+    destination, and for a destination holding an earlier export whose files differ (unless
+    ``overwrite``: then that export's manifest is removed first, so the prefix never claims completeness
+    for objects that are being replaced)."""
     src = Path(source)
     if is_remote(os.fspath(source)):
         raise StorageError(f"{source}: the export source must be a local directory")
@@ -169,51 +199,31 @@ def export_directory(
         raise StorageError(f"{src}: no such directory; pass a data run, token shard or checkpoint directory")
     if verify not in ("head", "read-back"):
         raise StorageError(f"--verify must be head or read-back, got {verify!r}")
+    if why := _overlap(src, destination):
+        raise StorageError(why)
     progress = on_bytes or (lambda _n: None)
     store = open_store(destination, part_size)
     summary = ExportSummary(destination)
     try:  # keep a moeforge run from writing into the directory while it is exported
         lock: DirectoryLock | None = DirectoryLock(src, "this directory (being exported)")
-    except PermissionError:
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         if delete_local:
             raise StorageError(
                 f"{src}: not writable, so its files cannot be deleted; drop --delete-local"
             ) from None
         lock = None  # a read-only source (another team's corpus, a read-only mount) is exported as it is
     try:
-        files = [digest_file(path, key, part_size) for key, path in local_files(src)]
-        carried = _carry_prior(store, {f.key for f in files}, summary)
+        files = [digest_file(path, key, part_size) for key, path in local_files(src, summary.not_exported)]
+        stats = {f.key: _stat(Path(f.path)) for f in files}
+        with storage_errors(f"reading {destination}/{EXPORT_MANIFEST}"):
+            carried = _carry_prior(store, files, summary, overwrite=overwrite)
         if not files and not carried:
             raise StorageError(f"{src}: nothing to export (no files)")
         summary.files = len(files)
         summary.bytes_total = sum(f.size for f in files)
-        proven: set[str] = set()
-        for f in files:
-            if on_file:
-                on_file(f.key, f.size)
-            try:
-                why = _check_remote(store, f, verify, lambda _n: None)
-                if why is None:
-                    summary.skipped.append(f.key)
-                    proven.add(f.key)
-                    progress(f.size)
-                    continue
-                summary.aborted_uploads += store.abort_incomplete(f.key)
-                store.upload(f, progress)
-                summary.uploaded.append(f.key)
-                summary.bytes_uploaded += f.size
-                why = _check_remote(store, f, verify, lambda _n: None)
-                if why is not None:
-                    summary.failed[f.key] = f"uploaded, but the remote copy does not verify: {why}"
-                    continue
-                summary.verified.append(f.key)
-                if verify == "read-back" or not store.attests_content:
-                    summary.read_back.append(f.key)
-                proven.add(f.key)
-            except StorageError as exc:
-                summary.failed[f.key] = str(exc)
-            except Exception as exc:  # the client's many network/HTTP error types; the file stays local
-                summary.failed[f.key] = f"{exc.__class__.__name__}: {exc}"
+        proven = _upload_all(store, files, verify, summary, progress, on_file)
         if not summary.failed:
             try:
                 data = _manifest_bytes(src, [*map(_entry, files), *carried], part_size)
@@ -224,42 +234,115 @@ def export_directory(
             except Exception as exc:
                 summary.failed[EXPORT_MANIFEST] = f"{exc.__class__.__name__}: {exc}"
         for f in files:
+            path = Path(f.path)
             if not delete_local:
                 summary.kept[f.key] = "--delete-local not given"
             elif not summary.complete:
                 summary.kept[f.key] = "the export is incomplete; nothing is deleted until every file verifies"
             elif f.key not in proven:  # cannot happen when complete; kept as the invariant's last guard
                 summary.kept[f.key] = "remote copy not verified"
+            elif _stat(path) != stats[f.key]:  # written to by something else since it was digested
+                summary.kept[f.key] = (
+                    "changed since it was exported; rerun the export to upload the new content"
+                )
             else:
-                Path(f.path).unlink()
+                path.unlink()
                 summary.deleted.append(f.key)
     finally:
         if lock is not None:
             lock.release()
     if summary.deleted:
-        _remove_empty_dirs(src)
+        _remove_emptied_dirs(src, {Path(f.path).parent for f in files})
     for key, why in summary.failed.items():
         log.warning("%s: %s", key, why)
     return summary
 
 
-def _carry_prior(store: ObjectStore, local: set[str], summary: ExportSummary) -> list[dict[str, Any]]:
-    """The entries of a previous export's manifest whose local file is gone (deleted by that export after
-    it completed, or by a run interrupted while deleting) and whose remote copy still matches: they stay in
-    the new manifest. One that no longer matches cannot be repaired from here and is reported."""
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _upload_all(
+    store: ObjectStore,
+    files: list[LocalFile],
+    verify: VerifyMode,
+    summary: ExportSummary,
+    progress: Callable[[int], None],
+    on_file: Callable[[str, int], None] | None,
+) -> set[str]:
+    """Upload what is not already proven, verify it; returns the keys whose remote copy is proven."""
+    proven: set[str] = set()
+    for f in files:
+        if on_file:
+            on_file(f.key, f.size)
+        try:
+            why = _check_remote(store, f, verify, lambda _n: None)
+            if why is None:
+                summary.skipped.append(f.key)
+                proven.add(f.key)
+                progress(f.size)
+                continue
+            summary.aborted_uploads += store.abort_incomplete(f.key)
+            store.upload(f, progress)
+            summary.uploaded.append(f.key)
+            summary.bytes_uploaded += f.size
+            why = _check_remote(store, f, verify, lambda _n: None)
+            if why is not None:
+                summary.failed[f.key] = f"uploaded, but the remote copy does not verify: {why}"
+                continue
+            summary.verified.append(f.key)
+            if verify == "read-back" or not store.attests_content:
+                summary.read_back.append(f.key)
+            proven.add(f.key)
+        except StorageError as exc:
+            summary.failed[f.key] = str(exc)
+        except Exception as exc:  # the client's many network/HTTP error types; the file stays local
+            summary.failed[f.key] = f"{exc.__class__.__name__}: {exc}"
+    return proven
+
+
+def _carry_prior(
+    store: ObjectStore, files: list[LocalFile], summary: ExportSummary, *, overwrite: bool
+) -> list[dict[str, Any]]:
+    """What an earlier export's manifest at the destination means for this one.
+
+    An entry whose key this export also has with other content is a different export (or a changed run):
+    refused unless ``overwrite``, which removes the old manifest before any object is replaced. An entry
+    whose local file is gone (deleted by that export once complete, or by a run killed while deleting) is
+    carried into the new manifest when its remote copy still matches; one that does not cannot be repaired
+    from here and is reported."""
     raw = store.get_bytes(EXPORT_MANIFEST)
     if raw is None:
         return []
     try:
         prior = json.loads(raw)
-        entries = [e for e in prior["files"] if e["key"] not in local]
-    except (ValueError, KeyError, TypeError) as exc:
+        entries = [
+            {"key": str(e["key"]), "size": int(e["size"]), "sha256": str(e["sha256"]), "etag": e.get("etag")}
+            for e in prior["files"]
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(
-            f"{store.location.url}/{EXPORT_MANIFEST}: unreadable ({exc}); it is not a moeforge export manifest — "
-            "export to an empty prefix"
+            f"{store.location.url}/{EXPORT_MANIFEST}: unreadable ({exc}); it is not a moeforge export "
+            "manifest — export to an empty prefix"
         ) from exc
+    local = {f.key: f for f in files}
+    changed = [e["key"] for e in entries if e["key"] in local and local[e["key"]].sha256 != e["sha256"]]
+    if changed and not overwrite:
+        raise StorageError(
+            f"{store.location.url} holds an earlier export whose files differ from this directory's "
+            f"({len(changed)}, e.g. {changed[0]}); export to another prefix, or pass --overwrite to replace it"
+        )
+    if changed:
+        store.delete(EXPORT_MANIFEST)
+        log.info("replacing the earlier export at %s (%d files differ)", store.location.url, len(changed))
     carried = []
     for e in entries:
+        if e["key"] in local:
+            continue
         obj = store.head(e["key"])
         ok = obj is not None and obj.size == e["size"]
         if ok and store.attests_content:
@@ -268,6 +351,9 @@ def _carry_prior(store: ObjectStore, local: set[str], summary: ExportSummary) ->
                 and obj.sha256 == e["sha256"]
                 and (not obj.etag_is_md5 or obj.etag == e["etag"])
             )
+        elif ok:
+            n, sha = store.read_back(e["key"])
+            ok = n == e["size"] and sha == e["sha256"]
         if ok:
             carried.append(e)
             summary.skipped.append(e["key"])
@@ -279,11 +365,12 @@ def _carry_prior(store: ObjectStore, local: set[str], summary: ExportSummary) ->
     return carried
 
 
-def _remove_empty_dirs(root: Path) -> None:
-    for dirpath, _dirs, _files in sorted(os.walk(root, topdown=False), key=lambda t: -len(t[0])):
-        p = Path(dirpath)
-        leftovers = [c for c in p.iterdir() if c.name != ".lock"]
-        if not leftovers:
-            (p / ".lock").unlink(missing_ok=True)
-            if p != root:
-                p.rmdir()
+def _remove_emptied_dirs(root: Path, parents: set[Path]) -> None:
+    """Remove the directories the deletion emptied (deepest first), never ``root`` itself, and the
+    export's own lock file in ``root`` once nothing else is left."""
+    for d in sorted(parents, key=lambda p: -len(p.parts)):
+        while d != root and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
+    if [c.name for c in root.iterdir()] == [".lock"]:
+        (root / ".lock").unlink(missing_ok=True)

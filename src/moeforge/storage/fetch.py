@@ -23,13 +23,14 @@ from typing import Any
 from moeforge.io import DirectoryLock, atomic_write_json
 from moeforge.storage.export import EXPORT_KIND, EXPORT_MANIFEST
 from moeforge.storage.objects import open_store
-from moeforge.storage.urls import StorageError
+from moeforge.storage.urls import StorageError, storage_errors
 
 __all__ = ["cache_base", "fetch_export", "read_export_manifest"]
 
 log = logging.getLogger(__name__)
 
 _STATE = ".fetched.json"  # key → sha256 of the files of this cache directory that verified
+_RESERVED = frozenset({_STATE, ".lock"})
 
 
 def cache_base() -> Path:
@@ -40,7 +41,8 @@ def cache_base() -> Path:
 
 def read_export_manifest(url: str) -> dict[str, Any]:
     """The export manifest at ``url``; StorageError when it is absent (an incomplete export) or unreadable."""
-    raw = open_store(url).get_bytes(EXPORT_MANIFEST)
+    with storage_errors(f"reading {url}/{EXPORT_MANIFEST}"):
+        raw = open_store(url).get_bytes(EXPORT_MANIFEST)
     if raw is None:
         raise StorageError(
             f"{url}: no {EXPORT_MANIFEST} — not a complete moeforge export (it is written last; rerun "
@@ -48,13 +50,24 @@ def read_export_manifest(url: str) -> dict[str, Any]:
         )
     try:
         doc = json.loads(raw)
-        if doc.get("kind") != EXPORT_KIND or not isinstance(doc.get("files"), list):
-            raise ValueError(f"kind {doc.get('kind')!r}")
+        if (
+            not isinstance(doc, dict)
+            or doc.get("kind") != EXPORT_KIND
+            or not isinstance(doc.get("files"), list)
+        ):
+            raise ValueError("not an export manifest")
         for e in doc["files"]:
-            if not isinstance(e["key"], str) or ".." in e["key"].split("/") or e["key"].startswith("/"):
-                raise ValueError(f"unsafe key {e['key']!r}")
+            key = e["key"]
+            parts = key.split("/") if isinstance(key, str) else []
+            if (
+                not parts
+                or key.startswith("/")
+                or any(p in ("", ".", "..") for p in parts)
+                or key in _RESERVED
+            ):
+                raise ValueError(f"unsafe key {key!r}")
             int(e["size"]), str(e["sha256"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(f"{url}/{EXPORT_MANIFEST}: not a moeforge export manifest ({exc})") from exc
     return doc
 
@@ -91,7 +104,7 @@ def fetch_export(
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
-                with os.fdopen(fd, "wb") as out:
+                with os.fdopen(fd, "wb") as out, storage_errors(f"reading {url}/{key}"):
                     n, sha = store.read_back(key, progress, out)
                 if n != e["size"] or sha != e["sha256"]:
                     raise StorageError(

@@ -111,6 +111,7 @@ class ObjectStore(Protocol):
     def read_back(self, key: str, progress: Progress = _noop, out: Any = None) -> tuple[int, str]: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def abort_incomplete(self, key: str) -> int: ...
+    def delete(self, key: str) -> None: ...
 
 
 def _copy_hashing(fh: Any, out: Any, progress: Progress) -> tuple[int, str]:
@@ -154,7 +155,9 @@ class S3Store:
         except FileNotFoundError:
             return None
         etag = (r.get("ETag") or "").strip('"') or None
-        encrypted = r.get("ServerSideEncryption") == "aws:kms" or "SSECustomerAlgorithm" in r
+        encrypted = (
+            str(r.get("ServerSideEncryption", "")).startswith("aws:kms") or "SSECustomerAlgorithm" in r
+        )
         meta = {k.lower(): v for k, v in (r.get("Metadata") or {}).items()}
         return RemoteObject(key, int(r["ContentLength"]), etag, meta.get(SHA256_META), not encrypted)
 
@@ -220,6 +223,9 @@ class S3Store:
             self._abort(full, u["UploadId"])
         return len(stale)
 
+    def delete(self, key: str) -> None:
+        self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self._key(key))
+
     def put_bytes(self, key: str, data: bytes) -> None:
         self.fs.call_s3(
             "put_object",
@@ -271,6 +277,10 @@ class FsspecStore:
         self.fs.put_file(local.path, tmp)
         self.fs.mv(tmp, target)
         progress(local.size)
+
+    def delete(self, key: str) -> None:
+        if self.fs.exists(self._path(key)):
+            self.fs.rm(self._path(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self._path(key)

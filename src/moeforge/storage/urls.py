@@ -11,14 +11,33 @@ for ``gs://``, gcsfs reads Google's application-default credentials. Nothing her
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Location", "StorageError", "is_remote", "join", "locate"]
+__all__ = ["Location", "StorageError", "is_remote", "join", "locate", "storage_errors"]
 
 
 class StorageError(OSError):
     """A storage operation that cannot go on; the message names the location and what to do."""
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn the clients' own exception types (botocore's NoCredentialsError, EndpointConnectionError, …,
+    which are neither OSError nor ValueError) into a StorageError naming ``what`` failed."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        hint = ""
+        if "Credentials" in exc.__class__.__name__:
+            hint = "; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (docs/STORAGE.md)"
+        raise StorageError(f"{what}: {exc.__class__.__name__}: {exc}{hint}") from exc
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
@@ -93,5 +112,7 @@ def locate(location: str | os.PathLike[str]) -> Location:
     rest = rest.strip("/")
     if protocol in ("s3", "s3a", "gs", "gcs") and not rest.split("/", 1)[0]:
         raise StorageError(f"{s}: no bucket name; write {protocol}://BUCKET/PREFIX")
+    if protocol not in ("http", "https"):
+        rest = "/".join(p for p in rest.split("/") if p)  # s3://b//runs is s3://b/runs, as S3 keys are
     path = rest if protocol not in ("http", "https") else s
     return Location(s.rstrip("/"), protocol, path)

@@ -108,7 +108,7 @@ def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> list[tuple[i
 
 def _local(location: str, info: DistInfo | None) -> Path:
     """A local directory for ``location``: itself, or for an exported URL (``s3://…/run``) its verified
-    local copy (:func:`moeforge.storage.fetch.fetch_export`; rank 0 fetches, the others then find it)."""
+    local copy (:func:`moeforge.storage.fetch.fetch_export`; local rank 0 fetches, the others then find it)."""
     from moeforge.storage.urls import is_remote
 
     if not is_remote(location):
@@ -117,9 +117,10 @@ def _local(location: str, info: DistInfo | None) -> Path:
 
     if info is None or not info.enabled:
         return fetch_export(location)
-    path = fetch_export(location) if info.is_main else None
+    # one fetch per node (the cache is node-local); the other ranks then find it verified in the cache
+    path = fetch_export(location) if info.local_rank == 0 else None
     barrier(info)
-    return path if path is not None else fetch_export(location)
+    return path if path is not None else fetch_export(location, wait=600.0)
 
 
 def prepare_tokens(cfg: TrainConfig, info: DistInfo | None = None, *, checkpoint: Path | None = None) -> Path:
