@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MOEFORGE_REAL_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup test test-fast lint format bench demo clean
+.PHONY: setup test test-fast lint format bench demo scaling clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: setup $(BENCH_STAMP)
 # The whole flow on built-in data (no downloads): data → tokenizer → shards → train → eval → charts.
 demo: setup
 	$(VENV)/bin/moeforge demo --out runs/demo
+
+# docs/SCALING.md is this command's output; tests/model/test_plan.py fails when the two differ.
+scaling: setup
+	$(VENV)/bin/moeforge model plan oracle-850b --gpus 1024 --gpus 2048 --gpus 4096 --markdown --out docs/SCALING.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

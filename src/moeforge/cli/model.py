@@ -12,12 +12,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from moeforge.cli._util import human, human_bytes, parse_count
+from moeforge.cli.plan import plan_cmd
 from moeforge.io import atomic_write_text
 from moeforge.model.config import ModelConfig, list_presets, load_model_config
 from moeforge.model.sizing import count_params, mini_config, solve_dims, summarize
 
 app = typer.Typer(
-    help="Models: presets and sizing (info, list, mini, solve); real checkpoints in (import, upcycle).",
+    help="Models: presets and sizing (info, list, mini, solve, plan); real checkpoints in (import, upcycle).",
     no_args_is_help=True,
 )
 console = Console()
@@ -145,6 +146,9 @@ def solve(
     )
     header = "".join(f"# {line}\n" for line in notes)
     _emit(cfg, out, header)
+
+
+app.command("plan")(plan_cmd)
 
 
 def _checkpoint_config(path: Path, overrides: list[str]) -> ModelConfig:
