@@ -10,6 +10,8 @@ With it set, the points are counted in each process and the N-th one fails as as
     MOEFORGE_FAULTS=enospc@5       raise OSError(ENOSPC) at the 5th point (a full disk)
     MOEFORGE_FAULTS=stop@3         SIGSTOP this process at the 3rd point (a test then acts while it is
                                    paused there — e.g. starts a second invocation — and sends SIGCONT)
+    MOEFORGE_FAULTS=killonce@2:/tmp/m  SIGKILL at the 2nd point, in the first process to get there only:
+                                   it creates /tmp/m (exclusively), so a retried task runs through
     MOEFORGE_FAULTS=count:/tmp/f   count only; append "pid name" per point to /tmp/f
 
 A test runs a command once with ``count:`` to learn how many points it passes, then draws seeded
@@ -36,9 +38,15 @@ def _parse() -> tuple[str, str] | None:
     if raw.startswith("count:"):
         return ("count", raw[len("count:") :])
     action, _, at = raw.partition("@")
-    if action not in ("kill", "enospc", "stop") or not at.isdigit():
-        raise ValueError(f"MOEFORGE_FAULTS={raw!r}: expected kill@N, enospc@N, stop@N or count:PATH")
-    return (action, at)
+    if action == "killonce":
+        n, _, marker = at.partition(":")
+        if n.isdigit() and marker:
+            return (action, at)
+    elif action in ("kill", "enospc", "stop") and at.isdigit():
+        return (action, at)
+    raise ValueError(
+        f"MOEFORGE_FAULTS={raw!r}: expected kill@N, killonce@N:PATH, enospc@N, stop@N or count:PATH"
+    )
 
 
 def point(name: str) -> None:
@@ -54,6 +62,15 @@ def point(name: str) -> None:
         with open(arg, "a", encoding="utf-8") as fh:
             fh.write(f"{os.getpid()} {_counter} {name}\n")
         return
+    if action == "killonce":
+        n, _, marker = arg.partition(":")
+        if _counter != int(n):
+            return
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process (or an earlier attempt) took the one kill
+        os.kill(os.getpid(), signal.SIGKILL)
     if _counter != int(arg):
         return
     if action == "kill":

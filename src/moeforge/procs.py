@@ -185,7 +185,7 @@ class RunFence:
     def commit(self) -> Iterator[None]:
         """Hold the commit lock for one commit; raise :class:`FenceError` if this generation is stale."""
         with self._commit_lock(self.directory):
-            if os.getpid() != self.parent_pid and os.getppid() != self.parent_pid:
+            if self.parent_pid > 0 and os.getpid() != self.parent_pid and os.getppid() != self.parent_pid:
                 raise FenceError(f"{self.directory}: the invocation that started this worker is gone")
             if self.current() != self.generation:
                 raise FenceError(f"{self.directory}: a newer invocation owns this directory")
@@ -202,8 +202,11 @@ _worker_fences: dict[tuple[str, str], RunFence] = {}
 
 
 def worker_fence(directory: str, generation: str, parent_pid: int) -> RunFence:
-    """The fence for ``generation`` in this process (the parent's own, or joined once per worker)."""
-    if os.getpid() == parent_pid:  # serial run in the parent, which already holds the directory
+    """The fence for ``generation`` in this process (the parent's own, or joined once per worker).
+
+    ``parent_pid`` 0 is a worker outside the invocation's process tree (a Ray task): it checks the
+    generation at commit but neither joins ``.holders`` (its worker outlives the run) nor watches a parent."""
+    if os.getpid() == parent_pid or parent_pid <= 0:  # the parent itself, or a remote task
         return RunFence(Path(directory), generation, parent_pid, None)
     key = (str(Path(directory).resolve()), generation)
     fence = _worker_fences.get(key)

@@ -25,6 +25,7 @@ hash            every file's sha256 matches the manifest and no unlisted file si
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -175,6 +176,9 @@ def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
 
                 f = near_dir / f"{len(s.near_files):05d}.npy"
                 write_task_keys(f, minhash_band_keys(shard_texts, recipe.near_dedup))
+                if recipe.near_dedup.verify_jaccard is not None:  # the texts, for the Jaccard check
+                    with open(f.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
+                        fh.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in shard_texts)
                 s.near_files.append(f)
                 s.near_splits.extend([split_code] * len(shard_texts))
         s.ids[split] = np.frombuffer(b"".join(prefixes), dtype="V16") if prefixes else np.empty(0, "V16")
@@ -332,6 +336,34 @@ def _leakage(recipe: Recipe, scan: _Scan) -> GateResult:
     return GateResult("leakage", not problems, "; ".join(problems) or evidence)
 
 
+class _TextShingles:
+    """``shingles_of`` for the recomputed clusters: the texts the scan saved beside each key file."""
+
+    def __init__(self, key_files: list[Path], recipe: Recipe) -> None:
+        self.files = [f.with_suffix(".jsonl") for f in key_files]
+        self.cfg = recipe.near_dedup
+        self.starts = [0]
+        for f in self.files:
+            with open(f, "rb") as fh:
+                self.starts.append(self.starts[-1] + sum(1 for _ in fh))
+
+    def __call__(self, indices: list[int]) -> dict[int, np.ndarray]:
+        from moeforge.data.dedup.minhash import shingles
+
+        want = sorted(set(indices))
+        out: dict[int, np.ndarray] = {}
+        for t, f in enumerate(self.files):
+            lo, hi = self.starts[t], self.starts[t + 1]
+            local = {i - lo for i in want if lo <= i < hi}
+            if not local:
+                continue
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if i in local:
+                        out[lo + i] = shingles(json.loads(line), self.cfg)
+        return out
+
+
 def _near_leaks(recipe: Recipe, scan: _Scan) -> str | None:
     """Recompute MinHash clusters over every output record; a cluster with members in two splits leaks."""
     if scan.near_dir is None:
@@ -341,7 +373,8 @@ def _near_leaks(recipe: Recipe, scan: _Scan) -> str | None:
             return None
         from moeforge.data.dedup.minhash import find_clusters
 
-        root = np.asarray(find_clusters(scan.near_files, recipe.near_dedup, scan.near_dir / "work").root)
+        of = _TextShingles(scan.near_files, recipe) if recipe.near_dedup.verify_jaccard is not None else None
+        root = np.asarray(find_clusters(scan.near_files, recipe.near_dedup, scan.near_dir / "work", of).root)
         split = np.asarray(scan.near_splits, dtype=np.int8)
         order = np.lexsort((split, root))
         r, sp = root[order], split[order]

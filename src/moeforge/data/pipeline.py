@@ -14,8 +14,12 @@ Resume: tasks whose directory is complete and whose input files are unchanged (s
 skipped; the reduce always runs again. Every step is deterministic, so a run killed at any point and
 started again ends with the same bytes as a run that was never interrupted.
 
-The reduce (moeforge.data.reduce) is: exact dedup over all task outputs, split sizes checked, the
-train split mixed to its targets, then every surviving record rewritten into its split.
+The reduce (moeforge.data.reduce) is: exact dedup over all task outputs, near-dedup, split sizes
+checked, the train split mixed to its targets, then every surviving record rewritten into its split.
+
+The map tasks and the near-dup clustering's band shards run on the recipe's executor
+(moeforge.data.executors: ``local`` processes or ``ray`` tasks); the executor is not part of the recipe,
+so either gives the same bytes, and the run directory can be resumed with the other.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeforge.data.executors import Executor, TaskFailed, make_executor
 from moeforge.data.gates import GateResult, run_gates
 from moeforge.data.manifest import build_manifest
 from moeforge.data.plan import Task, plan_tasks
@@ -42,7 +46,7 @@ from moeforge.data.reduce import reduce_tasks
 from moeforge.data.stages import run_map_task, task_dir
 from moeforge.data.steps import StageCount, check_steps
 from moeforge.io import atomic_write_json
-from moeforge.procs import FenceError, RunFence, spawn_pool
+from moeforge.procs import FenceError, RunFence
 
 __all__ = ["PipelineError", "RunResult", "run_pipeline"]
 
@@ -174,41 +178,24 @@ def _run_tasks(
     recipe: Recipe,
     work: Path,
     sha: str,
-    workers: int,
+    executor: Executor,
     progress: Progress | None,
     fence: RunFence,
 ) -> None:
     data = recipe.resolved()
-    token = (str(fence.directory), fence.generation, fence.parent_pid)
+    # a remote task (Ray) is not a child of this process: it checks the generation only (procs.worker_fence)
+    token = (str(fence.directory), fence.generation, 0 if executor.remote else fence.parent_pid)
     total = len(tasks)
     if progress:
         progress("map", 0, total)
-    if workers <= 1 or total <= 1:
-        for n, t in enumerate(tasks, 1):
-            try:
-                run_map_task(t, data, str(work), sha, token)
-            except Exception as exc:
-                raise _task_error(t, exc) from exc
+    try:
+        for n, _ in enumerate(
+            executor.map(run_map_task, [(t, data, str(work), sha, token) for t in tasks]), 1
+        ):
             if progress:
                 progress("map", n, total)
-        return
-    with spawn_pool(min(workers, total)) as pool:
-        futures: dict[Future[dict[str, Any]], Task] = {
-            pool.submit(run_map_task, t, data, str(work), sha, token): t for t in tasks
-        }
-        done_count = 0
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in finished:
-                exc = f.exception()
-                if exc is not None:
-                    for p in pending:
-                        p.cancel()
-                    raise _task_error(futures[f], exc) from exc
-                done_count += 1
-                if progress:
-                    progress("map", done_count, total)
+    except TaskFailed as exc:
+        raise _task_error(tasks[exc.index], exc.cause) from exc.cause
 
 
 def run_pipeline(
@@ -232,21 +219,25 @@ def run_pipeline(
         tasks = plan_tasks(recipe)
         pending = [t for t in tasks if not _task_done(work, t)]
         log.info("%d tasks (%d already done)", len(tasks), len(tasks) - len(pending))
-        t0 = time.perf_counter()
-        _run_tasks(pending, recipe, work, sha, workers, progress, fence)
-        t_map = time.perf_counter() - t0
-        stats = [json.loads((task_dir(work, t) / "stats.json").read_text(encoding="utf-8")) for t in tasks]
-        stages = {s: StageCount(s) for s in map_stages}
-        seconds: dict[str, float] = Counter()
-        for st in stats:
-            for d in st["stages"]:
-                stages[d["stage"]].add(StageCount.from_json(d))
-            for k, v in st["seconds"].items():
-                seconds[k] += v
-        t1 = time.perf_counter()
-        map_out = stages[map_stages[-1]].out  # what the tasks wrote: the reduce's input
-        red = reduce_tasks(recipe, out_dir, work, tasks, map_out, progress)
-        t2 = time.perf_counter()
+        executor = make_executor(recipe.executor, workers, recipe.ray.address, recipe.ray.num_cpus)
+        with contextlib.closing(executor):
+            t0 = time.perf_counter()
+            _run_tasks(pending, recipe, work, sha, executor, progress, fence)
+            t_map = time.perf_counter() - t0
+            stats = [
+                json.loads((task_dir(work, t) / "stats.json").read_text(encoding="utf-8")) for t in tasks
+            ]
+            stages = {s: StageCount(s) for s in map_stages}
+            seconds: dict[str, float] = Counter()
+            for st in stats:
+                for d in st["stages"]:
+                    stages[d["stage"]].add(StageCount.from_json(d))
+                for k, v in st["seconds"].items():
+                    seconds[k] += v
+            t1 = time.perf_counter()
+            map_out = stages[map_stages[-1]].out  # what the tasks wrote: the reduce's input
+            red = reduce_tasks(recipe, out_dir, work, tasks, map_out, progress, executor)
+            t2 = time.perf_counter()
         all_stages = [*stages.values(), *red.stages]
         manifest = build_manifest(recipe, sha, stats, all_stages, red, out_dir)
         gates = run_gates(out_dir, manifest, recipe)
@@ -260,6 +251,7 @@ def run_pipeline(
                 "seconds": {k: round(v, 4) for k, v in seconds.items()},
                 "tasks_run": len(pending),
                 "workers": workers,
+                "executor": recipe.executor,
             },
         )
         return RunResult(

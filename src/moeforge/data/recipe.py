@@ -41,9 +41,11 @@ from moeforge.data.vars import expand_vars
 __all__ = [
     "BUILTINS",
     "DEFAULT_STEPS",
+    "EXECUTION_FIELDS",
     "DedupConfig",
     "GateConfig",
     "HfSource",
+    "RayConfig",
     "Recipe",
     "SourceConfig",
     "SplitConfig",
@@ -190,6 +192,24 @@ class OutputConfig(StrictModel):
     zstd_level: int = Field(default=3, ge=1, le=19)
 
 
+class RayConfig(StrictModel):
+    """Where ``executor: ray`` runs (not part of the dataset: left out of the recipe hash)."""
+
+    address: str | None = Field(
+        default=None,
+        description="an existing Ray cluster (ray://… or host:port; default: $RAY_ADDRESS, else a local "
+        "instance started by the command). Every node must see the run directory at the same path",
+    )
+    num_cpus: int | None = Field(
+        default=None, ge=1, description="CPUs of a local instance the command starts (default: --workers)"
+    )
+
+
+# Settings that say how a run executes, not what it produces: left out of resolved() and the recipe hash,
+# so the same recipe gives the same bytes (and resumes the same run directory) on every executor.
+EXECUTION_FIELDS = ("executor", "ray")
+
+
 class Recipe(StrictModel):
     """A whole data recipe. See configs/data/*.yaml for documented examples."""
 
@@ -216,6 +236,12 @@ class Recipe(StrictModel):
         "left out does not run (default: " + ", ".join(DEFAULT_STEPS) + "). Names and order are checked "
         "when the run starts (moeforge.data.steps.check_steps)",
     )
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="where tasks run: local worker processes, or Ray tasks (the ray extra; see ray:). "
+        "Outputs are byte-identical either way",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _families(self) -> Recipe:
@@ -234,8 +260,9 @@ class Recipe(StrictModel):
         """The recipe with defaults filled in, as plain JSON data (what the run directory stores).
 
         ``steps`` is left out when it is the default order, so a recipe that does not list steps hashes
-        (and stamps its records) as it did before the setting existed, and old run directories resume."""
-        data = self.model_dump(mode="json")
+        (and stamps its records) as it did before the setting existed, and old run directories resume.
+        The execution settings (:data:`EXECUTION_FIELDS`) are left out: they do not change the data."""
+        data = self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
         if data["steps"] == list(DEFAULT_STEPS):
             del data["steps"]
         return data

@@ -1,9 +1,12 @@
-"""The global ("reduce") steps over all task outputs: exact dedup → split check → mixing → write.
+"""The global ("reduce") steps over all task outputs: exact dedup → near dedup → split check → mixing →
+write.
 
 Every step decides from small per-record arrays that the map tasks wrote (``keys.npy``: content hash,
 length, quality, holdout, split; ``facts.json``: approximate tokens and the mixing group), so only the
 final write reads the records themselves, once, in task order. Records are then rewritten into
-``records/{split}/`` with ``meta.split`` set and the reduce steps appended to their provenance.
+``records/{split}/`` with ``meta.split`` set and the reduce steps appended to their provenance. The
+MinHash clustering is itself a distributed reduce, sharded by LSH band
+(:mod:`moeforge.data.dedup.minhash`), whose shards run on the run's executor.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from moeforge.data.dedup.exact import SPLIT_CODES, DedupResult, find_exact_duplicates
+from moeforge.data.executors import Executor
 from moeforge.data.mix import MixPlan, plan_mixture
 from moeforge.data.plan import Task
 from moeforge.data.recipe import Recipe
@@ -144,6 +148,7 @@ def _near(
     keys: list[np.ndarray],
     keep: list[np.ndarray],
     splits: list[np.ndarray],
+    executor: Executor | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
     """MinHash (``near``) or embedding (``semantic``) clusters over all tasks; one survivor per cluster.
 
@@ -158,10 +163,8 @@ def _near(
 
         cfg = recipe.near_dedup
         files = [task_dir(work, t) / "minhash.npy" for t in tasks]
-        shingles_of = (
-            _shingle_reader(recipe, work, tasks, offsets) if cfg.verify_jaccard is not None else None
-        )
-        res = find_clusters(files, cfg, work / "near", shingles_of)
+        shingles_of = _ShingleReader(recipe, work, tasks, offsets) if cfg.verify_jaccard is not None else None
+        res = find_clusters(files, cfg, work / "near", shingles_of, executor=executor)
         root, stats, policy = res.root, res.stats.to_dict(), cfg.policy
     else:
         from moeforge.data.dedup.semantic import find_semantic_clusters
@@ -191,13 +194,19 @@ def _near(
     return new_keep, new_sizes, stats
 
 
-def _shingle_reader(
-    recipe: Recipe, work: Path, tasks: list[Task], offsets: np.ndarray
-) -> Callable[[list[int]], dict[int, np.ndarray]]:
-    """``shingles_of`` for MinHash verification: re-reads the needed task files (sequentially)."""
-    from moeforge.data.dedup.minhash import shingles
+class _ShingleReader:
+    """``shingles_of`` for MinHash verification: re-reads the needed task files (sequentially). A plain
+    object (not a closure) so a verification shard can run in another process or on Ray."""
 
-    def read(indices: list[int]) -> dict[int, np.ndarray]:
+    def __init__(self, recipe: Recipe, work: Path, tasks: list[Task], offsets: np.ndarray) -> None:
+        self.cfg = recipe.near_dedup
+        self.files = [task_dir(work, t) / "records.jsonl.zst" for t in tasks]
+        self.offsets = offsets
+
+    def __call__(self, indices: list[int]) -> dict[int, np.ndarray]:
+        from moeforge.data.dedup.minhash import shingles
+
+        offsets = self.offsets
         want = sorted(set(int(i) for i in indices))
         out: dict[int, np.ndarray] = {}
         t = 0
@@ -207,7 +216,7 @@ def _shingle_reader(
             while offsets[t + 1] <= g:
                 t += 1
             local = {w - int(offsets[t]) for w in want if offsets[t] <= w < offsets[t + 1]}
-            for i, (_, line) in enumerate(iter_lines(task_dir(work, tasks[t]) / "records.jsonl.zst")):
+            for i, (_, line) in enumerate(iter_lines(self.files[t])):
                 if i in local:
                     obj = json.loads(line)
                     text = (
@@ -215,18 +224,23 @@ def _shingle_reader(
                         if obj.get("text") is not None
                         else "\n".join(m["content"] for m in obj["messages"])
                     )
-                    out[int(offsets[t]) + i] = shingles(text, recipe.near_dedup)
+                    out[int(offsets[t]) + i] = shingles(text, self.cfg)
             pos += len(local)
             t += 1
         return out
 
-    return read
-
 
 def reduce_tasks(
-    recipe: Recipe, out: Path, work: Path, tasks: list[Task], map_out: int, progress: Progress | None
+    recipe: Recipe,
+    out: Path,
+    work: Path,
+    tasks: list[Task],
+    map_out: int,
+    progress: Progress | None,
+    executor: Executor | None = None,
 ) -> ReduceResult:
-    """Run the reduce steps and write the dataset files (see the module docstring)."""
+    """Run the reduce steps and write the dataset files (see the module docstring). The near-dup
+    clustering's band shards run on ``executor`` (default: in this process)."""
     keys = _load_keys(work, tasks)
     facts = _load_facts(work, tasks)
     dedup = _exact(recipe, work, tasks, keys)
@@ -241,7 +255,9 @@ def reduce_tasks(
     for name, enabled in (("near", recipe.near_dedup.enabled), ("semantic", recipe.semantic_dedup.enabled)):
         if not enabled:
             continue
-        keep, near_sizes[name], near_stats[name] = _near(name, recipe, work, tasks, keys, keep, splits)
+        keep, near_sizes[name], near_stats[name] = _near(
+            name, recipe, work, tasks, keys, keep, splits, executor
+        )
         now = int(sum(int(k.sum()) for k in keep))
         dropped = Counter({f"dedup:{name}": kept - now} if kept > now else {})
         stages.append(StageCount(f"{name}_dedup", kept, now, dropped))

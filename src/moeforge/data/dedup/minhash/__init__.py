@@ -1,10 +1,10 @@
 """Near-duplicate detection with MinHash LSH, in bounded memory.
 
-How the pipeline uses it (map tasks run in separate processes, then one reduce)::
+How the pipeline uses it (map tasks run in separate processes, then a reduce sharded by band)::
 
     keys = minhash_band_keys(texts, cfg)                 # map task: (n, bands) uint64
     write_task_keys(task_dir / "minhash.npy", keys)      # inside the task's atomic directory
-    result = find_clusters(files, cfg, work_dir, shingles_of=reread)  # reduce, files in source order
+    result = find_clusters(files, cfg, work_dir, shingles_of=reread, executor=ex)  # files in source order
     keep = choose_survivors(result, lengths, quality, holdout, cfg.policy)
 
 **Shingles.** Text is lowercased. ``word`` shingles are n-grams of words, a word being a maximal run
@@ -45,17 +45,21 @@ with probability ``1 − (1 − s^rows)^bands``; the S-curve's threshold is ``(1
 and catch pairs at Jaccard 0.8 with probability 0.947 (0.994 at 0.85), pairs at 0.5 with 0.061:
 favouring recall at J ≈ 0.8, with ``verify_jaccard`` available to remove the false positives.
 
-**Clusters.** Each task file holds, per band, the task's ``(key, row)`` pairs sorted by key. The reduce
-takes one band at a time and merges the sorted runs of all tasks, a bounded chunk of each at a time,
-so a band's buckets are never all in memory (a bucket larger than a chunk is streamed). Each bucket
-(docs sharing the band key) links its members to its first member (lowest global index) in a
-union-find whose roots are always the lowest index of their component. With ``verify_jaccard``, a
-(first member, member) pair not already in one cluster when the band starts is linked only if the
-true Jaccard of the two shingle sets reaches the threshold; the sets come from the ``shingles_of``
-callback, at most ``verify_batch_docs`` documents per call. A member that fails against its bucket's
-first member is not linked through that bucket (another band may still link it): verification
-checks ``size − 1`` pairs per bucket, not all ``size²/2``. Results do not depend on the memory
-budget (tested with 1-row chunks).
+**Clusters.** A distributed reduce, sharded by band. Each task file holds, per band, the task's
+``(key, row)`` pairs sorted by key. The bands are split into at most :data:`MAX_BAND_SHARDS` contiguous
+shards (a constant, so results and statistics never depend on the executor or the worker count); a shard
+(:func:`cluster_band_shard`, one task on the run's executor: this process, a local worker or Ray) takes
+its bands one at a time and merges the sorted runs of all tasks, a bounded chunk of each at a time, so a
+band's buckets are never all in memory (a bucket larger than a chunk is streamed). Each bucket (docs
+sharing the band key) yields the pairs (first member, member). Without ``verify_jaccard`` the shard joins
+them in its own union-find and writes its spanning forest (pairs (root, member)); with it, the shard
+writes its distinct candidate pairs, split into parts by first document, and one verification task per
+part (:func:`verify_part`) checks each distinct pair once (over all bands) against the true Jaccard of
+the two shingle sets from the ``shingles_of`` callback, at most ``verify_batch_docs`` documents per call,
+and writes the pairs that pass. The parent then joins all written edges in one union-find whose roots
+are always the lowest index of their component, so the clusters are the components of the (verified)
+candidate graph whatever the order. Results do not depend on the memory budget (tested with 1-row
+chunks).
 
 **Which document survives** (:func:`choose_survivors`): one per cluster; a document from a held-out
 family first, then by policy — ``keep_first`` (source order), ``keep_longest``, ``keep_best_quality``
@@ -65,8 +69,9 @@ family first, then by policy — ``keep_first`` (source order), ``keep_longest``
 task, plus, for the batch being hashed (~``memory_mb``·4096 characters, 1 M at the defaults), ~50 B
 per character (code points, masks, word-character hashes), 8·bands·rows per document (signatures)
 and an 8 MB block of permuted values. On disk: 12·bands per document (192 B at 16 bands). Reduce: 8
-per document (the union-find array, returned as ``root``) plus the merge buffers, bounded by
-``memory_mb`` whatever the number of documents; with verification, spilled candidate pairs go to
+per document in the parent (the final union-find array, returned as ``root``); per band shard 8 per
+document (its own union-find; with verification, 16 per distinct candidate pair instead) plus the merge
+buffers, bounded by ``memory_mb`` whatever the number of documents; edges between the steps go to
 ``work_dir`` (16 B each). :func:`choose_survivors`: 1 per document (the answer) plus 9 transient, and
 ~40 per document that is in a cluster.
 
@@ -78,12 +83,16 @@ names.
 """
 
 from moeforge.data.dedup.minhash.clusters import (
+    MAX_BAND_SHARDS,
     TASK_KEY_DTYPE,
     NearDupResult,
     NearDupStats,
     ShinglesOf,
+    band_shards,
     choose_survivors,
+    cluster_band_shard,
     find_clusters,
+    verify_part,
     write_task_keys,
 )
 from moeforge.data.dedup.minhash.config import LshCurve, MinHashConfig, Policy, format_lsh_curve, lsh_curve
@@ -100,6 +109,7 @@ from moeforge.data.dedup.minhash.hashing import (
 
 __all__ = [
     "EMPTY_SIGNATURE",
+    "MAX_BAND_SHARDS",
     "NO_KEY",
     "SIG_BLOCK_BYTES",
     "TASK_KEY_DTYPE",
@@ -110,7 +120,9 @@ __all__ = [
     "Policy",
     "ShinglesOf",
     "band_keys",
+    "band_shards",
     "choose_survivors",
+    "cluster_band_shard",
     "find_clusters",
     "format_lsh_curve",
     "lsh_curve",
@@ -118,5 +130,6 @@ __all__ = [
     "shingle_batch",
     "shingles",
     "signatures",
+    "verify_part",
     "write_task_keys",
 ]

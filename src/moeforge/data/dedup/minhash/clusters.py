@@ -8,25 +8,34 @@ See :mod:`moeforge.data.dedup.minhash` for the design.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moeforge.data.dedup.minhash.config import MinHashConfig, Policy
 from moeforge.data.dedup.minhash.hashing import NO_KEY
-from moeforge.data.dedup.unionfind import find as _find
 from moeforge.data.dedup.unionfind import flatten as _flatten
 from moeforge.data.dedup.unionfind import union as _union
+from moeforge.data.executors import TaskFailed
+
+if TYPE_CHECKING:
+    from moeforge.data.executors import Executor
 
 __all__ = [
+    "MAX_BAND_SHARDS",
     "TASK_KEY_DTYPE",
     "NearDupResult",
     "NearDupStats",
     "ShinglesOf",
+    "band_shards",
     "choose_survivors",
+    "cluster_band_shard",
     "find_clusters",
+    "verify_part",
     "write_task_keys",
 ]
 
@@ -90,87 +99,100 @@ def _size_bin(size: int) -> str:
     return f"{lo}-{2 * lo - 1}"
 
 
-class _Edges:
-    """Candidate pairs of one band: linked at once, or kept (spilling to disk) for verification."""
+class _PairSink:
+    """One band shard's candidate pairs: joined in the shard's own union-find at once (written out as a
+    spanning forest), or, with ``verify_jaccard``, collected without repeats for the verification shards."""
 
-    def __init__(
-        self,
-        parent: np.ndarray,
-        cfg: MinHashConfig,
-        work_dir: Path,
-        band: int,
-        spill_pairs: int,
-        shingles_of: ShinglesOf | None,
-        verify_batch_docs: int,
-    ):
-        self.parent, self.cfg, self.band = parent, cfg, band
-        self.work_dir, self.spill_pairs = work_dir, spill_pairs
-        self.shingles_of, self.verify_batch_docs = shingles_of, verify_batch_docs
+    def __init__(self, total: int, verify: bool, compact_pairs: int):
+        self.verify = verify
+        self.parent = None if verify else np.arange(total, dtype=np.int64)
         self.pending: list[np.ndarray] = []
         self.pending_n = 0
-        self.files: list[Path] = []
-        self.candidates = self.verified = self.rejected = 0
-        self.peak_bytes = 0
+        self.compact_pairs = compact_pairs
+        self.candidates = 0
+        self.peak_bytes = 0 if verify else 8 * total
 
     def add(self, u: np.ndarray, v: np.ndarray) -> None:
         self.candidates += len(u)
-        if self.cfg.verify_jaccard is None:
+        if self.parent is not None:
             _union(self.parent, u, v)
             return
-        # nothing is linked while a band is merged, so "apart" is the state at the band's start
-        apart = _find(self.parent, u) != _find(self.parent, v)
-        if not apart.any():
-            return
-        self.pending.append(np.stack([u[apart], v[apart]], axis=1))
-        self.pending_n += int(apart.sum())
+        self.pending.append(np.stack([u, v], axis=1))
+        self.pending_n += len(u)
         self.peak_bytes = max(self.peak_bytes, 16 * self.pending_n)
-        if self.pending_n >= self.spill_pairs:
-            path = self.work_dir / f"band{self.band:04d}-pairs{len(self.files):06d}.npy"
-            np.save(path, np.concatenate(self.pending), allow_pickle=False)
-            self.files.append(path)
-            self.pending, self.pending_n = [], 0
+        if self.pending_n >= self.compact_pairs:  # the same pair comes from many bands: keep it once
+            self.pending = [_unique_pairs(self.pending)]
+            self.pending_n = len(self.pending[0])
+            self.compact_pairs = max(self.compact_pairs, 2 * self.pending_n)
 
-    def finish(self) -> None:
-        """Verify the kept pairs (spilled files first, in order) and link those that pass."""
-        if self.cfg.verify_jaccard is None:
-            return
-        for path in self.files:
-            self._verify(np.load(path, allow_pickle=False))
-            path.unlink()
-        if self.pending:
-            self._verify(np.concatenate(self.pending))
+    def write(self, prefix: Path, parts: int) -> list[str]:
+        """Save the shard's edges: ``<prefix>.npy`` (the forest), or one file of unique candidate pairs
+        per verification part (pairs whose first document ``% parts`` is the part)."""
+        if self.parent is not None:
+            _flatten(self.parent)
+            nodes = np.flatnonzero(self.parent != np.arange(len(self.parent)))
+            path = prefix.with_name(prefix.name + ".npy")
+            _save(path, np.stack([self.parent[nodes], nodes], axis=1))
+            return [str(path)]
+        pairs = _unique_pairs(self.pending)
+        self.pending = []
+        part = pairs[:, 0] % parts
+        out = []
+        for p in range(parts):
+            path = prefix.with_name(f"{prefix.name}-part{p:04d}.npy")
+            _save(path, pairs[part == p])
+            out.append(str(path))
+        return out
 
-    def _verify(self, pairs: np.ndarray) -> None:
-        assert self.shingles_of is not None and self.cfg.verify_jaccard is not None
-        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # a bucket's pairs share their first doc
-        listed = pairs.tolist()
-        start = 0
-        while start < len(pairs):
-            docs: set[int] = set()
-            end = start
-            while end < len(listed):  # greedy: as many pairs as fit the docs-per-call bound
-                u, v = listed[end]
-                new = (u not in docs) + (v not in docs)
-                if docs and len(docs) + new > self.verify_batch_docs:
-                    break
-                docs.update((u, v))
-                end += 1
-            wanted = sorted(docs)
-            sets = self.shingles_of(wanted)
-            missing = [d for d in wanted if d not in sets]
-            if missing:
-                raise KeyError(f"shingles_of returned no shingle set for documents {missing[:5]}")
-            self.peak_bytes = max(self.peak_bytes, sum(int(np.asarray(sets[d]).nbytes) for d in wanted))
-            batch = pairs[start:end]
-            ok = np.fromiter(
-                (_jaccard(sets[u], sets[v]) >= self.cfg.verify_jaccard for u, v in listed[start:end]),
-                dtype=bool,
-                count=len(batch),
-            )
-            self.verified += len(batch)
-            self.rejected += int((~ok).sum())
-            _union(self.parent, batch[ok, 0], batch[ok, 1])
-            start = end
+
+def _unique_pairs(chunks: list[np.ndarray]) -> np.ndarray:
+    """The distinct rows of ``chunks``, sorted by first then second document."""
+    if not chunks:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(chunks), axis=0)
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` under a temporary name renamed into place (a retried shard rewrites it whole)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr, dtype=np.int64), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _verify(
+    pairs: np.ndarray, cfg: MinHashConfig, shingles_of: ShinglesOf, verify_batch_docs: int
+) -> tuple[np.ndarray, int, int]:
+    """The pairs (sorted, distinct) whose true Jaccard reaches ``cfg.verify_jaccard``; (passed, verified,
+    peak bytes of shingle sets held)."""
+    assert cfg.verify_jaccard is not None
+    listed = pairs.tolist()
+    passed = np.zeros(len(pairs), dtype=bool)
+    peak = 0
+    start = 0
+    while start < len(pairs):
+        docs: set[int] = set()
+        end = start
+        while end < len(listed):  # greedy: as many pairs as fit the docs-per-call bound
+            u, v = listed[end]
+            new = (u not in docs) + (v not in docs)
+            if docs and len(docs) + new > verify_batch_docs:
+                break
+            docs.update((u, v))
+            end += 1
+        wanted = sorted(docs)
+        sets = shingles_of(wanted)
+        missing = [d for d in wanted if d not in sets]
+        if missing:
+            raise KeyError(f"shingles_of returned no shingle set for documents {missing[:5]}")
+        peak = max(peak, sum(int(np.asarray(sets[d]).nbytes) for d in wanted))
+        passed[start:end] = np.fromiter(
+            (_jaccard(sets[u], sets[v]) >= cfg.verify_jaccard for u, v in listed[start:end]),
+            dtype=bool,
+            count=end - start,
+        )
+        start = end
+    return pairs[passed], len(pairs), peak
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -232,6 +254,83 @@ class _BandRun:
         return self.task.read(self.band, start, count)
 
 
+# The clustering's unit of distribution: bands are split into at most this many contiguous shards. A
+# constant (not the number of workers), so the results and every statistic are the same on any executor.
+MAX_BAND_SHARDS = 8
+
+
+def band_shards(bands: int) -> list[list[int]]:
+    """The bands of each shard: ``min(bands, MAX_BAND_SHARDS)`` contiguous groups."""
+    return [g.tolist() for g in np.array_split(np.arange(bands), min(bands, MAX_BAND_SHARDS))]
+
+
+def _starts(runs: Sequence[_TaskFile]) -> np.ndarray:
+    starts = np.zeros(len(runs) + 1, dtype=np.int64)
+    np.cumsum([r.n for r in runs], out=starts[1:])
+    return starts
+
+
+def cluster_band_shard(
+    band_key_files: Sequence[str],
+    cfg: MinHashConfig,
+    bands: Sequence[int],
+    chunk: int,
+    parts: int,
+    prefix: str,
+) -> dict[str, Any]:
+    """One band shard (a task of :func:`find_clusters`): merge each of ``bands`` over every task file and
+    write the shard's edges under ``prefix`` (see :meth:`_PairSink.write`); return its counts."""
+    runs = [_TaskFile(Path(f), cfg.bands) for f in band_key_files]
+    starts = _starts(runs)
+    total = int(starts[-1])
+    live = max(1, sum(r.n > 0 for r in runs))
+    counts = NearDupStats(total, 0, len(bands), 0, 0, 0, 0, 0, 0)
+    sink = _PairSink(total, cfg.verify_jaccard is not None, chunk * live)
+    peak = 0
+    for band in bands:
+        cols = [_BandRun(r, band) for r in runs]
+        pos = [r.empty for r in runs]  # documents without shingles are never near-duplicates
+        while True:
+            step_peak = _merge_step(cols, pos, starts, chunk, sink, counts)
+            if step_peak < 0:
+                break
+            peak = max(peak, step_peak)
+    files = sink.write(Path(prefix), parts)
+    return {
+        "buckets": counts.buckets,
+        "candidates": sink.candidates,
+        "merge_steps": counts.merge_steps,
+        "peak": peak + sink.peak_bytes,
+        "files": files,
+    }
+
+
+def verify_part(
+    part_files: Sequence[str],
+    cfg: MinHashConfig,
+    shingles_of: ShinglesOf,
+    verify_batch_docs: int,
+    out: str,
+) -> dict[str, Any]:
+    """One verification part (a task of :func:`find_clusters`): the distinct candidate pairs of every band
+    shard's file for this part, checked by true Jaccard; the passing pairs are written to ``out``."""
+    pairs = _unique_pairs([np.load(f, allow_pickle=False) for f in part_files])
+    ok, verified, peak = _verify(pairs, cfg, shingles_of, verify_batch_docs)
+    _save(Path(out), ok)
+    return {"verified": verified, "rejected": verified - len(ok), "peak": peak + 16 * len(pairs), "file": out}
+
+
+def _collect(executor: Executor, fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+    """Run the shards; results in shard order (whatever order they finished in)."""
+    out: list[Any] = [None] * len(args)
+    try:
+        for i, res in executor.map(fn, args):
+            out[i] = res
+    except TaskFailed as exc:
+        raise exc.cause from None
+    return out
+
+
 def find_clusters(
     band_key_files: Sequence[Path],
     cfg: MinHashConfig,
@@ -240,69 +339,102 @@ def find_clusters(
     *,
     chunk_rows: int | None = None,
     verify_batch_docs: int = 1024,
+    executor: Executor | None = None,
 ) -> NearDupResult:
     """Cluster near-duplicates over all tasks' key files (see the module docstring).
 
     A document's global index is its row in the concatenation of the files, in the order given.
     ``shingles_of(indices)`` (needed with ``cfg.verify_jaccard``) returns the shingle sets of those
     global indices (:func:`shingles` of their texts); it is asked for at most ``verify_batch_docs``
-    documents per call. ``chunk_rows`` (rows read per task file per merge step) defaults to what fits
-    ``cfg.memory_mb``. Temporary files go to ``work_dir`` and are removed.
+    documents per call (it must pickle to run on another process's executor). ``chunk_rows`` (rows
+    read per task file per merge step) defaults to what fits ``cfg.memory_mb``. The band shards and
+    verification parts run on ``executor`` (default: one after another in this process); temporary
+    files go to ``work_dir`` (which every worker must see) and are removed.
     """
+    from moeforge.data.executors import InlineExecutor
+
     if cfg.verify_jaccard is not None and shingles_of is None:
         raise ValueError("near_dedup.verify_jaccard is set but no shingles_of callback was given")
     if verify_batch_docs < 2:
         raise ValueError(f"verify_batch_docs must be at least 2 (got {verify_batch_docs})")
-    runs = [_TaskFile(Path(f), cfg.bands) for f in band_key_files]
-    sizes = np.array([r.n for r in runs], dtype=np.int64)
-    starts = np.zeros(len(runs) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    total = int(starts[-1])
+    executor = executor or InlineExecutor()
+    files = [str(Path(f).resolve()) for f in band_key_files]
+    runs = [_TaskFile(Path(f), cfg.bands) for f in files]
+    total = int(_starts(runs)[-1])
     budget = cfg.memory_mb * 2**20
-    live = max(1, int((sizes > 0).sum()))
+    live = max(1, sum(r.n > 0 for r in runs))
     chunk = chunk_rows or max(256, budget // (live * (TASK_KEY_DTYPE.itemsize + _MERGE_TEMP_BYTES)))
     work_dir.mkdir(parents=True, exist_ok=True)
-    parent = np.arange(total, dtype=np.int64)
-    peak = 0
+    work = work_dir.resolve()
+    groups = band_shards(cfg.bands)
+    parts = len(groups)
+    shards = _collect(
+        executor,
+        cluster_band_shard,
+        [(files, cfg, g, chunk, parts, str(work / f"band-shard{i:04d}")) for i, g in enumerate(groups)],
+    )
     stats = NearDupStats(
         docs=total,
         docs_without_shingles=sum(r.empty for r in runs),
         bands=cfg.bands,
-        buckets=0,
-        candidate_pairs=0,
+        buckets=sum(r["buckets"] for r in shards),
+        candidate_pairs=sum(r["candidates"] for r in shards),
         verified_pairs=0,
         rejected_pairs=0,
         clusters=0,
         docs_in_clusters=0,
+        merge_steps=sum(r["merge_steps"] for r in shards),
     )
-    for band in range(cfg.bands):
-        cols = [_BandRun(r, band) for r in runs]
-        pos = [r.empty for r in runs]  # documents without shingles are never near-duplicates
-        edges = _Edges(parent, cfg, work_dir, band, chunk * live, shingles_of, verify_batch_docs)
-        while True:
-            step_peak = _merge_step(cols, pos, starts, chunk, edges, stats)
-            if step_peak < 0:
-                break
-            peak = max(peak, step_peak)
-        edges.finish()
-        stats.candidate_pairs += edges.candidates
-        stats.verified_pairs += edges.verified
-        stats.rejected_pairs += edges.rejected
-        peak = max(peak, edges.peak_bytes)
+    peak = max((r["peak"] for r in shards), default=0)
+    temp = [f for r in shards for f in r["files"]]
+    if cfg.verify_jaccard is not None:
+        checked = _collect(
+            executor,
+            verify_part,
+            [
+                (
+                    [r["files"][p] for r in shards],
+                    cfg,
+                    shingles_of,
+                    verify_batch_docs,
+                    str(work / f"verified{p:04d}.npy"),
+                )
+                for p in range(parts)
+            ],
+        )
+        stats.verified_pairs = sum(r["verified"] for r in checked)
+        stats.rejected_pairs = sum(r["rejected"] for r in checked)
+        peak = max(peak, *(r["peak"] for r in checked))
+        edge_files = [r["file"] for r in checked]
+        temp += edge_files
+    else:
+        edge_files = [r["files"][0] for r in shards]
+    # the final union-find: every shard's edges (a forest, or the verified pairs), a file at a time
+    parent = np.arange(total, dtype=np.int64)
+    for f in edge_files:
+        e = np.load(f, allow_pickle=False)
+        _union(parent, e[:, 0], e[:, 1])
+    for f in temp:
+        Path(f).unlink(missing_ok=True)
     _flatten(parent, max(1 << 16, budget // 16))
     _cluster_stats(parent, stats, max(1 << 16, budget // 16))
     stats.peak_bytes = 8 * total + peak
     log.info(
-        "near dedup: %d docs, %d bands, %d buckets, %d candidate pairs (%d verified, %d rejected), "
-        "%d clusters holding %d docs",
-        total, cfg.bands, stats.buckets, stats.candidate_pairs, stats.verified_pairs,
+        "near dedup: %d docs, %d bands in %d shards, %d buckets, %d candidate pairs (%d verified, "
+        "%d rejected), %d clusters holding %d docs",
+        total, cfg.bands, parts, stats.buckets, stats.candidate_pairs, stats.verified_pairs,
         stats.rejected_pairs, stats.clusters, stats.docs_in_clusters,
     )  # fmt: skip
     return NearDupResult(root=parent, stats=stats)
 
 
 def _merge_step(
-    cols: list[_BandRun], pos: list[int], starts: np.ndarray, chunk: int, edges: _Edges, stats: NearDupStats
+    cols: list[_BandRun],
+    pos: list[int],
+    starts: np.ndarray,
+    chunk: int,
+    edges: _PairSink,
+    stats: NearDupStats,
 ) -> int:
     """Take every complete bucket with key below the chunks' common bound from all runs and link it;
     return the bytes held, or -1 when every run is exhausted."""
@@ -363,7 +495,7 @@ def _stream_bucket(
     starts: np.ndarray,
     chunk: int,
     key: np.uint64,
-    edges: _Edges,
+    edges: _PairSink,
     stats: NearDupStats,
 ) -> None:
     """A bucket larger than a chunk: link its members to its first one, a chunk at a time."""
