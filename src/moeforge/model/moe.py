@@ -8,6 +8,7 @@ G = 2F, E expert slots (routed + ghost), k experts per token, A = N·k token→e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,10 @@ class MoELayer(nn.Module):
     """
 
     record_expert_outputs: bool = False
+    # The seam parallelism plugs into from outside (``moeforge.train.expert_parallel``): given the rows
+    # sorted by expert slot and the per-slot counts, return the experts' outputs in the same order. None:
+    # every slot's weights are here and the grouped SwiGLU runs locally.
+    expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -114,7 +119,7 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.num_ghost = cfg.num_ghost_experts
         self.top_k = cfg.top_k
-        slots = cfg.num_experts + cfg.num_ghost_experts
+        slots = self.num_slots = cfg.num_experts + cfg.num_ghost_experts
         self.router = Router(
             d_model,
             cfg.num_experts,
@@ -164,7 +169,7 @@ class MoELayer(nn.Module):
         ghost_alpha = self.ghost_alpha if self.num_ghost else None
         r: RouterOutput = self.router(x_ND, ghost_alpha, losses=stats)
 
-        order_A, counts_E, dropped = sort_assignments(r.indices, self.w13.shape[0], self.capacity(n))
+        order_A, counts_E, dropped = sort_assignments(r.indices, self.num_slots, self.capacity(n))
         token_A = order_A % n
         weight_A = r.weights.t().reshape(-1)[order_A]
         scale_E = self.slot_scale()
@@ -177,7 +182,10 @@ class MoELayer(nn.Module):
             x_AD = x_ND.repeat(self.top_k, 1).index_select(0, order_A)
         else:
             x_AD = x_ND.index_select(0, token_A)
-        y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch)
+        if self.expert_fn is None:
+            y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch)
+        else:
+            y_AD = self.expert_fn(x_AD, counts_E)
         raw_AD = y_AD
         y_AD = y_AD * weight_A[:, None]
         # Put each result back in its assignment slot (a permutation: deterministic, no atomics),
@@ -221,7 +229,7 @@ class MoELayer(nn.Module):
         self, x_ND: torch.Tensor, raw_AD: torch.Tensor, out_ND: torch.Tensor, counts_E: torch.Tensor
     ) -> ExpertOutputStats:
         """Per-expert output sums and input/explained energies (see :class:`ExpertOutputStats`)."""
-        slots = self.w13.shape[0]
+        slots = self.num_slots
         expert_A = torch.repeat_interleave(torch.arange(slots, device=counts_E.device), counts_E)
         sum_ED = raw_AD.new_zeros(slots, raw_AD.shape[-1], dtype=torch.float32)
         sum_ED.index_add_(0, expert_A, raw_AD.detach().float())
