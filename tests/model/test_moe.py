@@ -137,7 +137,8 @@ def test_sort_assignments_gives_first_choices_priority_then_token_order() -> Non
     indices = torch.tensor([[1, 0], [0, 1], [0, 1], [1, 0]])  # N=4, k=2
     order, counts, dropped = sort_assignments(indices, 2, capacity=2)
     # assignment id a = j*N + n; expert 0: first choices of tokens 1, 2 beat second choices of tokens 0, 3
-    assert order.tolist() == [1, 2, 0, 3]
+    # kept ones grouped by expert, then the dropped ones (a fixed-size order: no host read for the shape)
+    assert order.tolist() == [1, 2, 0, 3, 4, 7, 5, 6]
     assert counts.tolist() == [2, 2]
     assert dropped == 4
     order, counts, dropped = sort_assignments(indices, 2, capacity=None)

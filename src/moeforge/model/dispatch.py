@@ -200,11 +200,17 @@ def grouped_swiglu(
     w2_EFD: torch.Tensor,
     counts_E: torch.Tensor,
     backend: Backend = "auto",
+    *,
+    tail: bool = False,
 ) -> torch.Tensor:
     """SwiGLU of each row through its expert: ``y[i] = (silu(x[i] W_gate) · x[i] W_up) W_down`` of its group.
 
     ``counts_E`` (int64, ``[E]``) gives the group sizes; rows must already be sorted by expert.
-    Differentiable with respect to ``x`` and both weight tensors.
+    ``tail``: rows may follow the last group (assignments a capacity dropped); their outputs (and
+    gradients) are zero. Differentiable with respect to ``x`` and both weight tensors.
+
+    On CUDA (and whenever ``grouped_mm`` is asked for and available) the group offsets stay on the device:
+    nothing here reads ``counts_E`` on the host, so the forward and backward never wait for the GPU.
     """
     dev = x_ND.device.type
     if torch.is_autocast_enabled(dev):
@@ -213,23 +219,50 @@ def grouped_swiglu(
         # backward see one dtype.
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _grouped_swiglu(x_ND.to(dt), w13_EDG.to(dt), w2_EFD.to(dt), counts_E, backend)
-    return _grouped_swiglu(x_ND, w13_EDG, w2_EFD, counts_E, backend)
+            return _grouped_swiglu(x_ND.to(dt), w13_EDG.to(dt), w2_EFD.to(dt), counts_E, backend, tail)
+    return _grouped_swiglu(x_ND, w13_EDG, w2_EFD, counts_E, backend, tail)
+
+
+def _device_grouped(
+    x_ND: torch.Tensor, w13_EDG: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor, tail: bool
+) -> torch.Tensor:
+    """``grouped_mm`` with device offsets. Rows past the last offset are not any group's: a ``where``
+    zeroes their outputs and (through its backward) their input gradients — no host-side slicing."""
+    assert _GROUPED_MM is not None
+    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    valid_N1 = None
+    if tail:
+        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs[-1])[:, None]
+        x_ND = torch.where(valid_N1, x_ND, 0.0)
+    h_NG = _GROUPED_MM(x_ND, w13_EDG, offs=offs)
+    # grouped_mm's backward rejects stride-0 (expanded) gradients, e.g. from .sum(): make them dense
+    y_ND = _ContiguousGrad.apply(_GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs))
+    return y_ND if valid_N1 is None else torch.where(valid_N1, y_ND, 0.0)
 
 
 def _grouped_swiglu(
-    x_ND: torch.Tensor, w13_EDG: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor, backend: Backend
+    x_ND: torch.Tensor,
+    w13_EDG: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    counts_E: torch.Tensor,
+    backend: Backend,
+    tail: bool = False,
 ) -> torch.Tensor:
-    counts = counts_E.tolist()
-    chosen = choose_backend(backend, x_ND, counts, w2_EFD.shape[1])
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w2_EFD.shape[-1]) + 0.0 * (w13_EDG.sum() + w2_EFD.sum())
+    dims = (x_ND.shape[-1], w2_EFD.shape[1])
+    if ((x_ND.is_cuda and backend in ("auto", "grouped_mm")) or backend == "grouped_mm") and has_grouped_mm(
+        x_ND.device, x_ND.dtype, dims
+    ):
+        return _device_grouped(x_ND, w13_EDG, w2_EFD, counts_E, tail)
+    counts = counts_E.tolist()  # the host-side backends (CPU) need the group sizes as numbers
+    total = sum(counts)
+    if tail and total < x_ND.shape[0]:  # dropped rows: zeros, outside the autograd of the experts
+        head = _grouped_swiglu(x_ND[:total], w13_EDG, w2_EFD, counts_E, backend)
+        return torch.cat([head, head.new_zeros(x_ND.shape[0] - total, head.shape[-1])])
+    chosen = choose_backend(backend, x_ND, counts, w2_EFD.shape[1])
     if chosen == "grouped_mm":
-        assert _GROUPED_MM is not None
-        offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        h_NG = _GROUPED_MM(x_ND, w13_EDG, offs=offs)
-        # grouped_mm's backward rejects stride-0 (expanded) gradients, e.g. from .sum(): make them dense
-        return _ContiguousGrad.apply(_GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs))
+        return _device_grouped(x_ND, w13_EDG, w2_EFD, counts_E, False)
     if chosen == "padded":
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device), counts_E)

@@ -57,7 +57,7 @@ class MoEStats:
     lb_loss: torch.Tensor
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
-    dropped: int
+    dropped: int | torch.Tensor  # a 0-d tensor from the layer (read on the host only when logged)
     assignments: int
     probs_mean: torch.Tensor
     entropy: torch.Tensor
@@ -67,31 +67,33 @@ class MoEStats:
 
     @property
     def dropped_fraction(self) -> float:
-        return self.dropped / max(self.assignments, 1)
+        return float(self.dropped) / max(self.assignments, 1)
 
 
 def sort_assignments(
-    indices_Nk: torch.Tensor, num_slots: int, capacity: int | None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    indices_Nk: torch.Tensor, num_slots: int, capacity: int | torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order token→expert assignments by expert and apply the capacity limit.
 
     Assignments are numbered slot-major (``a = j·N + n`` for the token's j-th choice) so that, within
     an expert, every token's first choice outranks any second choice (GShard priority), then token order.
-    Returns ``(order_A', counts_E, dropped)``: assignment ids kept, grouped by expert (stable), the
-    per-expert counts, and how many assignments the capacity limit dropped.
+    Returns ``(order_A, counts_E, dropped)``: all ``N·k`` assignment ids, the kept ones first, grouped by
+    expert (stable), then the dropped ones; the per-expert counts of kept assignments (so rows past
+    ``counts_E.sum()`` are the dropped ones, which no expert reads); and how many were dropped (a 0-d
+    tensor). Fixed sizes throughout: no data-dependent shape, so no host read even with a capacity.
     """
     flat_A = indices_Nk.t().reshape(-1)
-    order_A = torch.argsort(flat_A, stable=True)
     counts_E = torch.bincount(flat_A, minlength=num_slots)
     if capacity is None:
-        return order_A, counts_E, 0
+        return torch.argsort(flat_A, stable=True), counts_E, counts_E.new_zeros(())
+    order_A = torch.argsort(flat_A, stable=True)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    expert_sorted = flat_A[order_A]
-    rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_sorted]
-    keep = rank_A < capacity
+    rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[flat_A[order_A]]
+    # dropped assignments sort after every kept one (key num_slots), kept ones stay grouped by expert
+    key_A = torch.where(rank_A < capacity, flat_A[order_A], num_slots)
+    order_A = order_A[torch.argsort(key_A, stable=True)]
     kept_counts = counts_E.clamp(max=capacity)
-    dropped = int(order_A.numel() - kept_counts.sum().item())
-    return order_A[keep], kept_counts, dropped
+    return order_A, kept_counts, counts_E.sum() - kept_counts.sum()
 
 
 class MoELayer(nn.Module):
@@ -146,12 +148,16 @@ class MoELayer(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(d_model, 1, bias=False)
 
-    def capacity(self, n_tokens: int) -> int | None:
-        """Per-expert capacity ``ceil(cf · N · k / E_active)``, or None when dropless."""
+    def capacity(self, n_tokens: int) -> int | torch.Tensor | None:
+        """Per-expert capacity ``ceil(cf · N · k / E_active)``, or None when dropless. With awake ghost slots
+        it is a 0-d tensor (how many are awake lives on the device; no host read)."""
         if self.cfg.capacity_factor is None:
             return None
-        active = self.num_experts + int((self.ghost_alpha > 0).sum().item())
-        return max(1, math.ceil(self.cfg.capacity_factor * n_tokens * self.top_k / active))
+        want = self.cfg.capacity_factor * n_tokens * self.top_k
+        if not self.num_ghost:
+            return max(1, math.ceil(want / self.num_experts))
+        active = self.num_experts + (self.ghost_alpha > 0).sum()
+        return torch.ceil(want / active).clamp(min=1).long()
 
     def slot_scale(self) -> torch.Tensor | None:
         """``[E]`` the factor on each slot's output: 1 for routed experts, ``ghost_alpha`` for ghosts;
@@ -169,7 +175,8 @@ class MoELayer(nn.Module):
         ghost_alpha = self.ghost_alpha if self.num_ghost else None
         r: RouterOutput = self.router(x_ND, ghost_alpha, losses=stats)
 
-        order_A, counts_E, dropped = sort_assignments(r.indices, self.num_slots, self.capacity(n))
+        capacity = self.capacity(n)
+        order_A, counts_E, dropped = sort_assignments(r.indices, self.num_slots, capacity)
         token_A = order_A % n
         weight_A = r.weights.t().reshape(-1)[order_A]
         scale_E = self.slot_scale()
@@ -182,8 +189,8 @@ class MoELayer(nn.Module):
             x_AD = x_ND.repeat(self.top_k, 1).index_select(0, order_A)
         else:
             x_AD = x_ND.index_select(0, token_A)
-        if self.expert_fn is None:
-            y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch)
+        if self.expert_fn is None:  # with a capacity, rows past counts_E.sum() are dropped: zeros out
+            y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch, tail=capacity is not None)
         else:
             y_AD = self.expert_fn(x_AD, counts_E)
         raw_AD = y_AD

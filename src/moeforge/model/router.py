@@ -47,7 +47,9 @@ def set_count_reducer(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None
     _count_reducer = fn
 
 
-def load_balancing_loss(probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_active: int) -> torch.Tensor:
+def load_balancing_loss(
+    probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_active: int | torch.Tensor
+) -> torch.Tensor:
     """Switch-Transformer balancing loss ``E · Σ_i f_i · P_i``, normalized to 1.0 at perfect balance for any k.
 
     ``f_i`` is the fraction of the ``N·k`` token→expert *assignments* that went to expert ``i`` (so the
@@ -62,7 +64,7 @@ def load_balancing_loss(probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_acti
     counts_E.scatter_add_(
         0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device)
     )
-    total = torch.tensor(float(n * k), dtype=probs_NE.dtype, device=probs_NE.device)
+    total = probs_NE.new_full((), float(n * k))  # a fill on the device, not a copy from the host
     if _count_reducer is not None and probs_NE.requires_grad:
         both = _count_reducer(torch.cat([counts_E, total[None]]))
         counts_E, total = both[:-1], both[-1]
@@ -101,6 +103,8 @@ class Router(nn.Module):
         aux_free_bias_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        if top_k > num_experts:  # ghosts only add slots: the routed experts (always awake) must cover top_k
+            raise ValueError(f"top_k={top_k} exceeds the {num_experts} routed experts (ghost slots may sleep)")
         self.num_experts = num_experts
         self.num_ghost = num_ghost
         self.top_k = top_k
@@ -124,8 +128,17 @@ class Router(nn.Module):
             return 0.0
         if self.noise_anneal_steps <= 0:
             return self.noise_std
-        frac = min(int(self.num_steps.item()) / self.noise_anneal_steps, 1.0)
+        frac = min(self._steps_host() / self.noise_anneal_steps, 1.0)
         return self.noise_std * (1.0 - frac)
+
+    def _steps_host(self) -> int:
+        """``num_steps`` as a host int, read from the device once per step, not once per forward: the
+        count only changes in :meth:`step` (and when a checkpoint loads, which the cached copy notices)."""
+        cached = getattr(self, "_steps_cache", None)
+        if cached is None or cached[0] is not self.num_steps or cached[1] != self.num_steps._version:
+            cached = (self.num_steps, self.num_steps._version, int(self.num_steps.item()))
+            self._steps_cache = cached
+        return cached[2]
 
     def active_mask(self, ghost_alpha: torch.Tensor | None) -> torch.Tensor | None:
         """``[E]`` bool of slots that may receive tokens, or None when all may."""
@@ -141,9 +154,9 @@ class Router(nn.Module):
         which nothing reads while decoding; ``lb_loss``/``z_loss``/``tokens_per_expert`` are then empty."""
         logits_NE = F.linear(x_ND, self.weight).float()
         active = self.active_mask(ghost_alpha)
-        n_active = int(active.sum().item()) if active is not None else logits_NE.shape[-1]
-        if self.top_k > n_active:
-            raise ValueError(f"top_k={self.top_k} exceeds the {n_active} experts currently awake")
+        # With ghost slots the number awake is a tensor (no host read in the forward); ghosts only add
+        # slots to the routed experts, so top_k <= num_experts (checked by MoEConfig) is always satisfiable.
+        n_active: int | torch.Tensor = logits_NE.shape[-1] if active is None else active.sum()
         masked_NE = logits_NE if active is None else logits_NE.masked_fill(~active, float("-inf"))
         noisy_NE = masked_NE
         std = self.current_noise_std if self.training else 0.0
@@ -186,7 +199,9 @@ class Router(nn.Module):
             probs=probs_NE,
             logits=logits_NE,
             lb_loss=load_balancing_loss(probs_NE, indices_Nk, n_active),
-            z_loss=z_loss(masked_NE if active is None else logits_NE[:, active]),
+            # logsumexp over the masked logits (-inf for dormant ghosts) is the one over the awake columns,
+            # without the data-dependent column selection (a host sync)
+            z_loss=z_loss(masked_NE),
             tokens_per_expert=counts_E,
         )
 

@@ -89,7 +89,8 @@ class ExpertShard:
         dist.all_to_all_single(recv_SL, counts_RL, group=self.group)  # [source rank][my expert]
         both = torch.stack([counts_RL.sum(1), recv_SL.sum(1)]).tolist()  # one host read for the splits
         send, recv = both[0], both[1]
-        x_rows = _all_to_all(x_AD, recv, send, self.group)
+        kept = sum(send)  # with a capacity, the rows past the kept ones were dropped: they stay here, as zeros
+        x_rows = _all_to_all(x_AD[:kept], recv, send, self.group)
         perm = _regroup(recv_SL)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -97,7 +98,10 @@ class ExpertShard:
         y_local = grouped_swiglu(
             x_rows.index_select(0, perm), local.w13, local.w2, recv_SL.sum(0), local.cfg.dispatch
         )
-        return _all_to_all(y_local.index_select(0, inv), send, recv, self.group)
+        y_AD = _all_to_all(y_local.index_select(0, inv), send, recv, self.group)
+        if kept < x_AD.shape[0]:
+            y_AD = torch.cat([y_AD, y_AD.new_zeros(x_AD.shape[0] - kept, y_AD.shape[-1])])
+        return y_AD
 
 
 def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
