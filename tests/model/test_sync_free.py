@@ -50,9 +50,13 @@ class CountHostReads(TorchFunctionMode):
             self.reads[getattr(func, "__name__", str(func))] += 1
         elif func is torch.Tensor.__getitem__ and _bool_index(args[1] if len(args) > 1 else None):
             self.reads["__getitem__[bool mask]"] += 1
-        elif func is torch.repeat_interleave and "output_size" not in (kwargs or {}):
-            if len(args) > 1 and isinstance(args[1], torch.Tensor):
-                self.reads["repeat_interleave (no output_size)"] += 1
+        elif (
+            func is torch.repeat_interleave
+            and "output_size" not in (kwargs or {})
+            and len(args) > 1
+            and isinstance(args[1], torch.Tensor)
+        ):
+            self.reads["repeat_interleave (no output_size)"] += 1
         return func(*args, **(kwargs or {}))
 
 
