@@ -12,6 +12,10 @@ A checkpoint directory is built under a temporary name and renamed into place (`
 so a run killed mid-save leaves the previous checkpoints intact and no half-written one. After each
 save the oldest are removed, keeping the last ``keep_last`` and the best by validation loss, and so are
 the temporary directories of saves that were killed.
+
+Under ``distributed: fsdp`` every process writes its shards of model and optimizer into ``dcp/``
+(``torch.distributed.checkpoint``) instead of ``optimizer.safetensors``, and ``model.safetensors`` holds
+the consolidated weights: see :mod:`moeforge.train.fsdp`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeforge.io import CHECKSUMS, atomic_directory, atomic_write_json, verify_checksums, write_checksums
+from moeforge.train import fsdp
 
 __all__ = [
     "CheckpointError",
@@ -142,7 +147,21 @@ def save_checkpoint(
     metric: float | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step-XXXXXXXX`` atomically, then prune. ``state`` is any JSON-serializable
-    trainer state (loader, detector, config …); RNG states are captured here."""
+    trainer state (loader, detector, config …); RNG states are captured here. A model sharded by FSDP2 is
+    saved by every process together (:func:`moeforge.train.fsdp.save_checkpoint`; None on ranks > 0)."""
+    if fsdp.is_sharded(model):
+        return fsdp.save_checkpoint(  # type: ignore[return-value]
+            run_dir,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            state=state,
+            metric=metric,
+            keep_last=keep_last,
+            capture_rng=capture_rng,
+            prune=_prune,
+            error_type=CheckpointError,
+        )
     ckpts = run_dir / "checkpoints"
     final = ckpts / f"step-{step:08d}"
     rng_js, rng_t = capture_rng()
@@ -222,6 +241,16 @@ def load_checkpoint(
     if verify:
         verify_checkpoint(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if fsdp.is_sharded(model):  # every process reads its shards of dcp/ (model and optimizer)
+        fsdp.load_state(path, model, optimizer, CheckpointError)
+        if restore_rng_state:
+            restore_rng(state["rng"], load_file(str(path / "rng.safetensors")))
+        return Checkpoint(path, state)
+    if optimizer is not None and not (path / "optimizer.safetensors").is_file() and state.get("sharded"):
+        raise CheckpointError(
+            f"{path} was written with `distributed: fsdp` (its optimizer state is in {state['sharded']}/ "
+            "only); resume it with distributed: fsdp"
+        )
     weights = load_file(str(path / "model.safetensors"))
     current = model.state_dict()
     missing = [k for k in current if k not in weights and not _tied_alias(k, current, weights)]

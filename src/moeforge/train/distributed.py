@@ -78,13 +78,10 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
     """DDP (or FSDP2) around ``model`` when distributed; ``model`` itself otherwise."""
     if not info.enabled:
         return model
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    if strategy == "fsdp":  # in place; build the optimizer after this, over the sharded parameters
+        from moeforge.train.fsdp import shard_model
 
-        for block in getattr(model, "blocks", []):
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        return shard_model(model, device=info.device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None

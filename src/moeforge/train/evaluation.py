@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from moeforge.model.transformer import MoETransformer
 from moeforge.tokens.loader import TokenDataset, build_batch
+from moeforge.train import fsdp
 from moeforge.train.distributed import DistInfo, all_reduce_sum_tensor
 from moeforge.train.objectives import autocast, model_inputs
 
@@ -57,7 +58,11 @@ def evaluate(
     n_dom = len(domains)
     sums = torch.zeros(n_dom, dtype=torch.float64)
     counts = torch.zeros(n_dom, dtype=torch.float64)
-    for batch in batches:
+    sharded = info is not None and info.enabled and fsdp.is_sharded(model)
+    for batch in fsdp.lockstep(batches) if sharded else batches:
+        if batch is None:  # out of batches: a forward as long as the other processes run theirs
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
+            continue
         ids = batch["input_ids"].to(device)
         with autocast(device, precision):
             kw = model_inputs(batch, device, document)

@@ -89,7 +89,8 @@ class ExpertShard:
         dist.all_to_all_single(recv_SL, counts_RL, group=self.group)  # [source rank][my expert]
         both = torch.stack([counts_RL.sum(1), recv_SL.sum(1)]).tolist()  # one host read for the splits
         send, recv = both[0], both[1]
-        kept = sum(send)  # with a capacity, the rows past the kept ones were dropped: they stay here, as zeros
+        # with a capacity, the rows past the kept ones were dropped: they stay here, as zeros
+        kept = sum(send)
         x_rows = _all_to_all(x_AD[:kept], recv, send, self.group)
         perm = _regroup(recv_SL)
         inv = torch.empty_like(perm)

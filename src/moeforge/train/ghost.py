@@ -55,6 +55,7 @@ from pydantic import Field
 from moeforge.config import StrictModel
 from moeforge.model.moe import MoELayer, MoEStats
 from moeforge.model.transformer import MoETransformer
+from moeforge.train.fsdp import local_rows
 
 __all__ = ["GhostConfig", "GhostController", "GhostEvent", "orthogonality"]
 
@@ -321,15 +322,19 @@ class GhostController:
                 moe = st.moe
                 factor = self.cfg.ghost_lr_scale * moe.ghost_alpha.detach().to(moe.w13.dtype)
                 j = torch.nonzero(factor != 1.0).flatten()
-                if j.numel():
-                    slots = j + moe.num_experts
-                    saved.append((moe, slots, factor[j], moe.w13[slots].clone(), moe.w2[slots].clone()))
+                # under FSDP each process blends the expert rows of its own shard (sharded on dim 0)
+                (w13, first), (w2, _) = local_rows(moe.w13), local_rows(moe.w2)
+                slots = j + moe.num_experts - first
+                mine = (slots >= 0) & (slots < w13.shape[0])
+                slots, f = slots[mine], factor[j][mine]
+                if slots.numel():
+                    saved.append((w13, w2, slots, f, w13[slots].clone(), w2[slots].clone()))
         yield
         with torch.no_grad():
-            for moe, slots, f, w13_old, w2_old in saved:
+            for w13, w2, slots, f, w13_old, w2_old in saved:
                 c = f.to(w13_old.device)[:, None, None]
-                moe.w13[slots] = w13_old + c * (moe.w13[slots] - w13_old)
-                moe.w2[slots] = w2_old + c * (moe.w2[slots] - w2_old)
+                w13[slots] = w13_old + c * (w13[slots] - w13_old)
+                w2[slots] = w2_old + c * (w2[slots] - w2_old)
 
     # ---- reporting and checkpoints -----------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

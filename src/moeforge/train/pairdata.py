@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from moeforge.tokens.pairs import PairData, PairSplit, collate_pairs
+from moeforge.train import fsdp
 from moeforge.train.distributed import DistInfo, all_reduce_sum_tensor, barrier
 from moeforge.train.objectives import Objective, autocast
 from moeforge.train.reference import cached_reference_logps, reference_logps
@@ -169,8 +170,13 @@ def evaluate_pairs(
     model.eval()
     names = list(objective.scalar_names)
     sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+    sharded = info is not None and info.enabled and fsdp.is_sharded(model)
+    chunks = _eval_chunks(len(split.pairs), batch_pairs, max_batches, info)
     try:
-        for chunk in _eval_chunks(len(split.pairs), batch_pairs, max_batches, info):
+        for chunk in fsdp.lockstep(chunks) if sharded else chunks:
+            if chunk is None:  # out of pairs: forwards as long as the other processes run theirs
+                objective(model, split.batch([0], pad))
+                continue
             res = objective(model, split.batch(chunk, pad))
             for j, k in enumerate(names):
                 sums[j] += float(res.scalars[k]) * len(chunk)

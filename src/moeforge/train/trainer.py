@@ -39,6 +39,7 @@ from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.tokens.loader import TokenDataset, TokenLoader
 from moeforge.tokens.pairs import PairData, open_pair_data
 from moeforge.train import checkpoint as ckpt
+from moeforge.train import fsdp
 from moeforge.train.build import (
     RunInputs,
     build_loader,
@@ -181,7 +182,6 @@ class Trainer:
                 100.0 * self.frozen.trainable / max(self.frozen.total, 1),
                 f"; frozen: {_describe_freeze(cfg)}" if self.frozen.frozen else "",
             )
-        self.optimizer = build_optimizer(self.model, cfg.optim)
         o = cfg.objective
         self.objective = build_objective(
             o.name,
@@ -231,6 +231,14 @@ class Trainer:
                 batch_pairs=cfg.micro_batch,
                 info=info,
             )
+        # FSDP replaces the parameters by their shards: wrap first, then build the optimizer over them (and
+        # restore into both); DDP broadcasts rank 0's weights, which the restore then overwrites alike
+        if info.enabled and cfg.distributed == "fsdp":
+            bf16 = torch.bfloat16 if dtype == "bfloat16" else None
+            self.ddp_model = fsdp.shard_model(self.model, device=self.device, param_dtype=bf16)
+        else:
+            self.ddp_model = wrap_model(self.model, info, cfg.distributed)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         if latest is not None:
             r = restore(
                 latest,
@@ -241,7 +249,6 @@ class Trainer:
                 freeze=cfg.freeze.model_dump(mode="json"),
             )
             self.step, self.tokens_seen, self.best_valid = r.step, r.tokens_seen, r.best_valid
-        self.ddp_model = wrap_model(self.model, info, cfg.distributed)
         if cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)  # type: ignore[assignment]
         # a resumed run drops the log lines after its checkpoint (they are trained again); a fresh one
@@ -316,7 +323,7 @@ class Trainer:
 
     def save(self, metric: float | None = None) -> Path | None:
         barrier(self.info)
-        if not self.info.is_main:
+        if not self.info.is_main and not fsdp.is_sharded(self.model):  # FSDP: every process writes its shards
             return None
         return ckpt.save_checkpoint(
             self.run_dir,
@@ -343,7 +350,9 @@ class Trainer:
         tokens = 0
         for i, batch in self._micro_batches():
             last = i == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.info.enabled else self.ddp_model.no_sync()  # type: ignore[operator]
+            # FSDP reduce-scatters every micro-batch's gradients into the shards (no no_sync)
+            local = not last and self.info.enabled and not fsdp.is_sharded(self.model)
+            sync = self.ddp_model.no_sync() if local else contextlib.nullcontext()  # type: ignore[operator]
             with sync:
                 res = self.objective(self.ddp_model, batch)
                 (res.loss / cfg.grad_accum).backward()
@@ -354,7 +363,7 @@ class Trainer:
             self.ghost.observe(self.step, res.moe_stats)
         grad_norm = float("nan")
         if cfg.optim.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
         with self.ghost.scaled_updates():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -449,7 +458,12 @@ class Trainer:
             max_batches=max_batches,
             info=self.info,
         )
-        if self.cfg.objective.kl_pairs and self.init_ckpt is not None and self.info.is_main:
+        # (under FSDP every process runs the forwards, which all-gather; rank 0 reports)
+        if (
+            self.cfg.objective.kl_pairs
+            and self.init_ckpt is not None
+            and (self.info.is_main or fsdp.is_sharded(self.model))
+        ):
             res["kl"] = kl_to_reference(
                 self.model,
                 self.init_ckpt,
