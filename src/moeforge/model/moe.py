@@ -190,7 +190,9 @@ class MoELayer(nn.Module):
         else:
             x_AD = x_ND.index_select(0, token_A)
         if self.expert_fn is None:  # with a capacity, rows past counts_E.sum() are dropped: zeros out
-            y_AD = grouped_swiglu(x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch, tail=capacity is not None)
+            y_AD = grouped_swiglu(
+                x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch, tail=capacity is not None
+            )
         else:
             y_AD = self.expert_fn(x_AD, counts_E)
         raw_AD = y_AD

@@ -104,7 +104,9 @@ class Router(nn.Module):
     ) -> None:
         super().__init__()
         if top_k > num_experts:  # ghosts only add slots: the routed experts (always awake) must cover top_k
-            raise ValueError(f"top_k={top_k} exceeds the {num_experts} routed experts (ghost slots may sleep)")
+            raise ValueError(
+                f"top_k={top_k} exceeds the {num_experts} routed experts (ghost slots may sleep)"
+            )
         self.num_experts = num_experts
         self.num_ghost = num_ghost
         self.top_k = top_k
