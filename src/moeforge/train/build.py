@@ -201,13 +201,14 @@ def restore(
     *,
     world_size: int,
     freeze: dict[str, Any] | None = None,
+    local: ckpt.TensorsTransform | None = None,
 ) -> Restored:
     """Load ``path`` into ``model`` and ``optimizer`` (with the RNG state) and each of ``parts`` from the
     entry of the checkpoint's ``state.json`` of the same name (``loader``, ``collapse``, ``ghost``). A
     checkpoint of a run with another number of processes is refused; when the weights do not fit and the
     checkpoint was written with other ``freeze`` settings than ``freeze``, the error says so."""
     try:
-        c = ckpt.load_checkpoint(path, model, optimizer)
+        c = ckpt.load_checkpoint(path, model, optimizer, local=local)
     except ckpt.CheckpointError as exc:
         saved = read_state(path).get("config", {}).get("freeze")
         if freeze is not None and saved is not None and saved != freeze:

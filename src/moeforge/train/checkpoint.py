@@ -25,6 +25,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,14 @@ from moeforge.train import fsdp
 
 __all__ = [
     "CheckpointError",
+    "TensorsTransform",
     "best_checkpoint",
     "capture_rng",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "model_state",
+    "optimizer_tensors",
     "restore_rng",
     "save_checkpoint",
     "verify_checkpoint",
@@ -110,6 +113,11 @@ def _optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
     return tensors, groups
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors as a checkpoint stores them (``state.<param index>.<name>``)."""
+    return _optimizer_parts(opt)[0]
+
+
 def _restore_optimizer(
     opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
 ) -> None:
@@ -122,6 +130,14 @@ def _restore_optimizer(
         opt.load_state_dict({"state": state, "param_groups": fixed})
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"optimizer state does not match this model's parameters: {exc}") from exc
+
+
+# (weights, optimizer tensors) → (weights, optimizer tensors): between a parallel layout's shards and the
+# whole tensors a checkpoint holds (moeforge.train.expert_parallel)
+TensorsTransform = Callable[
+    [dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+]
 
 
 @dataclass
@@ -145,10 +161,14 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     metric: float | None = None,
+    whole: TensorsTransform | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step-XXXXXXXX`` atomically, then prune. ``state`` is any JSON-serializable
     trainer state (loader, detector, config …); RNG states are captured here. A model sharded by FSDP2 is
-    saved by every process together (:func:`moeforge.train.fsdp.save_checkpoint`; None on ranks > 0)."""
+    saved by every process together (:func:`moeforge.train.fsdp.save_checkpoint`; None on ranks > 0).
+    ``whole(weights, optimizer_tensors)`` turns a parallel layout's local shards into whole tensors (expert
+    parallelism: a collective the caller runs on every process), so a checkpoint is the same whatever the
+    layout that wrote it."""
     if fsdp.is_sharded(model):
         return fsdp.save_checkpoint(  # type: ignore[return-value]
             run_dir,
@@ -166,8 +186,11 @@ def save_checkpoint(
     final = ckpts / f"step-{step:08d}"
     rng_js, rng_t = capture_rng()
     opt_t, groups = _optimizer_parts(optimizer)
+    weights = model_state(model)
+    if whole is not None:  # a parallel layout's shards, gathered into whole tensors by every process
+        weights, opt_t = whole(weights, opt_t)
     with atomic_directory(final, overwrite=True) as tmp:
-        save_file(model_state(model), str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"))
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         save_file(rng_t, str(tmp / "rng.safetensors"))
         full = {**state, "step": step, "metric": metric, "rng": rng_js, "optimizer_groups": groups}
@@ -233,9 +256,11 @@ def load_checkpoint(
     *,
     restore_rng_state: bool = True,
     verify: bool = True,
+    local: TensorsTransform | None = None,
 ) -> Checkpoint:
     """Load weights (strict), optimizer and RNG states from a checkpoint directory, after checking its
-    files against ``checksums.json`` (``verify=False`` when the caller just did)."""
+    files against ``checksums.json`` (``verify=False`` when the caller just did). ``local(weights,
+    optimizer_tensors)`` cuts the whole tensors to this process's shards (expert parallelism)."""
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (needs model.safetensors and state.json)")
     if verify:
@@ -252,6 +277,9 @@ def load_checkpoint(
             "only); resume it with distributed: fsdp"
         )
     weights = load_file(str(path / "model.safetensors"))
+    opt_t = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else {}
+    if local is not None:  # whole tensors cut to this process's shards
+        weights, opt_t = local(weights, opt_t)
     current = model.state_dict()
     missing = [k for k in current if k not in weights and not _tied_alias(k, current, weights)]
     unexpected = [k for k in weights if k not in current]
@@ -269,9 +297,7 @@ def load_checkpoint(
             with torch.no_grad():
                 v.copy_(weights[k])
     if optimizer is not None:
-        _restore_optimizer(
-            optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer_groups"]
-        )
+        _restore_optimizer(optimizer, opt_t, state["optimizer_groups"])
     if restore_rng_state:
         restore_rng(state["rng"], load_file(str(path / "rng.safetensors")))
     return Checkpoint(path, state)

@@ -137,6 +137,18 @@ class ObjectiveConfig(StrictModel):
     )
 
 
+class ParallelConfig(StrictModel):
+    """How a torchrun job splits the model (data parallelism over the ranks is always on)."""
+
+    expert: int = Field(
+        default=1,
+        ge=1,
+        description="expert parallelism: each MoE layer's experts sharded over this many ranks (tokens go "
+        "all-to-all); 1 = every rank holds every expert. Must equal the number of processes and divide the "
+        "experts",
+    )
+
+
 class TrainConfig(StrictModel):
     """A training run."""
 
@@ -174,6 +186,7 @@ class TrainConfig(StrictModel):
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     ghost: GhostConfig = Field(default_factory=GhostConfig)
     distributed: Literal["ddp", "fsdp"] = Field(default="ddp", description="strategy under torchrun")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     tensorboard: bool = True
     init_from: str | None = Field(
         default=None,
@@ -222,6 +235,19 @@ class TrainConfig(StrictModel):
             )
         if self.data.pairs is not None and self.data.tokenizer is None and self.init_from is None:
             raise ValueError("data.pairs needs data.tokenizer, or init_from a checkpoint with its tokenizer")
+        if self.parallel.expert > 1:
+            if self.distributed != "ddp":
+                raise ValueError(
+                    "parallel.expert > 1 runs with distributed: ddp (DDP over the non-expert weights)"
+                )
+            if self.preference:
+                raise ValueError(
+                    "parallel.expert > 1 is for language modeling; preference objectives run without it"
+                )
+            if self.ghost.enabled:
+                raise ValueError(
+                    "parallel.expert > 1 with ghost experts is not supported; turn ghost.enabled off"
+                )
         return self
 
 

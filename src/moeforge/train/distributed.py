@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,17 @@ from torch import nn
 
 from moeforge.model import router as router_mod
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "shutdown", "wrap_model"]
+__all__ = [
+    "DistInfo",
+    "accumulation_dtype",
+    "all_reduce",
+    "all_reduce_mean",
+    "all_reduce_sum_tensor",
+    "barrier",
+    "init_distributed",
+    "shutdown",
+    "wrap_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +75,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend)
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
     if world > 1:
-        router_mod.set_count_reducer(_sum_all)
+        router_mod.set_count_reducer(_count_reducer(dev))
     return DistInfo(rank, world, local, dev)
 
 
-def _sum_all(t: torch.Tensor) -> torch.Tensor:
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+def _count_reducer(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The router's count reducer: the sum over processes, reduced on ``device`` (the model's), returned
+    on the counts' own device (the same one in practice: the counts come from the model's forward)."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t, device).to(t.device)
+
+    return reduce
 
 
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
@@ -90,20 +105,41 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
+# ---- reductions -----------------------------------------------------------------------------------------
+# Every collective of the training code goes through these helpers with the process's device
+# (``DistInfo.device``, the model's: CUDA under NCCL, which rejects CPU tensors; CPU under gloo). They
+# return device tensors; callers read them on the host only where a number is needed (log, eval, a check).
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums of statistics, float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def all_reduce(
+    t: torch.Tensor, device: torch.device, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """``t`` reduced (``op``, a sum by default) over all processes: a new tensor on ``device``; ``t`` itself
+    is left alone. Requires an initialized process group."""
+    out = t.detach().to(device=device, copy=True)
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def all_reduce_mean(value: float | torch.Tensor, info: DistInfo) -> float:
+    """The mean of ``value`` over processes, on the host (for a log line)."""
     if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / info.world_size
+        return float(value)
+    t = torch.as_tensor(value, dtype=accumulation_dtype(info.device)).reshape(1)
+    return float(all_reduce(t, info.device).item()) / info.world_size
 
 
 def all_reduce_sum_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``t`` summed over processes, in the accumulation dtype, on ``info.device`` (``t`` itself, on its own
+    device, when not distributed)."""
     if not info.enabled:
         return t
-    out = t.detach().clone().to(torch.float64)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return all_reduce(t.to(accumulation_dtype(info.device)), info.device)
 
 
 def barrier(info: DistInfo) -> None:

@@ -17,6 +17,7 @@ from moeforge.model.transformer import MoETransformer
 from moeforge.tokens.loader import TokenDataset, build_batch
 from moeforge.train import fsdp
 from moeforge.train.distributed import DistInfo, all_reduce_sum_tensor
+from moeforge.train.expert_parallel import is_expert_parallel
 from moeforge.train.objectives import autocast, model_inputs
 
 __all__ = ["eval_batches", "evaluate"]
@@ -56,10 +57,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     n_dom = len(domains)
-    sums = torch.zeros(n_dom, dtype=torch.float64)
-    counts = torch.zeros(n_dom, dtype=torch.float64)
-    sharded = info is not None and info.enabled and fsdp.is_sharded(model)
-    for batch in fsdp.lockstep(batches) if sharded else batches:
+    # per domain: summed token loss, token count; float64 on the device (no host sync per batch), read once
+    # at the end. MPS has no float64: there the sums stay on the host, as the numbers need.
+    acc_dev = torch.device("cpu") if device.type == "mps" else device
+    sums_2D = torch.zeros((2, n_dom), dtype=torch.float64, device=acc_dev)
+    # a forward that is a collective (FSDP's all-gathers, expert parallelism's all-to-all) needs every
+    # process to run as many forwards as the others
+    sharded = info is not None and info.enabled and (fsdp.is_sharded(model) or is_expert_parallel(model))
+    for batch in fsdp.lockstep(batches, info.device) if sharded and info is not None else batches:
         if batch is None:  # out of batches: a forward as long as the other processes run theirs
             model(torch.zeros((1, 1), dtype=torch.long, device=device))
             continue
@@ -72,14 +77,14 @@ def evaluate(
             out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )  # [B, T]
         valid = (labels != -100).to(torch.float64)
-        per_row = (tok_loss.double() * valid).sum(1).cpu()
-        per_row_n = valid.sum(1).cpu()
-        dom = batch["domain"].long()
-        sums.index_add_(0, dom, per_row)
-        counts.index_add_(0, dom, per_row_n)
+        per_row = (tok_loss.double() * valid).sum(1).to(acc_dev)
+        per_row_n = valid.sum(1).to(acc_dev)
+        dom = batch["domain"].long().to(acc_dev)
+        sums_2D[0].index_add_(0, dom, per_row)
+        sums_2D[1].index_add_(0, dom, per_row_n)
     if info is not None:
-        sums = all_reduce_sum_tensor(sums, info).cpu()
-        counts = all_reduce_sum_tensor(counts, info).cpu()
+        sums_2D = all_reduce_sum_tensor(sums_2D, info)  # one collective, on the process's device
+    sums, counts = sums_2D.cpu()  # the one host read
     model.train(was_training)
     total_n = float(counts.sum())
     res: dict[str, float] = {"tokens": total_n}

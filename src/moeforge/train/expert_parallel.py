@@ -41,8 +41,10 @@ from moeforge.model.moe import MoELayer
 __all__ = [
     "ExpertShard",
     "apply_expert_parallel",
+    "checkpoint_transforms",
     "expert_parameter_names",
     "full_expert_state",
+    "is_expert_parallel",
     "load_expert_shards",
     "wrap_ddp_expert_parallel",
 ]
@@ -109,6 +111,12 @@ def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
     for name, mod in model.named_modules():
         if isinstance(mod, MoELayer):
             yield name, mod
+
+
+def is_expert_parallel(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` is a collective (its experts are sharded): every rank must run the
+    same number of forwards, in eval too."""
+    return any(isinstance(layer.expert_fn, ExpertShard) for _, layer in _moe_layers(model))
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
@@ -184,3 +192,63 @@ def load_expert_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
             if key in out and out[key].shape[0] == layer.num_slots:
                 out[key] = out[key][lo : lo + per]
     return out
+
+
+def _shards(model: nn.Module) -> list[tuple[str, nn.Parameter, ExpertShard]]:
+    out = []
+    for name, layer in _moe_layers(model):
+        if isinstance(layer.expert_fn, ExpertShard):
+            out += [(f"{name}.{p}", getattr(layer, p), layer.expert_fn) for p in _EXPERT_PARAMS]
+    return out
+
+
+def _optimizer_ids(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """``id(parameter)`` → the index ``optimizer.state_dict()`` numbers it by."""
+    ids, n = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ids[id(p)] = n
+            n += 1
+    return ids
+
+
+def checkpoint_transforms(model: nn.Module, optimizer: torch.optim.Optimizer):  # type: ignore[no-untyped-def]
+    """``(whole, local)`` for :func:`moeforge.train.checkpoint.save_checkpoint` / ``load_checkpoint``:
+    ``whole`` gathers every expert shard — the weights and their optimizer moments — into the whole tensor
+    (a collective: every rank calls it, in the same order); ``local`` cuts whole tensors to this rank's
+    block. A checkpoint written under EP is therefore the checkpoint one process writes, and loads
+    without EP; one written without EP loads under it."""
+    shards = _shards(model)
+    ids = _optimizer_ids(optimizer)
+
+    def _keys(opt_t: dict[str, torch.Tensor], param: nn.Parameter) -> list[str]:
+        pid = ids.get(id(param))
+        prefix = f"state.{pid}."
+        return sorted(k for k in opt_t if k.startswith(prefix) and opt_t[k].shape == param.shape)
+
+    def whole(weights: dict[str, torch.Tensor], opt_t: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+        weights, opt_t = dict(weights), dict(opt_t)
+        for key, param, shard in shards:
+            for table, k in [(weights, key), *((opt_t, o) for o in _keys(opt_t, param))]:
+                local = table[k].to(param.device).contiguous()
+                parts = [torch.empty_like(local) for _ in range(shard.world)]
+                dist.all_gather(parts, local, group=shard.group)
+                table[k] = torch.cat(parts).cpu()
+        return weights, opt_t
+
+    def local(weights: dict[str, torch.Tensor], opt_t: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+        weights, opt_t = dict(weights), dict(opt_t)
+        for key, param, shard in shards:
+            lo, per = shard.rank * shard.per_rank, shard.per_rank
+            whole_shape = (shard.layer.num_slots, *param.shape[1:])
+            pid = ids.get(id(param))
+            keys = [key] + [
+                k for k in opt_t if k.startswith(f"state.{pid}.") and opt_t[k].shape == whole_shape
+            ]
+            for k in keys:
+                table = weights if k == key else opt_t
+                if table[k].shape == whole_shape:
+                    table[k] = table[k][lo : lo + per].clone()
+        return weights, opt_t
+
+    return whole, local

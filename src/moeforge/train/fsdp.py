@@ -87,13 +87,14 @@ def shard_model(
     return model
 
 
-def clip_grad_norm(params: Any, max_norm: float) -> float:
-    """``clip_grad_norm_`` over (possibly DTensor) parameters; the global norm as a float (the norm of
-    DTensor gradients is itself a DTensor: its full value is the norm over all shards)."""
+def clip_grad_norm(params: Any, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over (possibly DTensor) parameters; the global norm, a 0-d tensor on the
+    gradients' device (no host sync: the trainer reads it at log steps). The norm of DTensor gradients is
+    itself a DTensor: its full value is the norm over all shards."""
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if _is_dtensor(total):
         total = total.full_tensor()  # type: ignore[attr-defined]
-    return float(total)
+    return total.detach()
 
 
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -108,15 +109,17 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t.to_local(), int(offset[0])  # type: ignore[attr-defined]
 
 
-def lockstep(items: Iterable[T]) -> Iterator[T | None]:
+def lockstep(items: Iterable[T], device: torch.device) -> Iterator[T | None]:
     """``items``, then ``None`` until every process has run out of its own: each process gets as many
     turns as the process with the most items. A sharded model's forward all-gathers (a collective), so
     an evaluation whose processes hold unequal numbers of batches runs a dropped forward on each ``None``.
-    One small all-reduce per turn (the count cannot be agreed on first: ``items`` may be a generator)."""
+    One small all-reduce per turn, on ``device`` (the process's: NCCL takes no CPU tensors), read on the
+    host (the count cannot be agreed on first: ``items`` may be a generator)."""
     it = iter(items)
     while True:
         item = next(it, None)
-        more = torch.tensor([item is not None], dtype=torch.int64)
+        # (dist directly: train.distributed imports this module)
+        more = torch.tensor([item is not None], dtype=torch.int64, device=device)
         dist.all_reduce(more, op=dist.ReduceOp.MAX)
         if not more.item():
             return

@@ -55,6 +55,7 @@ from pydantic import Field
 from moeforge.config import StrictModel
 from moeforge.model.moe import MoELayer, MoEStats
 from moeforge.model.transformer import MoETransformer
+from moeforge.train.distributed import all_reduce
 from moeforge.train.fsdp import local_rows
 
 __all__ = ["GhostConfig", "GhostController", "GhostEvent", "orthogonality"]
@@ -214,8 +215,11 @@ class GhostController:
         if not (dist.is_available() and dist.is_initialized()):
             return
         tensors = [t for st in self._layers.values() for _, t in sorted(st.pending.items())]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
+        if not tensors:
+            return
+        # on the model's device, where _reset_pending puts the sums (NCCL takes no CPU tensors)
+        dev = next(iter(self._layers.values())).moe.w13.device
+        flat = all_reduce(torch.cat([t.reshape(-1).to(dev) for t in tensors]), dev)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from moeforge.io import atomic_write_json
 from moeforge.model.moe import MoELayer, MoEStats
 from moeforge.model.transformer import MoETransformer
+from moeforge.train.distributed import all_reduce
 
 __all__ = [
     "RoutingAccumulator",
@@ -105,27 +106,29 @@ class RoutingAccumulator:
             acc.dropped += s.dropped
 
     @torch.no_grad()
-    def all_reduce(self) -> None:
+    def all_reduce(self, device: torch.device | None = None) -> None:
         """Sum the statistics over all data-parallel ranks (no-op without torch.distributed).
 
         Call it on every rank before :meth:`summary` / :meth:`load_fractions` when each rank routes its own
         tokens: every rank then reports the global figures, and a collapse detector fed from them reaches
-        the same ``should_stop`` everywhere. All ranks must have seen the same MoE layers.
+        the same ``should_stop`` everywhere. All ranks must have seen the same MoE layers. The collective
+        runs on ``device``, the process's (NCCL takes no CPU tensors); by default the sums' own, which
+        is the model's. The reduced sums stay there: the host reads them in :meth:`summary`.
         """
         if not (dist.is_available() and dist.is_initialized()) or not self._layers:
             return
         accs = [acc for _, acc in sorted(self._layers.items())]
+        dev = device if device is not None else accs[0].routed_E.device
         parts: list[torch.Tensor] = []
         for acc in accs:
             ints = torch.tensor([acc.tokens, acc.assignments, acc.dropped], dtype=acc.routed_E.dtype)
             parts += [
-                acc.routed_E,
-                acc.probs_E,
-                torch.stack([acc.entropy, acc.lb, acc.z]),
-                ints.to(acc.lb.device),
+                acc.routed_E.to(dev),
+                acc.probs_E.to(dev),
+                torch.stack([acc.entropy, acc.lb, acc.z]).to(dev),
+                ints.to(dev),
             ]
-        flat = torch.cat(parts)
-        dist.all_reduce(flat)
+        flat = all_reduce(torch.cat(parts), dev)
         offset = 0
         for acc in accs:
             e = acc.routed_E.numel()

@@ -173,7 +173,7 @@ def evaluate_pairs(
     sharded = info is not None and info.enabled and fsdp.is_sharded(model)
     chunks = _eval_chunks(len(split.pairs), batch_pairs, max_batches, info)
     try:
-        for chunk in fsdp.lockstep(chunks) if sharded else chunks:
+        for chunk in fsdp.lockstep(chunks, info.device) if sharded and info is not None else chunks:
             if chunk is None:  # out of pairs: forwards as long as the other processes run theirs
                 objective(model, split.batch([0], pad))
                 continue

@@ -33,12 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeforge.config import ConfigError
 from moeforge.io import DirectoryLock, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from moeforge.model.config import ModelConfig
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.tokens.loader import TokenDataset, TokenLoader
 from moeforge.tokens.pairs import PairData, open_pair_data
 from moeforge.train import checkpoint as ckpt
+from moeforge.train import expert_parallel as ep
 from moeforge.train import fsdp
 from moeforge.train.build import (
     RunInputs,
@@ -53,7 +55,7 @@ from moeforge.train.build import (
 )
 from moeforge.train.collapse import CollapseDetector
 from moeforge.train.config import TrainConfig, checkpoint_model_config, resolve_model, resolve_tokenizer
-from moeforge.train.distributed import DistInfo, all_reduce_mean, barrier, wrap_model
+from moeforge.train.distributed import DistInfo, accumulation_dtype, all_reduce_mean, barrier, wrap_model
 from moeforge.train.evaluation import eval_batches, evaluate
 from moeforge.train.ghost import GhostController
 from moeforge.train.guard import check_resources
@@ -233,12 +235,27 @@ class Trainer:
             )
         # FSDP replaces the parameters by their shards: wrap first, then build the optimizer over them (and
         # restore into both); DDP broadcasts rank 0's weights, which the restore then overwrites alike
-        if info.enabled and cfg.distributed == "fsdp":
+        self.expert_parallel = cfg.parallel.expert > 1
+        if (
+            self.expert_parallel
+        ):  # experts sharded over the ranks, DDP over the rest (train/expert_parallel.py)
+            if cfg.parallel.expert != info.world_size:
+                raise ConfigError(
+                    f"parallel.expert={cfg.parallel.expert} needs exactly that many processes (torchrun "
+                    f"--nproc-per-node {cfg.parallel.expert}); this run has {info.world_size}"
+                )
+            ep.apply_expert_parallel(self.model)
+            self.ddp_model = ep.wrap_ddp_expert_parallel(self.model, self.device)
+        elif info.enabled and cfg.distributed == "fsdp":
             bf16 = torch.bfloat16 if dtype == "bfloat16" else None
             self.ddp_model = fsdp.shard_model(self.model, device=self.device, param_dtype=bf16)
         else:
             self.ddp_model = wrap_model(self.model, info, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # between the local expert shards and the whole tensors every checkpoint holds
+        self._whole, self._local = (
+            ep.checkpoint_transforms(self.model, self.optimizer) if self.expert_parallel else (None, None)
+        )
         if latest is not None:
             r = restore(
                 latest,
@@ -247,6 +264,7 @@ class Trainer:
                 {"loader": self.loader, "collapse": self.collapse, "ghost": self.ghost},
                 world_size=info.world_size,
                 freeze=cfg.freeze.model_dump(mode="json"),
+                local=self._local,
             )
             self.step, self.tokens_seen, self.best_valid = r.step, r.tokens_seen, r.best_valid
         if cfg.compile:
@@ -323,6 +341,13 @@ class Trainer:
 
     def save(self, metric: float | None = None) -> Path | None:
         barrier(self.info)
+        whole = None
+        if self._whole is not None:  # expert shards gathered by every process, written by rank 0
+            gathered = self._whole(ckpt.model_state(self.model), ckpt.optimizer_tensors(self.optimizer))
+
+            def whole(_w: dict[str, torch.Tensor], _o: dict[str, torch.Tensor]) -> Any:
+                return gathered
+
         if not self.info.is_main and not fsdp.is_sharded(self.model):  # FSDP: every process writes its shards
             return None
         return ckpt.save_checkpoint(
@@ -333,6 +358,7 @@ class Trainer:
             state=self._state(),
             keep_last=self.cfg.keep_last,
             metric=metric,
+            whole=whole,
         )
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -340,13 +366,18 @@ class Trainer:
         for i in range(self.cfg.grad_accum):
             yield i, self.loader.next_batch()
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns the step's scalars."""
+    def train_step(self) -> dict[str, float | torch.Tensor]:
+        """One optimizer step; returns the step's scalars: ``lr`` and ``tokens_seen`` as floats, the
+        objective's scalars and ``grad_norm`` as 0-d float64 tensors on the device, summed there over the
+        micro-batches without a host sync; :meth:`_log` reads a whole window of them at once."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.steps)
         set_lr(self.optimizer, lr)
         self.model.train()
-        sums = dict.fromkeys(self.objective.scalar_names, 0.0)
+        names = self.objective.scalar_names
+        dt = accumulation_dtype(self.device)
+        sums_S = torch.zeros(len(names), dtype=dt, device=self.device)
+        zero = sums_S.new_zeros(())
         tokens = 0
         for i, batch in self._micro_batches():
             last = i == cfg.grad_accum - 1
@@ -356,14 +387,17 @@ class Trainer:
             with sync:
                 res = self.objective(self.ddp_model, batch)
                 (res.loss / cfg.grad_accum).backward()
-            for k, v in res.scalars.items():
-                sums[k] += float(v)
+            # in float64, as Python floats summed them: the logged numbers are the same
+            step_S = [
+                res.scalars[k].detach().to(self.device, dt) if k in res.scalars else zero for k in names
+            ]
+            sums_S += torch.stack(step_S)
             tokens += res.tokens
             self.routing.add(res.moe_stats)
             self.ghost.observe(self.step, res.moe_stats)
-        grad_norm = float("nan")
+        grad_norm = torch.full((), float("nan"), dtype=dt, device=self.device)
         if cfg.optim.grad_clip is not None:
-            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
+            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip).to(self.device, dt)
         with self.ghost.scaled_updates():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -373,8 +407,8 @@ class Trainer:
         global_tokens = tokens * self.info.world_size
         self.tokens_seen += global_tokens
         self.throughput.update(global_tokens)
-        out_scalars = {
-            **{k: v / cfg.grad_accum for k, v in sums.items()},
+        out_scalars: dict[str, float | torch.Tensor] = {
+            **dict(zip(names, sums_S / cfg.grad_accum, strict=True)),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_seen": float(self.tokens_seen),
@@ -399,13 +433,14 @@ class Trainer:
         valid: dict[str, float] = self.writer.last("valid")
         if self.pairs is not None and self.step == 0 and "valid" in self.pairs.splits:
             valid = self._eval_pairs("valid", cfg.eval.max_batches)  # the start: policy = reference
-        window: list[dict[str, float]] = []
+        window: list[dict[str, float | torch.Tensor]] = []
+        logged: dict[str, Any] = {}  # the last train log's values, what the progress callback shows
         self.ddp_model.train()
         while self.step < cfg.steps:
             scalars = self.train_step()
             window.append(scalars)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(window)
+                logged = self._log(window)
                 window = []
                 if self.collapse.should_stop:
                     status = "collapsed"
@@ -414,7 +449,11 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or status != "completed":
                 self.save(metric=valid.get("loss") if valid and self.step % cfg.eval.every == 0 else None)
             if progress is not None:
-                progress(self.step, cfg.steps, {**scalars, "tokens_per_s": self.throughput.tokens_per_s})
+                # the last logged numbers: reading this step's (on the device) would sync every step;
+                # before the first log there are none, and this step's are read
+                shown = logged or {k: float(v) for k, v in scalars.items()}
+                now = {"lr": float(scalars["lr"]), "tokens_seen": float(scalars["tokens_seen"])}
+                progress(self.step, cfg.steps, {**shown, **now, "tokens_per_s": self.throughput.tokens_per_s})
             if status != "completed":
                 break
             if should_stop is not None and should_stop():
@@ -508,8 +547,15 @@ class Trainer:
         )
         return self._record_eval(split, res)
 
-    def _log(self, window: list[dict[str, float]]) -> None:
-        agg = {k: float(np.mean([w[k] for w in window])) for k in (*self.objective.scalar_names, "grad_norm")}
+    def _log(self, window: list[dict[str, float | torch.Tensor]]) -> dict[str, Any]:
+        """Write the train log line of ``window`` (the steps since the last one); returns its values."""
+        keys = (*self.objective.scalar_names, "grad_norm")
+        # the window's device scalars reach the host here, in one transfer: the only read of the step's
+        # numbers (the progress callback shows the last logged ones)
+        rows = (
+            torch.stack([torch.stack([torch.as_tensor(w[k]) for k in keys]) for w in window]).cpu().tolist()
+        )
+        agg = {k: float(np.mean([row[j] for row in rows])) for j, k in enumerate(keys)}
         agg["loss"] = all_reduce_mean(agg["loss"], self.info)
         last = window[-1]
         tps = self.throughput.tokens_per_s
@@ -522,7 +568,7 @@ class Trainer:
         if self.peak:
             values["mfu"] = mfu(tps / max(self.info.world_size, 1), self.flops_per_token, self.peak)
         if self.model.moe_layers():
-            self.routing.all_reduce()  # global loads, so every rank's collapse detector agrees
+            self.routing.all_reduce(self.device)  # global loads, so every rank's collapse detector agrees
             values.update(self.routing.summary(self.model))
             events = self.collapse.check(self.step, self.routing.load_fractions())
             for e in events:
@@ -534,6 +580,7 @@ class Trainer:
         values.update(self.ghost.metrics())
         self.routing.reset()
         self.writer.write(self.step, "train", values)
+        return values
 
     def _write_summary(self, result: TrainResult) -> None:
         p = count_params(self.model_cfg)
