@@ -127,3 +127,10 @@ def test_gsm8k_recipe_is_identical_on_ray(real_data: Path, tmp_path: Path, monke
     run_pipeline(recipe, tmp_path / "local", workers=2)
     run_pipeline(recipe.model_copy(update={"executor": "ray"}), tmp_path / "ray", workers=2)
     _check_identical(tmp_path / "local", tmp_path / "ray")
+
+
+def test_the_demo_recipe_is_identical_on_ray(tmp_path: Path) -> None:
+    recipe = load_recipe(Path(__file__).parents[2] / "configs" / "data" / "demo.yaml")
+    run_pipeline(recipe, tmp_path / "local", workers=2)
+    run_pipeline(recipe.model_copy(update={"executor": "ray"}), tmp_path / "ray", workers=2)
+    _check_identical(tmp_path / "local", tmp_path / "ray")
