@@ -52,6 +52,8 @@ bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/generate.py --model smollm2
 	$(PY) benchmarks/dpo_step.py
 	$(PY) benchmarks/pipeline.py --systems moeforge,datatrove_ws,langid
+	$(PY) benchmarks/pipeline.py --size-mb 30 --workers 1 --systems moeforge,moeforge_ray,datatrove_ws
+	$(PY) benchmarks/pipeline.py --size-mb 30 --workers 2 --systems moeforge,moeforge_ray,datatrove_ws
 	$(PY) benchmarks/langid.py
 	$(PY) benchmarks/decontam.py --quick
 
