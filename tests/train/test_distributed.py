@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import torchrun_train
 from moeforge.train.checkpoint import latest_checkpoint
 from moeforge.train.run import run_training
 
@@ -42,28 +39,7 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(make_con
     run_training(make_config.write(tmp_path / "one.yaml", single))
 
     ddp = dict(base, out_dir=str(tmp_path / "two"), micro_batch=2)
-    cfg = make_config.write(tmp_path / "two.yaml", ddp)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    # its own session, so a hung rendezvous can be killed with every rank it started
-    proc = subprocess.Popen(
-        [*cmd, "-m", "moeforge.train", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun_train(make_config.write(tmp_path / "two.yaml", ddp))
 
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 9))

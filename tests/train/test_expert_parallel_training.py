@@ -5,12 +5,7 @@ it, and one written without it resumes under it, continuing the same losses."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import torchrun_train
 from moeforge.train.checkpoint import latest_checkpoint
 from moeforge.train.run import run_training
 
@@ -30,28 +26,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def _torchrun(cfg: Path, *extra: str) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed beside this Python")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "-m", "moeforge.train", str(cfg), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    torchrun_train(cfg, *extra)
 
 
 def _resume_copy(src: Path, dst: Path, keep_step: int) -> None:

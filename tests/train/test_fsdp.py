@@ -5,18 +5,14 @@ model.safetensors a single process can evaluate."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import torchrun_train
 from moeforge.model.config import ModelConfig
 from moeforge.train.build import build_model, open_splits
 from moeforge.train.checkpoint import (
@@ -57,29 +53,7 @@ def _events(run: Path) -> list[dict]:
 
 
 def _torchrun(cfg: Path, *args: str) -> str:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed beside this Python")
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    proc = subprocess.Popen(  # its own session, so a hung rendezvous can be killed with every rank
-        [*cmd, "-m", "moeforge.train", str(cfg), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-4000:]
-    return stderr
+    return torchrun_train(cfg, *args, timeout=150)
 
 
 @pytest.mark.timeout(240)
