@@ -130,7 +130,13 @@ def test_gsm8k_recipe_is_identical_on_ray(real_data: Path, tmp_path: Path, monke
 
 
 def test_the_demo_recipe_is_identical_on_ray(tmp_path: Path) -> None:
+    """Small output shards, so each split is written as many shard jobs (Ray tasks / local workers),
+    each reading only the task files it spans; one process writing them all gives the same bytes."""
     recipe = load_recipe(Path(__file__).parents[2] / "configs" / "data" / "demo.yaml")
+    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"shard_records": 97})})
+    run_pipeline(recipe, tmp_path / "one", workers=1)
     run_pipeline(recipe, tmp_path / "local", workers=2)
     run_pipeline(recipe.model_copy(update={"executor": "ray"}), tmp_path / "ray", workers=2)
+    assert len(list((tmp_path / "local" / "records" / "train").glob("part-*.jsonl.zst"))) > 10
+    _check_identical(tmp_path / "one", tmp_path / "local")
     _check_identical(tmp_path / "local", tmp_path / "ray")

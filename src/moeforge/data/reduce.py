@@ -6,7 +6,8 @@ length, quality, holdout, split; ``facts.json``: approximate tokens and the mixi
 final write reads the records themselves, once, in task order. Records are then rewritten into
 ``records/{split}/`` with ``meta.split`` set and the reduce steps appended to their provenance. The
 MinHash clustering is itself a distributed reduce, sharded by LSH band
-(:mod:`moeforge.data.dedup.minhash`), whose shards run on the run's executor.
+(:mod:`moeforge.data.dedup.minhash`), whose shards run on the run's executor; so does the final write,
+one job per output shard (which task rows each shard takes follows from the arrays alone).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from moeforge.data.dedup.exact import SPLIT_CODES, DedupResult, find_exact_duplicates
-from moeforge.data.executors import Executor
+from moeforge.data.executors import Executor, TaskFailed
 from moeforge.data.mix import MixPlan, plan_mixture
 from moeforge.data.plan import Task
 from moeforge.data.recipe import Recipe
@@ -271,7 +272,7 @@ def reduce_tasks(
             StageCount("mix", kept, mixed, Counter({"mix:downsampled": kept - mixed} if kept > mixed else {}))
         )
     outputs, table, tokens = _write_records(
-        recipe, out, work, tasks, splits, facts, weights, dedup.copies, near_sizes, progress
+        recipe, out, work, tasks, splits, facts, weights, dedup.copies, near_sizes, progress, executor
     )
     review = _write_review(recipe, out, work, tasks)
     quarantine = _write_quarantine(out, work, tasks)
@@ -300,43 +301,114 @@ def _write_records(
     copies: list[np.ndarray],
     near_sizes: dict[str, list[np.ndarray]],
     progress: Progress | None,
+    executor: Executor | None = None,
 ) -> tuple[
     dict[str, list[ShardInfo]], Counter[tuple[str, str, str, str]], Counter[tuple[str, str, str, str]]
 ]:
+    """Every surviving record rewritten into ``records/{split}/``, one job per output shard on ``executor``.
+
+    A split's records, in task order, fill shards of ``shard_records``; which task rows land in shard k is
+    known from the small arrays alone (how many rows of that split each task keeps), so each shard is
+    written by its own job reading just the tasks it spans — the same bytes as one writer going through
+    every task, on any executor."""
+    from moeforge.data.executors import InlineExecutor
+
+    steps = ["dedup", *[f"{n}_dedup" for n in near_sizes], "split", *(["mix"] if recipe.mix.enabled else [])]
+    r = recipe.output.shard_records
+    with atomic_directory(out / "records", overwrite=True) as tmp:
+        jobs: list[tuple[Any, ...]] = []
+        for s in SPLITS:
+            code = SPLIT_CODES[s]
+            kept_N = [int(((w > 0) & (sp == code)).sum()) for w, sp in zip(weights, splits, strict=True)]
+            ends = np.cumsum(kept_N)
+            total = int(ends[-1]) if len(ends) else 0
+            for k in range(-(-total // r)):
+                lo, hi = k * r, min((k + 1) * r, total)
+                spans = []
+                for n, t in enumerate(tasks):
+                    start = int(ends[n]) - kept_N[n]
+                    if kept_N[n] == 0 or int(ends[n]) <= lo or start >= hi:
+                        continue
+                    near = {name: sizes[n] for name, sizes in near_sizes.items()}
+                    src = str(task_dir(work, t) / "records.jsonl.zst")
+                    spans.append(
+                        (src, splits[n], weights[n], copies[n], near, facts[n]["tokens"], max(lo - start, 0))
+                    )
+                jobs.append((str(tmp / s), k, r, recipe.output.zstd_level, code, hi - lo, steps, spans))
+        results = []
+        done = 0
+        runner = executor or InlineExecutor()
+        try:
+            for i, res in runner.map(_write_shard, jobs):
+                results.append((i, res))
+                done += 1
+                if progress:
+                    progress("write", done, len(jobs))
+        except TaskFailed as exc:
+            raise exc.cause from None
+        results.sort(key=lambda ir: ir[0])
+        infos: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+        table: Counter[tuple[str, str, str, str]] = Counter()
+        tokens: Counter[tuple[str, str, str, str]] = Counter()
+        for _, (split, info, tab, tok) in results:
+            infos[split].append(info)
+            table.update(tab)
+            tokens.update(tok)
+    return {s: [_moved(i, tmp, out / "records") for i in v] for s, v in infos.items()}, table, tokens
+
+
+def _write_shard(
+    directory: str,
+    index: int,
+    shard_records: int,
+    level: int,
+    code: int,
+    take: int,
+    steps: list[str],
+    spans: list[tuple[Any, ...]],
+) -> tuple[str, ShardInfo, Counter[tuple[str, str, str, str]], Counter[tuple[str, str, str, str]]]:
+    """One output shard: ``take`` rows of split ``code`` from ``spans`` (task files in order, each with its
+    arrays and how many of its rows of that split come before this shard)."""
+    split = _NAMES[code]
     table: Counter[tuple[str, str, str, str]] = Counter()
     tokens: Counter[tuple[str, str, str, str]] = Counter()
-    steps = ["dedup", *[f"{n}_dedup" for n in near_sizes], "split", *(["mix"] if recipe.mix.enabled else [])]
-    with atomic_directory(out / "records", overwrite=True) as tmp:
-        writers = {
-            s: ShardWriter(tmp / s, recipe.output.shard_records, recipe.output.zstd_level) for s in SPLITS
-        }
-        for n, (t, sp, f, w, c) in enumerate(zip(tasks, splits, facts, weights, copies, strict=True), 1):
-            rec_file = task_dir(work, t) / "records.jsonl.zst"
-            if rec_file.exists():
-                for i, (_, line) in enumerate(iter_lines(rec_file)):
-                    if not w[i]:
-                        continue
-                    obj = json.loads(line)
-                    split = _NAMES[int(sp[i])]
-                    meta = obj["meta"]
-                    for name, sizes in near_sizes.items():
-                        if sizes[n - 1][i]:
-                            meta["cluster"] = f"{name}:{obj['id'][7:23]}"
-                            meta["extra"][f"{name}_copies"] = int(sizes[n - 1][i])
-                    meta["split"] = split
-                    meta["provenance"]["steps"] += steps
-                    if c[i] > 1:
-                        meta["extra"]["exact_copies"] = int(c[i])
-                    if w[i] > 1:
-                        meta["extra"]["mix_repeat"] = int(w[i])
-                    cell = (split, meta["family"], meta.get("lang") or "und", meta["domain"])
-                    table[cell] += 1
-                    tokens[cell] += int(f["tokens"][i]) * int(w[i])
-                    writers[split].write_json(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
-            if progress:
-                progress("write", n, len(tasks))
-        infos = {s: w.close() for s, w in writers.items()}
-    return {s: [_moved(i, tmp, out / "records") for i in v] for s, v in infos.items()}, table, tokens
+    writer = ShardWriter(Path(directory), shard_records, level, first=index)
+    written = 0
+    for src, sp, w, c, near, tok, skip in spans:
+        if written >= take:
+            break
+        if not Path(src).exists():
+            continue
+        seen = 0
+        for i, (_, line) in enumerate(iter_lines(src)):
+            if not w[i] or int(sp[i]) != code:
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            obj = json.loads(line)
+            meta = obj["meta"]
+            for name, sizes in near.items():
+                if sizes[i]:
+                    meta["cluster"] = f"{name}:{obj['id'][7:23]}"
+                    meta["extra"][f"{name}_copies"] = int(sizes[i])
+            meta["split"] = split
+            meta["provenance"]["steps"] += steps
+            if c[i] > 1:
+                meta["extra"]["exact_copies"] = int(c[i])
+            if w[i] > 1:
+                meta["extra"]["mix_repeat"] = int(w[i])
+            cell = (split, meta["family"], meta.get("lang") or "und", meta["domain"])
+            table[cell] += 1
+            tokens[cell] += int(tok[i]) * int(w[i])
+            writer.write_json(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+            written += 1
+            if written >= take:
+                break
+    shards = writer.close()
+    if len(shards) != 1 or written != take:  # the plan and the task files disagree: never write a wrong set
+        raise RuntimeError(f"{directory}: shard {index} got {written} of {take} records")
+    return split, shards[0], table, tokens
 
 
 def _write_review(recipe: Recipe, out: Path, work: Path, tasks: list[Task]) -> list[ShardInfo]:

@@ -96,12 +96,18 @@ class ShardWriter:
     """Write records into ``directory/part-00000.jsonl.zst``, ``part-00001`` … of ``shard_records`` each."""
 
     def __init__(
-        self, directory: Path, shard_records: int = 50_000, level: int = 3, prefix: str = "part"
+        self,
+        directory: Path,
+        shard_records: int = 50_000,
+        level: int = 3,
+        prefix: str = "part",
+        first: int = 0,
     ) -> None:
         self.directory = directory
         self.shard_records = shard_records
         self.level = level
         self.prefix = prefix
+        self.first = first  # the number of the first shard (a writer of one shard of a larger set)
         self.shards: list[ShardInfo] = []
         self._cur: _AtomicZstdFile | None = None
 
@@ -111,7 +117,7 @@ class ShardWriter:
     def write_json(self, line: str) -> None:
         """Write one already-serialized record line (no newline)."""
         if self._cur is None:
-            name = f"{self.prefix}-{len(self.shards):05d}.jsonl.zst"
+            name = f"{self.prefix}-{self.first + len(self.shards):05d}.jsonl.zst"
             self._cur = _AtomicZstdFile(self.directory / name, self.level)
         self._cur.write_line(line)
         if self._cur.records >= self.shard_records:
