@@ -51,3 +51,19 @@ def test_missing_credentials_are_a_storage_error(
     with pytest.raises(StorageError) as err:
         fetch_export(s3.url("x"), tmp_path)
     assert "Credentials" in str(err.value) or "no export-manifest.json" in str(err.value)
+
+
+def test_a_second_fetcher_waits_for_the_first_instead_of_failing(s3: S3, tmp_path: Path) -> None:
+    """The other ranks of a training job on one node wait for local rank 0's fetch (train/build.py)."""
+    import threading
+
+    from moeforge.io import DirectoryLock, DirectoryLockedError
+
+    _manifest(s3, [])
+    url = s3.url("x")
+    first = fetch_export(url, tmp_path)  # where the copy lives
+    held = DirectoryLock(first, "a fetch in another process")
+    with pytest.raises(DirectoryLockedError):
+        fetch_export(url, tmp_path)  # no wait: fails at once
+    threading.Timer(0.5, held.release).start()
+    assert fetch_export(url, tmp_path, wait=10.0) == first

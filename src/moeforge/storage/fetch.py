@@ -16,27 +16,22 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moeforge.io import DirectoryLock, atomic_write_json
+from moeforge.io import DirectoryLock, DirectoryLockedError, atomic_write_json, cache_base, fsync_dir
 from moeforge.storage.export import EXPORT_KIND, EXPORT_MANIFEST
 from moeforge.storage.objects import open_store
 from moeforge.storage.urls import StorageError, storage_errors
 
-__all__ = ["cache_base", "fetch_export", "read_export_manifest"]
+__all__ = ["fetch_export", "read_export_manifest"]
 
 log = logging.getLogger(__name__)
 
 _STATE = ".fetched.json"  # key → sha256 of the files of this cache directory that verified
 _RESERVED = frozenset({_STATE, ".lock"})
-
-
-def cache_base() -> Path:
-    """``$MOEFORGE_CACHE_DIR``, else ``~/.cache/moeforge``."""
-    root = os.environ.get("MOEFORGE_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "moeforge"
 
 
 def read_export_manifest(url: str) -> dict[str, Any]:
@@ -72,18 +67,33 @@ def read_export_manifest(url: str) -> dict[str, Any]:
     return doc
 
 
+def _lock(target: Path, url: str, wait: float) -> DirectoryLock:
+    """The cache directory's lock, waiting up to ``wait`` seconds for another process fetching it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return DirectoryLock(target, f"the local copy of {url}")
+        except DirectoryLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 def fetch_export(
     url: str,
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     on_bytes: Callable[[int], None] | None = None,
+    wait: float = 0.0,
 ) -> Path:
-    """A verified local copy of the export at ``url`` (see the module docstring); returns its directory."""
+    """A verified local copy of the export at ``url`` (see the module docstring); returns its directory.
+    ``wait``: seconds to wait for another process fetching the same URL (the other ranks of a training
+    job on this node) instead of failing at once."""
     doc = read_export_manifest(url)
     store = open_store(url)
     base = Path(cache_dir) if cache_dir is not None else cache_base() / "remote"
     target = base / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    lock = DirectoryLock(target, f"the local copy of {url}")
+    lock = _lock(target, url, wait)
     try:
         state_path = target / _STATE
         try:
@@ -106,6 +116,8 @@ def fetch_export(
             try:
                 with os.fdopen(fd, "wb") as out, storage_errors(f"reading {url}/{key}"):
                     n, sha = store.read_back(key, progress, out)
+                    out.flush()
+                    os.fsync(out.fileno())  # on disk before the state file can call it verified
                 if n != e["size"] or sha != e["sha256"]:
                     raise StorageError(
                         f"{url}/{key}: read {n} bytes with sha256 {sha[:12]}…, but {EXPORT_MANIFEST} says "
@@ -113,6 +125,7 @@ def fetch_export(
                         "export it again from the source"
                     )
                 os.replace(tmp, path)
+                fsync_dir(path.parent)
             except FileNotFoundError as exc:
                 raise StorageError(
                     f"{url}/{key}: listed in {EXPORT_MANIFEST} but missing from the store; export it again"
