@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "cache_base",
     "save_safetensors",
     "sha256_file",
     "verify_checksums",
@@ -39,6 +40,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def cache_base() -> Path:
+    """Where moeforge keeps what it can rebuild (token cache, peak FLOP/s, fetched exports):
+    ``$MOEFORGE_CACHE_DIR``, else ``~/.cache/moeforge``."""
+    root = os.environ.get("MOEFORGE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "moeforge"
 
 
 def fsync_dir(path: Path) -> None:

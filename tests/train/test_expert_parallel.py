@@ -62,8 +62,7 @@ def _check(rank: int, overrides: list[str]) -> None:
     from moeforge.model import router as router_mod
     from moeforge.train.expert_parallel import (
         apply_expert_parallel,
-        full_expert_state,
-        load_expert_shards,
+        checkpoint_transforms,
         wrap_ddp_expert_parallel,
     )
 
@@ -96,14 +95,16 @@ def _check(rank: int, overrides: list[str]) -> None:
             want = want[rank * per : (rank + 1) * per]
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
-    full = full_expert_state(model, model.state_dict())
+    whole, _ = checkpoint_transforms(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    full, _ = whole(model.state_dict(), {})
     ref_state = ref.state_dict()
     assert set(full) == set(ref_state)
     for k, v in full.items():
         torch.testing.assert_close(v, ref_state[k])  # the shards gather into the unsharded weights
     again = _model(overrides)
     apply_expert_parallel(again)
-    again.load_state_dict(load_expert_shards(again, ref_state))  # a checkpoint without EP, under EP
+    _, local = checkpoint_transforms(again, torch.optim.SGD(again.parameters(), lr=0.1))
+    again.load_state_dict(local(ref_state, {})[0])  # a checkpoint without EP, under EP
     for k, v in again.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k])
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeforge.io import fsync_dir, fsync_tree
+from moeforge.io import cache_base, fsync_dir, fsync_tree
 from moeforge.tokens.shards import verify_files
 
 __all__ = [
@@ -61,8 +61,7 @@ def cache_root(root: str | os.PathLike[str] | None = None) -> Path:
     """``root``, else ``$MOEFORGE_CACHE_DIR/tokens``, else ``~/.cache/moeforge/tokens``."""
     if root is not None:
         return Path(root)
-    base = os.environ.get("MOEFORGE_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "moeforge") / "tokens"
+    return cache_base() / "tokens"
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

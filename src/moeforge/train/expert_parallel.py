@@ -21,9 +21,9 @@ over its own tokens: the sum over ranks is ``N`` times the gradient of the globa
 gradients are scaled by ``1/N`` — the same average DDP forms for the other parameters, which
 :func:`wrap_ddp_expert_parallel` leaves to DDP (and keeps DDP's hands off the experts).
 
-Checkpoints stay whole: :func:`full_expert_state` gathers the shards into the full tensors for rank 0 to
-save, and :func:`load_expert_shards` slices a full checkpoint for each rank — so a checkpoint written under
-EP loads without it and the other way round.
+Checkpoints stay whole: :func:`checkpoint_transforms` gathers the shards (weights and their optimizer
+moments) into the full tensors for rank 0 to save, and slices a full checkpoint for each rank — so a
+checkpoint written under EP loads without it and the other way round.
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ __all__ = [
     "apply_expert_parallel",
     "checkpoint_transforms",
     "expert_parameter_names",
-    "full_expert_state",
     "is_expert_parallel",
-    "load_expert_shards",
     "wrap_ddp_expert_parallel",
 ]
 
@@ -160,38 +158,6 @@ def wrap_ddp_expert_parallel(model: nn.Module, device: torch.device) -> nn.Modul
     DDP._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=False)
-
-
-def full_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (the model's state dict, on every rank) with each sharded expert weight replaced by the
-    full tensor gathered from all ranks (a collective: every rank must call it)."""
-    out = dict(state)
-    for name, layer in _moe_layers(model):
-        if layer.expert_fn is None or not isinstance(layer.expert_fn, ExpertShard):
-            continue
-        shard_fn = layer.expert_fn
-        for p in _EXPERT_PARAMS:
-            key = next(k for k in (f"{name}.{p}", f"module.{name}.{p}") if k in state)
-            local = state[key].contiguous()
-            parts = [torch.empty_like(local) for _ in range(shard_fn.world)]
-            dist.all_gather(parts, local, group=shard_fn.group)
-            out[key] = torch.cat(parts)
-    return out
-
-
-def load_expert_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full state dict sliced to this rank's expert shards (``state`` itself when nothing is sharded),
-    ready for ``load_state_dict``."""
-    out = dict(state)
-    for name, layer in _moe_layers(model):
-        if not isinstance(layer.expert_fn, ExpertShard):
-            continue
-        per, lo = layer.expert_fn.per_rank, layer.expert_fn.rank * layer.expert_fn.per_rank
-        for p in _EXPERT_PARAMS:
-            key = f"{name}.{p}"
-            if key in out and out[key].shape[0] == layer.num_slots:
-                out[key] = out[key][lo : lo + per]
-    return out
 
 
 def _shards(model: nn.Module) -> list[tuple[str, nn.Parameter, ExpertShard]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moeforge.io import atomic_write_json
+from moeforge.io import atomic_write_json, cache_base
 from moeforge.model.moe import MoELayer, MoEStats
 from moeforge.model.transformer import MoETransformer
 from moeforge.train.distributed import all_reduce
@@ -220,9 +219,7 @@ def _moe_layer(model: MoETransformer | None, layer: int) -> MoELayer | None:
 
 def peak_flops_cache_path() -> Path:
     """``$MOEFORGE_CACHE_DIR/peak_flops.json``, else ``~/.cache/moeforge/peak_flops.json``."""
-    root = os.environ.get("MOEFORGE_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "moeforge"
-    return base / "peak_flops.json"
+    return cache_base() / "peak_flops.json"
 
 
 def _device_key(device: torch.device, dtype: torch.dtype) -> str:
