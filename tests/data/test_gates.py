@@ -262,3 +262,52 @@ def test_cli_verify_of_a_directory_without_manifest_is_a_one_line_error(tmp_path
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert "manifest.json: missing" in lines[0] and "Traceback" not in err
+
+
+def test_gates_read_shards_in_parallel_with_the_same_evidence_as_one_process(run):
+    """The per-shard scans run as executor jobs; merged in shard order, the evidence (first examples,
+    counts beyond them) is the same as one process reading every shard, problems spread over shards."""
+    from moeforge.data.executors import LocalExecutor
+
+    manifest = load_manifest(run)
+    for split in ("train", "test"):
+        lines = _lines(run, manifest, split)
+        lines[0] = lines[0].replace('"id":"', '"id":"x', 1)  # schema: the id is not the content hash
+        lines[1] = "{not json"
+        rec = Record.model_validate_json(lines[2])
+        msgs = [rec.messages[0], Message(role="assistant", content=f"Mail {split}@example.com now.")]
+        lines[2] = rec.with_content(messages=msgs).model_dump_json()
+        _rewrite(run, manifest, split, lines)
+    inline = [g.to_json() for g in run_gates(run, manifest)]
+    executor = LocalExecutor(2)
+    try:
+        parallel = [g.to_json() for g in run_gates(run, manifest, executor=executor)]
+    finally:
+        executor.close()
+    assert parallel == inline
+    failed = {g["gate"]: g["evidence"] for g in inline if not g["passed"]}
+    assert "(+1 more)" in failed["schema"] and failed["schema"].count("records/train/") == 2
+    assert failed["pii_residue"].startswith("2 hit(s)")
+
+
+def test_the_runs_own_pii_gate_rescans_only_what_the_pii_step_changed_and_verify_rescans_all(run, tmp_path):
+    manifest = load_manifest(run)
+    in_run = next(g for g in manifest["gates"] if g["gate"] == "pii_residue")
+    total = sum(manifest["records"].values())
+    assert in_run["passed"] and f"0 records rescanned; {total} the pii step found clean" in in_run["evidence"]
+    verify = next(g for g in run_gates(run, manifest) if g.gate == "pii_residue")
+    assert verify.passed and verify.evidence == "no PII of the scrubbed types"
+    # a record the pii step changed is rescanned in the run's own gates too
+    data = tmp_path / "pii.jsonl"
+    rng = random.Random(1)
+    rows = [
+        {
+            "question": f"Who is {i}? Mail bob{i}@example.com. " + " ".join(rng.choices(WORDS, k=40)),
+            "answer": f"Person {i}, " + " ".join(rng.choices(WORDS, k=30)),
+        }
+        for i in range(200)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    res = run_pipeline(_recipe(data, train_ratio=[0.5, 1.0], eval_ratio=[0.0, 0.5]), tmp_path / "pii-run")
+    gate = next(g for g in res.gates if g.gate == "pii_residue")
+    assert gate.passed and gate.evidence == "no PII of the scrubbed types", gate.evidence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,6 +121,9 @@ def verify(
         "one (s3://BUCKET/PREFIX/run).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the gate results as JSON."),
+    workers: int = typer.Option(
+        0, "--workers", "-w", min=0, help="Processes reading the output shards (0: one per CPU)."
+    ),
 ) -> None:
     """Re-check a dataset against its contract from the files alone; exit 1 when any gate fails.
 
@@ -159,7 +163,13 @@ def verify(
     else:
         manifest = load_manifest(run_dir)
         recipe = Recipe.model_validate(manifest["recipe"])
-        gates = [g.to_json() for g in run_gates(run_dir, manifest, recipe)]
+        from moeforge.data.executors import LocalExecutor
+
+        executor = LocalExecutor(workers or os.cpu_count() or 1)
+        try:
+            gates = [g.to_json() for g in run_gates(run_dir, manifest, recipe, executor)]
+        finally:
+            executor.close()
     passed = all(g["passed"] for g in gates)
     if as_json:
         sys.stdout.write(json.dumps({"passed": passed, "gates": gates}, indent=2) + "\n")

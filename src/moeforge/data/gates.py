@@ -1,7 +1,9 @@
 """Gates: checks a finished run must pass; ``moeforge data verify DIR`` runs them again from the files.
 
-One streaming pass reads every output record (memory: 16 bytes per record for the leakage check) and
-feeds all record-level gates; the others read the manifest and the files' bytes.
+One streaming pass per output shard — a job each on the run's executor, so shards are read in parallel —
+reads every output record and returns a small summary (counters, a few examples, 16 bytes per record for
+the leakage check); the summaries, merged in shard order, feed all record-level gates; the others read
+the manifest and the files' bytes.
 
 ==============  ==========================================================================================
 schema          every output line is a valid Record (including id = content hash)
@@ -39,6 +41,7 @@ import zstandard
 from pydantic import ValidationError
 
 from moeforge.data.contract import Record
+from moeforge.data.executors import Executor, InlineExecutor, TaskFailed
 from moeforge.data.mix import approx_tokens
 from moeforge.data.pii import scrub_text
 from moeforge.data.recipe import Recipe
@@ -93,99 +96,196 @@ class _Scan:
     near_splits: list[int] = field(default_factory=list)
     contaminated_examples: list[str] = field(default_factory=list)
     train_mix: Counter[str] = field(default_factory=Counter)
+    pii_trusted: int = 0
 
 
-def _scan(root: Path, manifest: dict[str, Any], recipe: Recipe) -> _Scan:
+@dataclass
+class _ShardScan:
+    """What one output shard contributes to the gates (small: counters, a few examples, id prefixes)."""
+
+    split: str
+    records: int = 0
+    schema_errors: list[str] = field(default_factory=list)
+    n_schema_errors: int = 0
+    ids: bytes = b""
+    clusters: set[str] = field(default_factory=set)
+    holdout_outside_test: list[str] = field(default_factory=list)
+    split_mismatch: list[str] = field(default_factory=list)
+    families: Counter[str] = field(default_factory=Counter)
+    pool: int = 0
+    train_langs: Counter[str] = field(default_factory=Counter)
+    train_mix: Counter[str] = field(default_factory=Counter)
+    unlabelled: int = 0
+    pii_hits: Counter[str] = field(default_factory=Counter)
+    pii_examples: list[str] = field(default_factory=list)
+    provenance_errors: list[str] = field(default_factory=list)
+    n_provenance_errors: int = 0
+    contaminated: int = 0
+    contaminated_examples: list[str] = field(default_factory=list)
+    near_file: str | None = None
+    near_count: int = 0
+    pii_trusted: int = 0
+
+
+def _scan_shard(
+    root: str,
+    rel: str,
+    split: str,
+    recipe_data: dict[str, Any],
+    input_shas: frozenset[str],
+    recipe_sha: str,
+    near_file: str | None,
+    trust_clean: bool = False,
+) -> _ShardScan:
+    """Read one output shard and validate every record in it (runs on the executor, one job per shard).
+
+    ``trust_clean`` (a run's own gates, never ``data verify``): a record the pii step found clean is not
+    scanned again — the detectors are deterministic, they found nothing in this very text, and no step
+    after pii changes text (the reduce rewrites metadata only; the id, a hash of the content, is checked
+    above). A record the pii step changed is rescanned in full: a placeholder must not have made new PII."""
+    recipe = Recipe.model_validate(recipe_data)
     holdout = set(recipe.split.holdout_families)
-    input_shas = {i["sha256"] for i in manifest["inputs"]}
-    scrubbed = [t for t in recipe.pii.types] if recipe.pii.enabled else []
+    scrubbed = list(recipe.pii.types) if recipe.pii.enabled else []
     decon_index = None
     if recipe.decontamination.enabled:
         from moeforge.data.decontam import cached_index
 
         decon_index = cached_index(recipe.decontamination)
+    s = _ShardScan(split)
+    prefixes: list[bytes] = []
+    shard_texts: list[str] = []
+    for line_no, line in _safe_lines(Path(root) / rel, rel, s):
+        where = f"{rel}:{line_no}"
+        try:
+            rec = Record.model_validate_json(line)
+        except ValidationError as exc:
+            s.n_schema_errors += 1
+            if len(s.schema_errors) < _EXAMPLES:
+                s.schema_errors.append(f"{where}: {exc.errors()[0]['msg']}")
+            continue
+        s.records += 1
+        meta = rec.meta
+        contents = rec.contents()
+        if near_file is not None:
+            shard_texts.append("\n".join(contents))
+        prefixes.append(bytes.fromhex(rec.id[7:39]))
+        if meta.cluster:
+            s.clusters.add(meta.cluster)
+        if meta.family in holdout and split != "test" and len(s.holdout_outside_test) < _EXAMPLES:
+            s.holdout_outside_test.append(f"{where} ({meta.family})")
+        if meta.split != split and len(s.split_mismatch) < _EXAMPLES:
+            s.split_mismatch.append(f"{where}: meta.split={meta.split}")
+        s.families[meta.family] += 1
+        if meta.family not in holdout:
+            s.pool += 1
+        if split == "train":
+            repeat = int(meta.extra.get("mix_repeat", 1))
+            if decon_index is not None and any(decon_index.contains_any(t) for t in contents):
+                s.contaminated += 1
+                if len(s.contaminated_examples) < _EXAMPLES:
+                    s.contaminated_examples.append(where)
+            size = approx_tokens(contents) * repeat
+            lang_size = size if recipe.gates.language_unit == "tokens" else 1
+            s.train_langs[meta.lang or "und"] += lang_size
+            if recipe.mix.enabled:
+                by = recipe.mix.by
+                group = (meta.lang or "und") if by == "lang" else getattr(meta, by)
+                s.train_mix[group] += size if recipe.mix.unit == "tokens" else repeat
+        if meta.lang is None and meta.domain not in recipe.langid.skip_domains:
+            s.unlabelled += 1
+        if scrubbed and trust_clean and meta.pii_status == "clean" and "pii" in meta.provenance.steps:
+            s.pii_trusted += 1
+        elif scrubbed:
+            for t in contents:
+                _, hits = scrub_text(t, scrubbed)
+                if hits:
+                    s.pii_hits.update(hits)
+                    if len(s.pii_examples) < _EXAMPLES:
+                        s.pii_examples.append(f"{where}: {dict(hits)}")
+        problem = None
+        if meta.provenance.source_sha256 not in input_shas:
+            problem = "source sha256 is not a manifest input"
+        elif meta.provenance.recipe_hash != recipe_sha:
+            problem = "recipe hash differs from the manifest's"
+        if problem:
+            s.n_provenance_errors += 1
+            if len(s.provenance_errors) < _EXAMPLES:
+                s.provenance_errors.append(f"{where}: {problem}")
+    s.ids = b"".join(prefixes)
+    if near_file is not None and shard_texts:
+        from moeforge.data.dedup.minhash import minhash_band_keys, write_task_keys
+
+        f = Path(near_file)
+        write_task_keys(f, minhash_band_keys(shard_texts, recipe.near_dedup))
+        if recipe.near_dedup.verify_jaccard is not None:  # the texts, for the Jaccard check
+            with open(f.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in shard_texts)
+        s.near_file, s.near_count = near_file, len(shard_texts)
+    return s
+
+
+def _capped(into: list[str], more: list[str]) -> None:
+    into.extend(more[: max(0, _EXAMPLES - len(into))])
+
+
+def _scan(
+    root: Path, manifest: dict[str, Any], recipe: Recipe, executor: Executor | None, trust_clean: bool
+) -> _Scan:
+    """Every output shard scanned (on ``executor``, one job per shard) and the results merged in shard
+    order, so the evidence is the same whichever executor ran the jobs."""
     s = _Scan(
         Counter(), [], 0, {}, defaultdict(set), [], [], Counter(), Counter(), Counter(), Counter(), [], [], 0
     )
     near_dir = Path(tempfile.mkdtemp(prefix="moeforge-near-gate-")) if recipe.near_dedup.enabled else None
     s.near_dir = near_dir
-    for split_code, split in enumerate(SPLITS):
-        prefixes: list[bytes] = []
+    data = recipe.resolved()
+    shas = frozenset(i["sha256"] for i in manifest["inputs"])
+    jobs: list[tuple[Any, ...]] = []
+    for split in SPLITS:
         for shard in manifest["outputs"].get(split, []):
-            path = root / shard["path"]
-            if not path.exists():
+            if not (root / shard["path"]).exists():
                 continue  # the hash gate reports it
-            shard_texts: list[str] = []
-            for line_no, line in _safe_lines(path, shard["path"], s):
-                where = f"{shard['path']}:{line_no}"
-                try:
-                    rec = Record.model_validate_json(line)
-                except ValidationError as exc:
-                    s.n_schema_errors += 1
-                    if len(s.schema_errors) < _EXAMPLES:
-                        s.schema_errors.append(f"{where}: {exc.errors()[0]['msg']}")
-                    continue
-                s.records[split] += 1
-                meta = rec.meta
-                contents = rec.contents()
-                if near_dir is not None:
-                    shard_texts.append("\n".join(contents))
-                prefixes.append(bytes.fromhex(rec.id[7:39]))
-                if meta.cluster:
-                    s.clusters[meta.cluster].add(split)
-                if meta.family in holdout and split != "test" and len(s.holdout_outside_test) < _EXAMPLES:
-                    s.holdout_outside_test.append(f"{where} ({meta.family})")
-                if meta.split != split and len(s.split_mismatch) < _EXAMPLES:
-                    s.split_mismatch.append(f"{where}: meta.split={meta.split}")
-                s.families[meta.family] += 1
-                if meta.family not in holdout:
-                    s.pool[split] += 1
-                if split == "train":
-                    repeat = int(meta.extra.get("mix_repeat", 1))
-                    if decon_index is not None and any(decon_index.contains_any(t) for t in contents):
-                        s.contaminated += 1
-                        if len(s.contaminated_examples) < _EXAMPLES:
-                            s.contaminated_examples.append(where)
-                    size = approx_tokens(contents) * repeat
-                    lang_size = size if recipe.gates.language_unit == "tokens" else 1
-                    s.train_langs[meta.lang or "und"] += lang_size
-                    if recipe.mix.enabled:
-                        by = recipe.mix.by
-                        group = (meta.lang or "und") if by == "lang" else getattr(meta, by)
-                        s.train_mix[group] += size if recipe.mix.unit == "tokens" else repeat
-                if meta.lang is None and meta.domain not in recipe.langid.skip_domains:
-                    s.unlabelled += 1
-                if scrubbed:
-                    for t in contents:
-                        _, hits = scrub_text(t, scrubbed)
-                        if hits:
-                            s.pii_hits.update(hits)
-                            if len(s.pii_examples) < _EXAMPLES:
-                                s.pii_examples.append(f"{where}: {dict(hits)}")
-                problem = None
-                if meta.provenance.source_sha256 not in input_shas:
-                    problem = "source sha256 is not a manifest input"
-                elif meta.provenance.recipe_hash != manifest["recipe_sha256"]:
-                    problem = "recipe hash differs from the manifest's"
-                if problem:
-                    s.n_provenance_errors += 1
-                    if len(s.provenance_errors) < _EXAMPLES:
-                        s.provenance_errors.append(f"{where}: {problem}")
-            if near_dir is not None and shard_texts:
-                from moeforge.data.dedup.minhash import minhash_band_keys, write_task_keys
-
-                f = near_dir / f"{len(s.near_files):05d}.npy"
-                write_task_keys(f, minhash_band_keys(shard_texts, recipe.near_dedup))
-                if recipe.near_dedup.verify_jaccard is not None:  # the texts, for the Jaccard check
-                    with open(f.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
-                        fh.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in shard_texts)
-                s.near_files.append(f)
-                s.near_splits.extend([split_code] * len(shard_texts))
-        s.ids[split] = np.frombuffer(b"".join(prefixes), dtype="V16") if prefixes else np.empty(0, "V16")
+            near = str(near_dir / f"{len(jobs):05d}.npy") if near_dir is not None else None
+            jobs.append(
+                (str(root), shard["path"], split, data, shas, manifest["recipe_sha256"], near, trust_clean)
+            )
+    runner = executor or InlineExecutor()
+    try:
+        parts = sorted(runner.map(_scan_shard, jobs), key=lambda ir: ir[0])
+    except TaskFailed as exc:
+        raise exc.cause from None
+    prefixes: dict[str, list[bytes]] = {split: [] for split in SPLITS}
+    for _, p in parts:
+        s.records[p.split] += p.records
+        s.n_schema_errors += p.n_schema_errors
+        _capped(s.schema_errors, p.schema_errors)
+        prefixes[p.split].append(p.ids)
+        for c in p.clusters:
+            s.clusters[c].add(p.split)
+        _capped(s.holdout_outside_test, p.holdout_outside_test)
+        _capped(s.split_mismatch, p.split_mismatch)
+        s.families.update(p.families)
+        s.pool[p.split] += p.pool
+        s.train_langs.update(p.train_langs)
+        s.train_mix.update(p.train_mix)
+        s.unlabelled += p.unlabelled
+        s.pii_hits.update(p.pii_hits)
+        _capped(s.pii_examples, p.pii_examples)
+        s.pii_trusted += p.pii_trusted
+        s.n_provenance_errors += p.n_provenance_errors
+        _capped(s.provenance_errors, p.provenance_errors)
+        s.contaminated += p.contaminated
+        _capped(s.contaminated_examples, p.contaminated_examples)
+        if p.near_file is not None:
+            s.near_files.append(Path(p.near_file))
+            s.near_splits.extend([SPLITS.index(p.split)] * p.near_count)
+    for split in SPLITS:
+        joined = b"".join(prefixes[split])
+        s.ids[split] = np.frombuffer(joined, dtype="V16") if joined else np.empty(0, "V16")
     return s
 
 
-def _safe_lines(path: Path, rel: str, s: _Scan) -> Iterator[tuple[int, str]]:
+def _safe_lines(path: Path, rel: str, s: _ShardScan) -> Iterator[tuple[int, str]]:
     """The shard's lines; a corrupt or undecodable file counts as a schema error instead of raising."""
     try:
         yield from iter_lines(path)
@@ -411,11 +511,24 @@ def _hashes(root: Path, manifest: dict[str, Any]) -> GateResult:
     )
 
 
-def run_gates(root: str | Path, manifest: dict[str, Any], recipe: Recipe | None = None) -> list[GateResult]:
-    """Run every gate on the run directory ``root``; never raises for a bad dataset, only reports."""
+def run_gates(
+    root: str | Path,
+    manifest: dict[str, Any],
+    recipe: Recipe | None = None,
+    executor: Executor | None = None,
+    *,
+    trust_clean: bool = False,
+) -> list[GateResult]:
+    """Run every gate on the run directory ``root``; never raises for a bad dataset, only reports.
+
+    The record-level scan reads each output shard in a job of its own on ``executor`` (the pipeline's
+    executor during a run, worker processes for ``data verify``; default: this process); what the jobs
+    return is small and merged in shard order, so the results do not depend on the executor. ``trust_clean`` (the pipeline's own gates)
+    skips the PII rescan of records its pii step found clean (see :func:`_scan_shard`); ``data verify``
+    rescans everything."""
     root = Path(root)
     recipe = recipe or Recipe.model_validate(manifest["recipe"])
-    scan = _scan(root, manifest, recipe)
+    scan = _scan(root, manifest, recipe, executor, trust_clean)
     total = sum(scan.records.values())
     missing = sorted(set(recipe.families()) - set(scan.families))
     pii = sum(scan.pii_hits.values())
@@ -444,7 +557,15 @@ def run_gates(root: str | Path, manifest: dict[str, Any], recipe: Recipe | None 
         GateResult(
             "pii_residue",
             pii == 0,
-            f"{pii} hit(s): " + _fmt(scan.pii_examples, pii) if pii else "no PII of the scrubbed types",
+            f"{pii} hit(s): " + _fmt(scan.pii_examples, pii)
+            if pii
+            else "no PII of the scrubbed types"
+            + (
+                f" ({total - scan.pii_trusted} records rescanned; {scan.pii_trusted} the pii step found clean, "
+                "unchanged since)"
+                if scan.pii_trusted
+                else ""
+            ),
             skipped=not recipe.pii.enabled,
         ),
         GateResult(

@@ -17,7 +17,8 @@ started again ends with the same bytes as a run that was never interrupted.
 The reduce (moeforge.data.reduce) is: exact dedup over all task outputs, near-dedup, split sizes
 checked, the train split mixed to its targets, then every surviving record rewritten into its split.
 
-The map tasks and the near-dup clustering's band shards run on the recipe's executor
+The map tasks, the near-dup clustering's band shards, the record write and the gates' per-shard scans
+run on the recipe's executor
 (moeforge.data.executors: ``local`` processes or ``ray`` tasks); the executor is not part of the recipe,
 so either gives the same bytes, and the run directory can be resumed with the other.
 """
@@ -238,9 +239,9 @@ def run_pipeline(
             map_out = stages[map_stages[-1]].out  # what the tasks wrote: the reduce's input
             red = reduce_tasks(recipe, out_dir, work, tasks, map_out, progress, executor)
             t2 = time.perf_counter()
-        all_stages = [*stages.values(), *red.stages]
-        manifest = build_manifest(recipe, sha, stats, all_stages, red, out_dir)
-        gates = run_gates(out_dir, manifest, recipe)
+            all_stages = [*stages.values(), *red.stages]
+            manifest = build_manifest(recipe, sha, stats, all_stages, red, out_dir)
+            gates = run_gates(out_dir, manifest, recipe, executor, trust_clean=True)  # a job per shard
         manifest["gates"] = [g.to_json() for g in gates]
         atomic_write_json(out_dir / "manifest.json", manifest)
         t3 = time.perf_counter()
