@@ -1,4 +1,6 @@
-"""Language ID: py3langid vs lingua on real English and Russian text, for moeforge's langid step.
+"""Language ID: py3langid vs lingua on real English and Russian text, for moeforge's langid step —
+accuracy by paragraph length, throughput on one core (the detectors interleaved round by round),
+confidence of right and wrong labels, cold start and installed size.
 
 Corpora (from ``$MOEFORGE_REAL_DATA``, else ``../shared/data`` beside the project root):
 
@@ -19,17 +21,22 @@ except that py3langid has some ISO 639-3 labels such as ``pcm``, and ``zxx``):
   ``compute_language_confidence_values`` (``und`` when every value is 0, i.e. the text has no letters);
 - with ``--restricted``, also both restricted to ``en, ru, uk, bg, de, fr, es`` (labelled ``[7 langs]``).
 
-For each detector × corpus it prints one JSON line: accuracy (share labelled with the corpus's language)
-overall and per length bucket (<50, 50–200, >200 characters), docs/s and MB/s (UTF-8), timed after a
-warm-up in chunks of 500 docs with the detectors taking turns, so that they share the noise of a shared
-machine. Then one line per detector with its cold start (a fresh interpreter: import, build, one
-English and one Russian call — lingua loads its models lazily on first use) and installed size; one with
-the confidence of right and wrong labels and what each min-confidence threshold would keep and drop; the
-acceptance check (>200-character paragraphs of RusLit labelled ``ru`` and of Shakespeare labelled ``en``,
-both ≥ 99%); and last the ratio of py3langid's throughput to lingua's. ``--markdown`` prints the same as
-tables for docs instead. Run: ``python benchmarks/langid.py [--limit N] [--restricted] [--markdown]``
-(by default at most 10,000 paragraphs per corpus, seed 0; ``--limit 0`` for all, about 3 minutes with
-``--restricted``).
+Timing (``_harness.interleave``): after a warm-up on the first 20 documents (lingua loads its models
+lazily), each detector labels a whole corpus once per round over ``--rounds`` rounds, the order rotated
+every round; docs/s and MB/s (UTF-8) are at the median, with the spread; the throughput ratio of
+py3langid to lingua is the median of the per-round ratios (per corpus, and over all corpora with each
+round's times summed). Output checks before any time is reported: each detector gives the same labels
+every round; each detector's labels against py3langid's (a different model, so a difference is expected
+and stated as how many documents they agree on); accuracy (share labelled with the corpus's language)
+overall and per length bucket (<50, 50–200, >200 characters). Then: each detector's cold start (a fresh
+interpreter: import, build, one English and one Russian call) and installed size; the confidence of
+right and wrong labels and what each min-confidence threshold would keep and drop; the acceptance check
+(>200-character paragraphs of RusLit labelled ``ru`` and of Shakespeare labelled ``en``, both ≥ 99%,
+a goal for py3langid, which moeforge uses).
+
+Run: ``python benchmarks/langid.py [--limit N] [--restricted] [--rounds 3]`` (by default at most 10,000
+paragraphs per corpus, seed 0; ``--limit 0`` for all). ``--markdown`` also prints the tables;
+``--quick`` samples a few hundred paragraphs per corpus, one round.
 """
 
 from __future__ import annotations
@@ -51,8 +58,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import Results, Timing, add_common_args, check_same, cpu_hog, interleave, paired_ratio
+from moeforge.data.langid import LangIdConfig
+
 SEED = 0
-DEFAULT_LIMIT = 10_000  # keeps a default run near 1.5 min; RusLit alone has 28k paragraphs
+DEFAULT_LIMIT = 10_000  # RusLit alone has 28k paragraphs
+QUICK_LIMIT = 300
 BUCKETS = ("<50", "50-200", ">200")
 ACCEPT_MIN = 0.99
 RESTRICTED = ("en", "ru", "uk", "bg", "de", "fr", "es")
@@ -84,10 +97,10 @@ class Library:
 class Result:
     library: str
     corpus: Corpus
-    labels: list[str]
+    labels: list[str]  # of the last round
     confidences: list[float]
-    seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    timing: Timing
+    rounds: list[list[str]] = field(default_factory=list)  # the labels of every round
 
     @property
     def correct(self) -> list[bool]:
@@ -251,24 +264,37 @@ def installed_mb(dist: str) -> float:
     return round(total / 1e6, 1)
 
 
-def run(detectors: dict[str, Detect], corpus: Corpus, chunk: int = 500) -> list[Result]:
-    """Label every doc of ``corpus`` with each detector, timing them chunk by chunk in rotating order so
-    that they share the machine's noise (the CPUs here are shared)."""
-    results = {name: Result(name, corpus, [], [], 0.0) for name in detectors}
+def run(detectors: dict[str, Detect], corpus: Corpus, rounds: int) -> tuple[list[Result], dict[str, Timing]]:
+    """Label every doc of ``corpus`` with each detector once per round, interleaved (``_harness``); the
+    labels of every round are kept for the check that they do not change."""
     for detect in detectors.values():
         for doc in corpus.docs[:20]:  # warm-up: lazy model loads stay out of the timing
             detect(doc)
-    names = list(detectors)
-    for k, start in enumerate(range(0, len(corpus.docs), chunk)):
-        docs = corpus.docs[start : start + chunk]
-        for name in names[k % len(names) :] + names[: k % len(names)]:
-            detect, res = detectors[name], results[name]
-            t0 = time.perf_counter()
-            out = [detect(doc) for doc in docs]
-            res.seconds += time.perf_counter() - t0
-            res.labels.extend(lab for lab, _ in out)
-            res.confidences.extend(conf for _, conf in out)
-    return list(results.values())
+    outputs: dict[str, list[list[tuple[str, float]]]] = {name: [] for name in detectors}
+
+    def contender(name: str) -> Callable[[], None]:
+        detect, docs, out = detectors[name], corpus.docs, outputs[name]
+
+        def call() -> None:
+            out.append([detect(doc) for doc in docs])
+
+        return call
+
+    timings = interleave({name: contender(name) for name in detectors}, rounds, warmup=0)
+    results = []
+    for name, rs in outputs.items():
+        last = rs[-1]
+        results.append(
+            Result(
+                name,
+                corpus,
+                [lab for lab, _ in last],
+                [conf for _, conf in last],
+                timings[name],
+                [[lab for lab, _ in r] for r in rs],
+            )
+        )
+    return results, timings
 
 
 def _rate(x: float) -> float:
@@ -285,6 +311,7 @@ def summarize(res: Result) -> dict[str, Any]:
         hits = sum(correct[i] for i in idx)
         by_bucket[b] = {"n": len(idx), "accuracy": _rate(hits / len(idx)) if idx else None}
     wrong = Counter(lab for lab, ok in zip(res.labels, correct, strict=True) if not ok)
+    t = res.timing
     return {
         "kind": "result",
         "library": res.library,
@@ -296,9 +323,9 @@ def summarize(res: Result) -> dict[str, Any]:
         "accuracy": _rate(sum(correct) / len(docs)),
         "by_length": by_bucket,
         "wrong_labels": dict(wrong.most_common(6)),
-        "docs_per_s": round(len(docs) / res.seconds, 1),
-        "mb_per_s": round(mb / res.seconds, 3),
-        "seconds": round(res.seconds, 2),
+        "docs_per_s": round(len(docs) / t.median, 1),
+        "mb_per_s": round(mb / t.median, 3),
+        **t.as_dict(4),
     }
 
 
@@ -352,6 +379,7 @@ def acceptance(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {
                     "kind": "acceptance",
                     "library": s["library"],
+                    "corpus": s["corpus"],
                     "check": f"{s['corpus']} >200 chars labelled {s['expected']}",
                     "n": s["by_length"][">200"]["n"],
                     "share": share,
@@ -361,15 +389,18 @@ def acceptance(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def ratio(summaries: list[dict[str, Any]], num: str, den: str) -> dict[str, Any]:
-    """Throughput of ``num`` over ``den`` per corpus, and over all docs (total docs / total seconds)."""
-    by = {(s["library"], s["corpus"]): s for s in summaries}
-    corpora = [s["corpus"] for s in summaries if s["library"] == num]
+def ratio(timings: dict[str, dict[str, Timing]], num: str, den: str) -> dict[str, Any]:
+    """Throughput of ``num`` over ``den``: the median of the per-round ratios per corpus, and over all
+    corpora with each round's times summed (the same docs on both sides, so the time ratio)."""
     out: dict[str, Any] = {"kind": "ratio", "numerator": num, "denominator": den, "docs_per_s": {}}
-    for c in corpora:
-        out["docs_per_s"][c] = round(by[(num, c)]["docs_per_s"] / by[(den, c)]["docs_per_s"], 2)
-    secs = {lib: sum(by[(lib, c)]["seconds"] for c in corpora) for lib in (num, den)}
-    out["docs_per_s"]["all"] = round(secs[den] / secs[num], 2)  # same docs, so the time ratio
+    for corpus, by_lib in timings.items():
+        out["docs_per_s"][corpus] = paired_ratio(by_lib[num], by_lib[den]).as_dict()
+
+    def total(lib: str) -> Timing:
+        per_round = zip(*(by_lib[lib].samples for by_lib in timings.values()), strict=True)
+        return Timing(lib, [sum(xs) for xs in per_round])
+
+    out["docs_per_s"]["all"] = paired_ratio(total(num), total(den)).as_dict()
     return out
 
 
@@ -380,62 +411,128 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
-def markdown(
+def tables(
     summaries: list[dict[str, Any]],
     libs: list[dict[str, Any]],
     conf: list[dict[str, Any]],
     accept: list[dict[str, Any]],
     ratios: list[dict[str, Any]],
-) -> str:
-    lines = [
-        "| library | corpus | docs | accuracy | <50 chars | 50–200 | >200 chars | docs/s | MB/s |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    rounds: int,
+) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """The report's tables: (caption, columns, rows)."""
+    out = []
+    rows = []
     for s in summaries:
-        cells = [f"{_pct(s['by_length'][b]['accuracy'])} (n={s['by_length'][b]['n']})" for b in BUCKETS]
-        lines.append(
-            f"| {s['library']} | {s['corpus']} ({s['expected']}) | {s['docs']} | {_pct(s['accuracy'])} | "
-            f"{' | '.join(cells)} | {s['docs_per_s']:,.0f} | {s['mb_per_s']:.3f} |"
+        cells = [f"{_pct(s['by_length'][b]['accuracy'])} (n={s['by_length'][b]['n']:,})" for b in BUCKETS]
+        rows.append(
+            [
+                s["library"],
+                f"{s['corpus']} ({s['expected']})",
+                s["docs"],
+                _pct(s["accuracy"]),
+                *cells,
+                s["docs_per_s"],
+                s["spread"],
+                s["mb_per_s"],
+            ]
         )
+    out.append(
+        (
+            f"Accuracy (share labelled with the corpus's language) by paragraph length; docs/s on one core, "
+            f"median of {rounds} round{'s' if rounds > 1 else ''}",
+            [
+                "library",
+                "corpus",
+                "docs",
+                "accuracy",
+                "<50 chars",
+                "50–200",
+                ">200 chars",
+                "docs/s",
+                "spread",
+                "MB/s",
+            ],
+            rows,
+        )
+    )
     names = list(dict.fromkeys(a["library"] for a in accept))
-    lines += ["", "| check | " + " | ".join(names) + " |", "|---|" + "--:|" * len(names)]
+    rows = []
     for check in dict.fromkeys(a["check"] for a in accept):
-        row = [a for a in accept if a["check"] == check]
-        cells = [f"{_pct(a['share'])} {'✓' if a['pass'] else '✗'}" for a in row]
-        lines.append(f"| {check} (≥ {ACCEPT_MIN:.0%}) | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| library | version | installed MB | cold start s (load + first calls) | peak RSS MB |",
-        "|---|---|--:|--:|--:|",
-    ]
-    for m in libs:
-        cs = m["cold_start"]
-        lines.append(
-            f"| {m['library']} | {m['version']} | {m['installed_mb']} | "
-            f"{cs['cold_s']:.2f} ({cs['load_s']:.2f} + {cs['first_calls_s']:.2f}) | {cs['rss_mb']} |"
+        row = {a["library"]: a for a in accept if a["check"] == check}
+        rows.append(
+            [f"{check} (≥ {ACCEPT_MIN:.0%})"]
+            + [f"{_pct(row[n]['share'])} {'✓' if row[n]['pass'] else '✗'}" if n in row else "" for n in names]
         )
-    for c in conf:
-        lines += [
-            "",
-            f"{c['library']}: confidence of right labels (n={c['n_right']}) "
-            + ", ".join(f"{k} {v}" for k, v in c["right"].items())
-            + f"; of wrong labels (n={c['n_wrong']}) "
-            + ", ".join(f"{k} {v}" for k, v in c["wrong"].items()),
-            "",
-            "| min_confidence | right dropped | right dropped <50 | 50–200 | >200 | wrong dropped "
-            "| wrong kept >200 |",
-            "|--:|--:|--:|--:|--:|--:|--:|",
+    out.append(("Acceptance: long paragraphs labelled with their language", ["check", *names], rows))
+    rows = [
+        [
+            m["library"],
+            m["version"],
+            m["installed_mb"],
+            f"{m['cold_start']['cold_s']:.2f} ({m['cold_start']['load_s']:.2f} + {m['cold_start']['first_calls_s']:.2f})",
+            m["cold_start"]["rss_mb"],
         ]
-        for t in c["thresholds"]:
-            lines.append(
-                f"| {t['min_confidence']} | {_pct(t['right_dropped'])} | "
-                + " | ".join(_pct(t["right_dropped_by_length"][b]) for b in BUCKETS)
-                + f" | {_pct(t['wrong_dropped'])} | {t['wrong_kept_gt200']} |"
+        for m in libs
+    ]
+    out.append(
+        (
+            "Libraries: installed size; cold start in a fresh interpreter (import and build + the first English "
+            "and Russian calls) and its peak RSS",
+            ["library", "version", "installed MB", "cold start s (load + first calls)", "peak RSS MB"],
+            rows,
+        )
+    )
+    for c in conf:
+        rows = [
+            [
+                t["min_confidence"],
+                _pct(t["right_dropped"]),
+                *(_pct(t["right_dropped_by_length"][b]) for b in BUCKETS),
+                _pct(t["wrong_dropped"]),
+                t["wrong_kept_gt200"],
+            ]
+            for t in c["thresholds"]
+        ]
+        out.append(
+            (
+                f"{c['library']}: what a min_confidence threshold drops ({c['n_right']:,} right labels, "
+                f"{c['n_wrong']:,} wrong, all corpora)",
+                [
+                    "min_confidence",
+                    "right dropped",
+                    "right dropped <50",
+                    "50–200",
+                    ">200",
+                    "wrong dropped",
+                    "wrong kept >200",
+                ],
+                rows,
             )
-    lines.append("")
-    for r in ratios:
-        per = ", ".join(f"{k} {v}×" for k, v in r["docs_per_s"].items())
-        lines.append(f"Throughput {r['numerator']} / {r['denominator']} (docs/s): {per}")
+        )
+    rows = [
+        [f"{r['numerator']} ÷ {r['denominator']}", corpus, v["ratio"], v["ratio_low"], v["ratio_high"]]
+        for r in ratios
+        for corpus, v in r["docs_per_s"].items()
+    ]
+    if rows:
+        out.append(
+            (
+                "Throughput ratio (docs/s), the median of the per-round ratios with the lowest and highest round",
+                ["detectors", "corpus", "ratio", "lowest round", "highest round"],
+                rows,
+            )
+        )
+    return out
+
+
+def markdown(table_list: list[tuple[str, list[str], list[list[Any]]]]) -> str:
+    lines: list[str] = []
+    for caption, columns, rows in table_list:
+        lines += [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += [
+            "| " + " | ".join(f"{x:,}" if isinstance(x, int) else str(x) for x in r) + " |" for r in rows
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -452,22 +549,66 @@ def show_errors(results: list[Result], n: int) -> None:
             print(f"[{r.library} {r.corpus.name}] {lab} {conf:.3f}: {snippet}", file=sys.stderr)
 
 
+def check_labels(results_out: Results, results: list[Result]) -> None:
+    """Before any time is reported: every detector labels the same every round; each detector's labels
+    against py3langid's (another model: the difference is allowed and stated as agreement)."""
+    for name in dict.fromkeys(r.library for r in results):
+        mine = [r for r in results if r.library == name]
+        verdicts = {
+            r.corpus.name: check_same({f"round {i + 1}": x for i, x in enumerate(r.rounds)}, "round 1")
+            for r in mine
+        }
+        same = all(set(v.values()) <= {"same"} for v in verdicts.values())
+        results_out.check(
+            f"{name}: the same labels every round",
+            ("same" if len(mine[0].rounds) > 1 else "one round") if same else verdicts,
+        )
+    by = {(r.library, r.corpus.name): r for r in results}
+    names = list(dict.fromkeys(r.library for r in results))
+    if "py3langid" not in names or len(names) < 2:
+        return
+    corpora = list(dict.fromkeys(r.corpus.name for r in results))
+    labels = {n: [lab for c in corpora for lab in by[(n, c)].labels] for n in names}
+    others = [n for n in names if n != "py3langid"]
+    verdict = check_same(labels, "py3langid", allowed={n: "another model" for n in others})
+    for n in others:
+        agree = sum(a == b for a, b in zip(labels[n], labels["py3langid"], strict=True))
+        per = ", ".join(
+            f"{c} {sum(a == b for a, b in zip(by[(n, c)].labels, by[('py3langid', c)].labels, strict=True)):,}"
+            f"/{len(by[(n, c)].labels):,}"
+            for c in corpora
+        )
+        verdict[n] = (
+            f"{verdict[n].split(':')[0]}: labels agree on {agree:,} of {len(labels[n]):,} documents ({per}); "
+            "accuracy against the corpus's language in the table"
+            if verdict[n] != "same"
+            else "same"
+        )
+    results_out.check("labels against py3langid's", verdict)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument(
         "--limit",
         type=int,
-        default=DEFAULT_LIMIT,
-        help=f"sample at most N docs per corpus, seed {SEED} (default {DEFAULT_LIMIT}; 0: all, about 2 min here)",
+        default=None,
+        help=f"sample at most N docs per corpus, seed {SEED} (default {DEFAULT_LIMIT}, --quick {QUICK_LIMIT}; 0: all)",
     )
     p.add_argument("--restricted", action="store_true", help=f"also run both restricted to {RESTRICTED}")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables instead of JSON lines")
+    p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     p.add_argument("--show-errors", type=int, default=0, metavar="N", help="print N wrong >200-char labels")
     p.add_argument("--cold-start-child", help=argparse.SUPPRESS)
+    add_common_args(p, rounds=3)
     args = p.parse_args(argv)
     if args.cold_start_child:
         cold_start_child(args.cold_start_child)
         return 0
+    given = list(argv) if argv is not None else sys.argv[1:]
+    if args.quick and not any(a.startswith("--rounds") for a in given):
+        args.rounds = 1
+    if args.limit is None:
+        args.limit = QUICK_LIMIT if args.quick else DEFAULT_LIMIT
     if args.limit < 0:
         p.error("--limit must be 0 (all docs) or more")
 
@@ -478,12 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped: real data missing: {', '.join(missing)} (set MOEFORGE_REAL_DATA to shared/data)")
         return 0
     libs = []
+    skipped = []
     for lib in libraries(args.restricted):
         if importlib.util.find_spec(lib.module) is None:
-            print(
-                f"skipped {lib.name}: {lib.dist} is not installed (pip install {lib.dist}, or moeforge[bench])",
-                file=sys.stderr,
-            )
+            why = f"{lib.dist} is not installed (pip install {lib.dist}, or moeforge[bench])"
+            print(f"skipped {lib.name}: {why}", file=sys.stderr)
+            skipped.append(f"`{lib.name}` was not run: {why}.")
         else:
             libs.append(lib)
     if not libs:
@@ -502,9 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lib in libs
     ]
     detectors = {lib.name: lib.make() for lib in libs}
-    by_corpus = [run(detectors, c) for c in corpora]
-    results = [r for name in detectors for rs in by_corpus for r in rs if r.library == name]
+    results_out = Results("langid", args, title="Language ID: py3langid vs lingua")
+    with cpu_hog(args.busy):
+        timed = {c.name: run(detectors, c, args.rounds) for c in corpora}
+    results = [r for name in detectors for rs, _ in timed.values() for r in rs if r.library == name]
+    timings = {c: {name: t for name, t in tt.items()} for c, (_, tt) in timed.items()}
 
+    check_labels(results_out, results)  # before any time is reported
     summaries = [summarize(r) for r in results]
     conf = [
         confidence_report(lib.name, [r for r in results if r.library == lib.name])
@@ -514,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     accept = acceptance(summaries)
     names = {lib.name for lib in libs}
     ratios = [
-        ratio(summaries, a, b)
+        ratio(timings, a, b)
         for a, b in (
             ("py3langid", "lingua"),
             (f"py3langid[{len(RESTRICTED)} langs]", f"lingua[{len(RESTRICTED)} langs]"),
@@ -523,12 +668,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if args.show_errors:
         show_errors(results, args.show_errors)
+    for row in [*summaries, *lib_rows, *conf, *accept, *ratios]:
+        results_out.row(**row)
+    for a in accept:
+        if a["library"] == "py3langid" and a["share"] is not None:
+            results_out.goal(
+                f"py3langid: {a['check']} (n={a['n']:,})", 100 * a["share"], 100 * ACCEPT_MIN, unit="%"
+            )
+    table_list = tables(summaries, lib_rows, conf, accept, ratios, args.rounds)
+    for caption, columns, rows in table_list:
+        results_out.table(caption, columns, rows)
+    for note in [*skipped, *notes(corpora, summaries, conf)]:
+        results_out.note(note)
+    results_out.write()
     if args.markdown:
-        print(markdown(summaries, lib_rows, conf, accept, ratios))
-    else:
-        for row in [*summaries, *lib_rows, *conf, *accept, *ratios]:
-            print(json.dumps(row, ensure_ascii=False))
+        print(markdown(table_list))
     return 0
+
+
+def notes(corpora: list[Corpus], summaries: list[dict[str, Any]], conf: list[dict[str, Any]]) -> list[str]:
+    """Sentences derived from this run's figures."""
+    out = []
+    excluded = {c.name: c.excluded for c in corpora if c.excluded}
+    if excluded:
+        out.append(
+            "Left out as not in the corpus's language (mostly non-Cyrillic letters): "
+            + ", ".join(f"{k} {v:,} paragraphs" for k, v in excluded.items())
+            + "."
+        )
+    short = [s for s in summaries if s["corpus"] == "ruslit" and s["by_length"]["<50"]["n"]]
+    if short:
+        out.append(
+            "RusLit paragraphs under 50 characters labelled ru: "
+            + ", ".join(f"{s['library']} {_pct(s['by_length']['<50']['accuracy'])}" for s in short)
+            + "."
+        )
+    default = LangIdConfig().min_confidence
+    for c in conf:
+        row = next((t for t in c["thresholds"] if t["min_confidence"] == default), None)
+        if row is None:
+            continue
+        out.append(
+            f"{c['library']} at moeforge's default min_confidence {default}: drops {_pct(row['wrong_dropped'])} "
+            f"of its wrong labels and {_pct(row['right_dropped_by_length']['>200'])} of its right labels over "
+            f"200 characters ({_pct(row['right_dropped_by_length']['50-200'])} of those of 50–200). Confidence "
+            "of right labels "
+            + ", ".join(f"{k} {v}" for k, v in c["right"].items())
+            + "; of wrong labels "
+            + ", ".join(f"{k} {v}" for k, v in c["wrong"].items())
+            + "."
+        )
+    return out
 
 
 if __name__ == "__main__":
