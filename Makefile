@@ -51,11 +51,15 @@ bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/generate.py --model smollm2
 	$(PY) benchmarks/dpo_step.py
-	$(PY) benchmarks/pipeline.py --systems moeforge,datatrove_ws,langid
+	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 1 --systems moeforge,datatrove_ws
+	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 2 --systems moeforge,datatrove_ws,langid
 	$(PY) benchmarks/pipeline.py --size-mb 30 --workers 1 --systems moeforge,moeforge_ray,datatrove_ws
 	$(PY) benchmarks/pipeline.py --size-mb 30 --workers 2 --systems moeforge,moeforge_ray,datatrove_ws
-	$(PY) benchmarks/langid.py
-	$(PY) benchmarks/decontam.py --quick
+	$(PY) benchmarks/tokenize_pack.py
+	$(PY) benchmarks/langid.py --limit 0 --restricted
+	$(PY) benchmarks/near_dedup.py
+	$(PY) benchmarks/semantic_dedup.py
+	$(PY) benchmarks/decontam.py
 
 # The whole flow on built-in data (no downloads): data → tokenizer → shards → train → eval → charts.
 demo: setup

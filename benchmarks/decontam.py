@@ -1,4 +1,6 @@
-"""Decontamination: recall and precision on benchmark items planted in real prose, and throughput.
+"""Decontamination: recall and precision on benchmark items planted in real prose, against datatrove's
+``NGramsDecontFilter`` and a plain-Python reference of the same rule, then index build and detection
+throughput, the systems interleaved round by round.
 
 Corpus (from ``$MOEFORGE_REAL_DATA``, else ``../shared/data`` beside the project root): Shakespeare
 (``tinyshakespeare/input.txt``, paragraphs on blank lines) and RusLit (``ruslit/<author>/*.txt``, one
@@ -17,24 +19,34 @@ HumanEval (30%), inserted between two words at a random position, as one of four
 
 each lightly re-formatted at random: case (upper, lower, title), whitespace (newlines → spaces, spaces
 doubled, re-wrapped at 60 columns, or code re-indented with tabs), punctuation (commas and periods
-dropped, quotes made typographic, "?" → "."). The ground truth is which document holds which item.
+dropped, quotes made typographic, "?" → "."). A share ``DECOY_SHARE`` of the other documents gets a
+GSM8K *train* item instead, which is not contamination (a decoy). The ground truth is which document
+holds which item.
 
 Systems, each asked "which benchmark does this document contain?":
 
 - ``moeforge``: :class:`moeforge.data.decontam.DecontamIndex` (``find``, and ``contains_any`` for speed);
 - ``reference``: a plain-Python implementation of the same rule (per-character normalization with
-  :mod:`unicodedata`, n-gram tuples in a dict) — a cross-check of the hashing, not a competitor;
+  :mod:`unicodedata`, n-gram tuples in a dict) — a cross-check of the hashing, not a competitor: its
+  verdicts must equal moeforge's on every document, or the run stops;
 - ``datatrove``: ``NGramsDecontFilter`` run as is, on an index made by ``NGramsDecontIndexer``'s own
   ``compute_hashes`` (query = question/prompt, label = answer/solution, query and overlap n-grams on,
   n = 13). The indexer step itself cannot be used offline: constructing it requires ``lighteval``, and
-  its ``run`` loads the tasks from the Hugging Face Hub. datatrove needs its own environment; pass its
-  interpreter with ``--datatrove-python`` (e.g. a venv with ``pip install datatrove==0.10.1 spacy``).
+  its ``run`` loads the tasks from the Hugging Face Hub. It runs in a child process that stays up for
+  the whole run (``--datatrove-python`` picks its interpreter; by default this one), so its index build
+  and its passes over the documents are timed in the same rounds as the others'.
 
-Printed: one JSON line per system × benchmark (planted, found, recall, false positives, precision, and
-for moeforge recall per variant and whether the right item was named), per system speed (docs/s, MB/s
-of UTF-8, single-threaded, systems taking turns over chunks of documents), per system index build time
-and memory, and the machine's load average before and after. ``--markdown`` prints tables instead;
-``--quick`` uses a quarter of the corpus. Run: ``python benchmarks/decontam.py [--quick] [--markdown]``.
+Timing goes through ``benchmarks/_harness.py``: the index builds, then full passes over the documents,
+``--rounds`` rounds each, the systems interleaved with the order rotated (after an untimed warm-up on a
+few documents); medians, spread and per-round ratios; CPU seconds per pass beside the wall time (the
+machine is shared). Every system's verdicts are checked to be the same in every round, and against
+moeforge's, before any time is reported. Index memory comes from separate untimed builds under
+tracemalloc (moeforge, reference) and from the child's peak RSS (datatrove).
+
+Prints JSON lines and writes ``benchmarks/results/decontam.json`` (``--json``), which
+``benchmarks/report.py`` renders; ``--markdown`` also prints the tables; ``--quick`` uses a quarter of the
+corpus and of the benchmark items. Run: ``python benchmarks/decontam.py [--quick] [--rounds 3]
+[--datatrove-python PY] [--no-reference] [--show-misses N] [--busy N] [--markdown]``.
 """
 
 from __future__ import annotations
@@ -56,7 +68,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness
 
 SEED = 0
 DOC_CHARS = 3000
@@ -263,75 +279,38 @@ class Reference:
         return found
 
 
-def build_moeforge(items: list[Item]) -> tuple[Any, dict[str, Any]]:
-    from moeforge.data.decontam import BenchmarkItem, DecontamConfig, DecontamIndex
+def _moeforge_cfg() -> Any:
+    from moeforge.data.decontam import DecontamConfig
 
-    cfg = DecontamConfig(ngram=NGRAM, min_item_words=MIN_ITEM_WORDS, max_item_frequency=MAX_ITEM_FREQUENCY)
+    return DecontamConfig(ngram=NGRAM, min_item_words=MIN_ITEM_WORDS, max_item_frequency=MAX_ITEM_FREQUENCY)
+
+
+def build_moeforge(items: list[Item]) -> Any:
+    from moeforge.data.decontam import BenchmarkItem, DecontamIndex
+
+    return DecontamIndex.from_items(
+        [BenchmarkItem(it.benchmark, it.item_id, it.text) for it in items], _moeforge_cfg()
+    )
+
+
+def traced(build: Callable[[], Any]) -> tuple[Any, int, int]:
+    """``build()`` under tracemalloc (untimed: it slows allocation): (result, peak bytes, bytes alive)."""
     tracemalloc.start()
-    t0 = time.perf_counter()
-    index = DecontamIndex.from_items([BenchmarkItem(it.benchmark, it.item_id, it.text) for it in items], cfg)
-    seconds = time.perf_counter() - t0
-    peak = tracemalloc.get_traced_memory()[1]
+    out = build()
+    current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    stats = index.stats()
-    return index, {
-        "kind": "index",
-        "system": "moeforge",
-        "build_s": round(seconds, 3),
-        "ngrams": stats["ngrams"],
-        "state_mb": round(stats["bytes"] / 1e6, 2),
-        "bytes_per_ngram": stats["bytes_per_ngram"],
-        "build_peak_mb": round(peak / 1e6, 1),
-        "note": "build from items in memory (file loading not timed)",
-    }
+    return out, peak, current
 
 
-def build_reference(items: list[Item]) -> tuple[Reference, dict[str, Any]]:
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    ref = Reference(items)
-    seconds = time.perf_counter() - t0
-    current = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    return ref, {
-        "kind": "index",
-        "system": "reference",
-        "build_s": round(seconds, 3),
-        "ngrams": len(ref.grams),
-        "state_mb": round(current / 1e6, 1),
-        "bytes_per_ngram": round(current / max(1, len(ref.grams)), 1),
-        "note": "dict of word tuples; memory = Python objects alive after the build (tracemalloc)",
-    }
+# --- datatrove (in its own interpreter, one process for the whole run) -------------------------------
 
 
-def time_systems(
-    detectors: dict[str, Detect], docs: list[Doc]
-) -> dict[str, tuple[list[set[str]], float, float]]:
-    """Run every detector over ``docs`` in chunks, taking turns so that they share the machine's noise;
-    (results, wall seconds, CPU seconds) per detector."""
-    results: dict[str, list[set[str]]] = {name: [] for name in detectors}
-    seconds = dict.fromkeys(detectors, 0.0)
-    cpu = dict.fromkeys(detectors, 0.0)
-    for detect in detectors.values():
-        for d in docs[:5]:
-            detect(d.text)
-    names = list(detectors)
-    for k, start in enumerate(range(0, len(docs), CHUNK)):
-        chunk = docs[start : start + CHUNK]
-        for name in names[k % len(names) :] + names[: k % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = [detectors[name](d.text) for d in chunk]
-            seconds[name] += time.perf_counter() - t0
-            cpu[name] += time.process_time() - c0
-            results[name].extend(out)
-    return {name: (results[name], seconds[name], cpu[name]) for name in names}
-
-
-# --- datatrove (in its own interpreter) --------------------------------------------------------------
-
-
-def datatrove_child(inp: str, out: str) -> None:
-    """Build datatrove's index with NGramsDecontIndexer.compute_hashes and run NGramsDecontFilter."""
+def datatrove_child(job_path: str) -> None:
+    """Serve commands on stdin, one JSON line each, answering one JSON line on stdout: ``build`` (its
+    index: NGramsDecontIndexer.compute_hashes, written and loaded by NGramsDecontFilter; of the first
+    ``limit`` items only, for a warm-up), ``run``
+    (NGramsDecontFilter over the documents, or the first ``limit``), ``stats``, ``quit``."""
+    from importlib.metadata import version
     from types import SimpleNamespace
 
     import numpy as np
@@ -340,53 +319,98 @@ def datatrove_child(inp: str, out: str) -> None:
     from datatrove.utils.hashing import create_hash_func
     from datatrove.utils.word_tokenizers import load_word_tokenizer
 
-    job = json.loads(Path(inp).read_text(encoding="utf-8"))
+    reply_to = sys.stdout
+    sys.stdout = sys.stderr  # anything the libraries print goes to the log, not into the replies
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     cfg = NGramsDecontConfig(n_grams=job["ngram"], find_query_ngrams=True, find_overlap_ngrams=True)
     # NGramsDecontIndexer(...) refuses to exist without lighteval; its compute_hashes only needs these three
     shim = SimpleNamespace(
         tokenizer=load_word_tokenizer("en"), config=cfg, hash_func=create_hash_func(cfg.hash_config)
     )
-    t0 = time.perf_counter()
-    hashes: dict[str, set[int]] = defaultdict(set)
-    for it in job["items"]:
-        hashes[it["benchmark"]].update(NGramsDecontIndexer.compute_hashes(shim, it["label"], it["query"]))
-    build_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as folder:
-        for task, hs in hashes.items():
-            np.array(sorted(hs), dtype=cfg.hash_config.np_descr).tofile(Path(folder) / f"{task}.index.hashes")
-        filt = NGramsDecontFilter(folder, config=cfg, language="en")
-        t1 = time.perf_counter()
-        filt.load_index_hashes()
-        load_s = time.perf_counter() - t1
-        results, seconds, cpu = [], 0.0, 0.0
-        for k, text in enumerate(job["docs"]):
-            doc = Document(text=text, id=str(k))
-            t2, c2 = time.perf_counter(), time.process_time()
-            kept = filt.filter(doc)
-            seconds += time.perf_counter() - t2
-            cpu += time.process_time() - c2
-            results.append(
-                None
-                if kept is True
-                else [doc.metadata.get("contaminated_task"), doc.metadata.get("contaminated_ngram")]
-            )
-    from importlib.metadata import version
+    state: dict[str, Any] = {}
+    folder = tempfile.TemporaryDirectory()
 
-    Path(out).write_text(
-        json.dumps(
-            {
-                "version": version("datatrove"),
-                "build_s": build_s,
-                "load_s": load_s,
-                "ngrams": sum(len(h) for h in hashes.values()),
-                "seconds": seconds,
-                "cpu_seconds": cpu,
-                "results": results,
-                "rss_mb": _peak_rss_mb(),
-            }
-        ),
-        encoding="utf-8",
-    )
+    def build(limit: int | None) -> dict[str, Any]:
+        hashes: dict[str, set[int]] = defaultdict(set)
+        for it in job["items"][:limit]:
+            hashes[it["benchmark"]].update(NGramsDecontIndexer.compute_hashes(shim, it["label"], it["query"]))
+        for task, hs in hashes.items():
+            np.array(sorted(hs), dtype=cfg.hash_config.np_descr).tofile(
+                Path(folder.name) / f"{task}.index.hashes"
+            )
+        filt = NGramsDecontFilter(folder.name, config=cfg, language="en")
+        filt.load_index_hashes()
+        state["filter"] = filt
+        return {"ngrams": sum(len(h) for h in hashes.values())}
+
+    def run(limit: int | None) -> dict[str, Any]:
+        filt = state["filter"]
+        results = []
+        for k, text in enumerate(job["docs"][:limit]):
+            doc = Document(text=text, id=str(k))
+            kept = filt.filter(doc)
+            results.append(None if kept is True else doc.metadata.get("contaminated_task"))
+        return {"results": results}
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        c0 = time.process_time()
+        if cmd["cmd"] == "build":
+            out = build(cmd.get("limit"))
+        elif cmd["cmd"] == "run":
+            out = run(cmd.get("limit"))
+        elif cmd["cmd"] == "stats":
+            out = {"version": version("datatrove"), "rss_mb": _peak_rss_mb()}
+        else:
+            break
+        out["cpu_s"] = time.process_time() - c0
+        reply_to.write(json.dumps(out) + "\n")
+        reply_to.flush()
+    folder.cleanup()
+
+
+class Datatrove:
+    """The parent's end of :func:`datatrove_child`."""
+
+    def __init__(self, py: str, items: list[Item], docs: list[Doc], tmp: Path) -> None:
+        job = tmp / "datatrove-job.json"
+        job.write_text(
+            json.dumps(
+                {
+                    "ngram": NGRAM,
+                    "items": [
+                        {"benchmark": it.benchmark, "query": it.query, "label": it.label} for it in items
+                    ],
+                    "docs": [d.text for d in docs],
+                }
+            ),
+            encoding="utf-8",
+        )
+        self.log_path = tmp / "datatrove.log"
+        self.log: IO[str] = self.log_path.open("w")
+        cmd = [py, str(Path(__file__).resolve()), "--datatrove-child", str(job)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.flush()
+            tail = self.log_path.read_text(encoding="utf-8")[-3000:]
+            raise RuntimeError(f"datatrove's process ended (exit {self.proc.wait()}):\n{tail}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self.log.close()
 
 
 def _peak_rss_mb() -> float:
@@ -407,28 +431,16 @@ def find_datatrove_python(arg: str | None) -> tuple[str | None, list[str]]:
     candidates = [arg] if arg else [sys.executable, os.environ.get("DATATROVE_PYTHON")]
     refused: list[str] = []
     for py in filter(None, candidates):
-        proc = subprocess.run([py, "-c", _DATATROVE_SMOKE], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([py, "-c", _DATATROVE_SMOKE], capture_output=True, text=True)
+        except OSError as exc:
+            refused.append(f"{py}: {exc}")
+            continue
         if proc.returncode == 0:
             return py, refused
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         refused.append(f"{py}: {last}")
     return None, refused
-
-
-def run_datatrove(py: str, items: list[Item], docs: list[Doc]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        inp, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job = {
-            "ngram": NGRAM,
-            "items": [{"benchmark": it.benchmark, "query": it.query, "label": it.label} for it in items],
-            "docs": [d.text for d in docs],
-        }
-        inp.write_text(json.dumps(job), encoding="utf-8")
-        cmd = [py, str(Path(__file__).resolve()), "--datatrove-child", str(inp), str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"datatrove run failed:\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text(encoding="utf-8"))
 
 
 # --- scoring and output -----------------------------------------------------------------------------
@@ -468,19 +480,6 @@ def score(
     return rows
 
 
-def speed_row(system: str, docs: int, mb: float, seconds: float, cpu: float) -> dict[str, Any]:
-    return {
-        "kind": "speed",
-        "system": system,
-        "docs_per_s": round(docs / seconds, 1),
-        "mb_per_s": round(mb / seconds, 3),
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu, 3),
-        "docs_per_cpu_s": round(docs / cpu, 1),
-        "mb_per_cpu_s": round(mb / cpu, 3),
-    }
-
-
 def _rate(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
@@ -497,69 +496,43 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    env = next(r for r in rows if r["kind"] == "environment")
-    lines = [
-        f"Corpus: {env['docs']} documents, {env['mb']} MB (UTF-8), {env['planted']} with a test item, "
-        f"{env['decoys']} with a GSM8K train item "
-        f"({'quick' if env['quick'] else 'full'} run, seed {SEED}); load average "
-        f"{env['load_before']} before, {env['load_after']} after, on {env['cpus']} shared CPUs.",
-        "",
-        "| system | benchmark | planted (≥ 13 words) | recall | whole | question | 30-word excerpt "
-        "| 12-word excerpt | flagged | false positives (train decoys flagged / decoys) | precision |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in rows:
-        if r["kind"] != "accuracy":
-            continue
-        v = r["by_variant"]
-        lines.append(
-            f"| {r['system']} | {r['benchmark']} | {r['planted']} | {_pct(r['recall'])} | "
-            + " | ".join(f"{_pct(v[k]['recall'])}" for k in VARIANTS)
-            + f" | {r['flagged']} | {r['false_positives']} ({r['decoys_flagged']} / {r['decoys']}) "
-            f"| {_pct(r['precision'])} |"
-        )
-    lines += [
-        "",
-        "| system | docs/s (wall) | MB/s (wall) | wall s | docs per CPU-s | MB per CPU-s | CPU s |",
-        "|---|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in rows:
-        if r["kind"] == "speed":
-            lines.append(
-                f"| {r['system']} | {r['docs_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['seconds']:.2f} | "
-                f"{r['docs_per_cpu_s']:,.0f} | {r['mb_per_cpu_s']:.2f} | {r['cpu_seconds']:.2f} |"
-            )
-    lines += [
-        "",
-        "| system | index build s | n-grams | state MB | bytes / n-gram | note |",
-        "|---|--:|--:|--:|--:|---|",
-    ]
-    for r in rows:
-        if r["kind"] == "index":
-            lines.append(
-                f"| {r['system']} | {r['build_s']} | {r['ngrams']:,} | {r['state_mb']} | "
-                f"{r['bytes_per_ngram']} | {r['note']} |"
-            )
-    for r in rows:
-        if r["kind"] == "agreement":
-            lines += ["", f"moeforge vs reference: same verdict on {r['same']}/{r['docs']} documents."]
-        if r["kind"] == "skipped":
-            lines += ["", f"{r['system']}: skipped — {r['reason']}"]
+def _same_every_round(name: str, outputs: list[Any]) -> None:
+    """A system's verdicts must not change between rounds (else the rounds did not do the same work)."""
+    _harness.check_same({f"round {i + 1}": o for i, o in enumerate(outputs)}, "round 1")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The run's checks, tables and notes as markdown (what benchmarks/report.py renders)."""
+    lines: list[str] = []
+    for what, verdict in doc["checks"].items():
+        v = "; ".join(f"{k}: {x}" for k, x in verdict.items()) if isinstance(verdict, dict) else str(verdict)
+        lines.append(f"- Output check, {what}: {v}")
+    for t in doc["tables"]:
+        lines += [
+            "",
+            t["caption"],
+            "",
+            "| " + " | ".join(t["columns"]) + " |",
+            "|" + "---|" * len(t["columns"]),
+        ]
+        lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in t["rows"]]
+    lines += [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="a quarter of the corpus")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables instead of JSON lines")
-    p.add_argument("--datatrove-python", help="interpreter with datatrove + spacy installed (else skipped)")
+    _harness.add_common_args(p, rounds=3)
+    p.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+    p.add_argument(
+        "--datatrove-python", help="interpreter with datatrove + spacy installed (default: this one)"
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the plain-Python reference")
     p.add_argument("--show-misses", type=int, default=0, metavar="N", help="print N missed plants to stderr")
-    p.add_argument("--datatrove-child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--datatrove-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.datatrove_child:
-        datatrove_child(*args.datatrove_child)
+        datatrove_child(args.datatrove_child)
         return 0
 
     root = data_dir()
@@ -569,118 +542,323 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"skipped: real data missing: {', '.join(missing)} (set MOEFORGE_REAL_DATA to shared/data)")
         return 0
-    load_before = os.getloadavg()
+    rounds = min(args.rounds, 2) if args.quick else args.rounds
     rng = random.Random(SEED)
     items = load_items(root)
     docs = load_corpus(root)
+    train = load_gsm8k(root, "train")
     if args.quick:
         docs = [d for d in docs if rng.random() < 0.25]
-    plant(docs, items, load_gsm8k(root, "train"), rng)
+        items = [it for it in items if rng.random() < 0.25]
+    plant(docs, items, train, rng)
     benchmarks = ("gsm8k", "humaneval")
+    mb = sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
+    results = _harness.Results("decontam", args, title="Decontamination")
+    results.row(
+        part="corpus",
+        docs=len(docs),
+        mb=round(mb, 2),
+        items={b: sum(it.benchmark == b for it in items) for b in benchmarks},
+        planted=sum(d.planted is not None for d in docs),
+        decoys=sum(d.decoy is not None for d in docs),
+    )
 
-    rows: list[dict[str, Any]] = []
-    index, index_row = build_moeforge(items)
-    rows.append(index_row)
-    detectors: dict[str, Detect] = {
-        "moeforge": lambda t: {m.benchmark for m in index.find(t)},
-        "moeforge (contains_any)": lambda t: {"any"} if index.contains_any(t) else set(),
+    py, refused = find_datatrove_python(args.datatrove_python)
+    if py is None:
+        reason = (
+            "no interpreter runs datatrove's decontamination ("
+            + "; ".join(refused or ["datatrove + spacy not installed"])
+            + "); pass --datatrove-python (a venv with pip install datatrove==0.10.1 spacy)"
+        )
+        print(f"datatrove skipped: {reason}", file=sys.stderr)
+        results.check("datatrove", f"skipped: {reason}")
+    with tempfile.TemporaryDirectory() as tmp, _harness.cpu_hog(args.busy):
+        dt = Datatrove(py, items, docs, Path(tmp)) if py else None
+        try:
+            measure(args, items, docs, train, benchmarks, mb, rounds, dt, results)
+        finally:
+            if dt is not None:
+                dt.close()
+    results.write()
+    if args.markdown:
+        print(markdown(results.doc))
+    return 0
+
+
+def measure(
+    args: argparse.Namespace,
+    items: list[Item],
+    docs: list[Doc],
+    train: list[Item],
+    benchmarks: Sequence[str],
+    mb: float,
+    rounds: int,
+    dt: Datatrove | None,
+    results: _harness.Results,
+) -> None:
+    # --- index memory from untimed builds under tracemalloc (which also warm up imports and caches)
+    _, moeforge_peak, _ = traced(lambda: build_moeforge(items))
+    peaks = {"moeforge": moeforge_peak / 1e6}
+    ref_alive = None
+    if not args.no_reference:
+        _, ref_peak, ref_alive = traced(lambda: Reference(items))
+        peaks["reference"] = ref_peak / 1e6
+
+    # --- index builds, interleaved; their n-gram counts compared
+    built: dict[str, Any] = {}
+    builders: dict[str, Callable[[], None]] = {
+        "moeforge": lambda: built.__setitem__("moeforge", build_moeforge(items))
     }
     if not args.no_reference:
-        ref, ref_row = build_reference(items)
-        rows.append(ref_row)
-        detectors["reference"] = ref.detect
-    timed = time_systems(detectors, docs)
-    mb = sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
-    for name, (found, seconds, cpu) in timed.items():
-        if name != "moeforge (contains_any)":
-            rows += score(name, docs, found, benchmarks)
-        rows.append(speed_row(name, len(docs), mb, seconds, cpu))
-    ours = timed["moeforge"][0]
-    contains = timed["moeforge (contains_any)"][0]
-    assert [bool(f) for f in ours] == [bool(c) for c in contains], "contains_any disagrees with find"
-    if "reference" in timed:
-        same = sum(a == b for a, b in zip(ours, timed["reference"][0], strict=True))
-        rows.append(
-            {"kind": "agreement", "systems": ["moeforge", "reference"], "docs": len(docs), "same": same}
+        builders["reference"] = lambda: built.__setitem__("reference", Reference(items))
+    if dt is not None:
+        dt.call(cmd="build", limit=20)  # warm-up (its tokenizer's first calls), untimed
+        builders["datatrove"] = lambda: built.__setitem__("datatrove", dt.call(cmd="build"))
+    build_t = _harness.interleave(builders, rounds, warmup=0)
+    index, ref = built["moeforge"], built.get("reference")
+    memory = {"moeforge": index.stats()["bytes"] / 1e6}
+    if ref_alive is not None:
+        memory["reference"] = ref_alive / 1e6
+    ngrams = {"moeforge": index.stats()["ngrams"]}
+    if ref is not None:
+        ngrams["reference"] = len(ref.grams)
+    if dt is not None:
+        ngrams["datatrove"] = built["datatrove"]["ngrams"]
+    why = {"datatrove": "its own words (spaCy), numbers normalized to 0, query and label n-grams"}
+    same = _harness.check_same(ngrams, "moeforge", allowed=why)
+    if same:
+        results.check(
+            "index, distinct n-grams against moeforge's",
+            {
+                k: ("same" if v == "same" else f"differs ({why[k]})")
+                + f": {ngrams[k]:,} against {ngrams['moeforge']:,}"
+                for k, v in same.items()
+            },
         )
-    right_item = sum(
+    # --- detection passes, interleaved (after an untimed warm-up on a few documents)
+    texts = [d.text for d in docs]
+    found: dict[str, list[list[Any]]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
+
+    def local(name: str, detect: Callable[[str], Any]) -> Callable[[], None]:
+        def run() -> None:
+            c0 = time.process_time()
+            out = [detect(t) for t in texts]
+            cpu[name].append(time.process_time() - c0)
+            found[name].append(out)
+
+        return run
+
+    detectors: dict[str, Callable[[], None]] = {
+        "moeforge": local("moeforge", lambda t: {m.benchmark for m in index.find(t)}),
+        "moeforge (contains_any)": local("moeforge (contains_any)", index.contains_any),
+    }
+    if ref is not None:
+        detectors["reference"] = local("reference", ref.detect)
+    for t in texts[:5]:
+        index.find(t)
+        index.contains_any(t)
+        if ref is not None:
+            ref.detect(t)
+    if dt is not None:
+
+        def datatrove_pass() -> None:
+            out = dt.call(cmd="run")
+            cpu["datatrove"].append(out["cpu_s"])
+            found["datatrove"].append([set() if r is None else {r} for r in out["results"]])
+
+        detectors["datatrove"] = datatrove_pass
+        dt.call(cmd="run", limit=5)
+    pass_t = _harness.interleave(detectors, rounds, warmup=0)
+
+    # --- outputs, before any time: every round the same, then against moeforge's
+    for name, outs in found.items():
+        _same_every_round(name, [[sorted(f) if isinstance(f, set) else f for f in o] for o in outs])
+    ours = found["moeforge"][0]
+    results.check(
+        "detection, every system's verdicts round to round", dict.fromkeys(found, "the same in every round")
+    )
+    verdict = _harness.check_same(
+        {"moeforge": [bool(f) for f in ours], "moeforge (contains_any)": found["moeforge (contains_any)"][0]},
+        "moeforge",
+    )
+    if ref is not None:
+        verdict |= _harness.check_same(
+            {"moeforge": [sorted(f) for f in ours], "reference": [sorted(f) for f in found["reference"][0]]},
+            "moeforge",
+        )
+    if dt is not None:
+        theirs = found["datatrove"][0]
+        # datatrove names one benchmark per document (the first it meets); compare which documents are flagged
+        only_ours = sum(bool(a) and not b for a, b in zip(ours, theirs, strict=True))
+        only_theirs = sum(bool(b) and not a for a, b in zip(ours, theirs, strict=True))
+        both = sum(bool(a) and bool(b) for a, b in zip(ours, theirs, strict=True))
+        reason = "its own normalization (numbers → 0) and tokenizer"
+        same = _harness.check_same(
+            {"moeforge": [bool(f) for f in ours], "datatrove": [bool(f) for f in theirs]},
+            "moeforge",
+            allowed={"datatrove": reason},
+        )
+        verdict["datatrove"] = ("same" if same["datatrove"] == "same" else f"differs ({reason})") + (
+            f": documents flagged by both {both}, by moeforge only {only_ours}, by datatrove only {only_theirs}"
+        )
+    results.check(f"detection, which of the {len(docs):,} documents are flagged, against moeforge", verdict)
+
+    # --- against the ground truth
+    final = {name: outs[0] for name, outs in found.items() if name != "moeforge (contains_any)"}
+    acc_table = []
+    acc: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, f in final.items():
+        for r in score(name, docs, f, benchmarks):
+            del r["kind"]
+            acc[(name, r["benchmark"])] = results.row(part="accuracy", **r)
+            v = r["by_variant"]
+            acc_table.append(
+                [name, r["benchmark"], r["planted"], _pct(r["recall"])]
+                + [_pct(v[k]["recall"]) for k in VARIANTS]
+                + [
+                    r["flagged"],
+                    r["false_positives"],
+                    f"{r['decoys_flagged']} / {r['decoys']}",
+                    _pct(r["precision"]),
+                ]
+            )
+    results.table(
+        f"Accuracy: {len(docs):,} documents ({mb:.1f} MB), {sum(d.planted is not None for d in docs)} with a "
+        f"test item planted, {sum(d.decoy is not None for d in docs)} with a GSM8K train item (a decoy). "
+        f"Recall counts the items of at least {NGRAM} words (whole, question, 30-word excerpt); the 12-word "
+        "excerpt is shorter than the n-gram and shown on its own.",
+        [
+            "system",
+            "benchmark",
+            f"planted (≥ {NGRAM} words)",
+            "recall",
+            "whole",
+            "question",
+            "30-word excerpt",
+            "12-word excerpt",
+            "flagged",
+            "false positives",
+            "decoys flagged",
+            "precision",
+        ],
+        acc_table,
+    )
+    right = sum(
         1
         for d in docs
         if d.planted
         and d.variant in SCORED_VARIANTS
         and any(m.item_id == d.planted.item_id for m in index.find(d.text))
     )
-    rows.append(
-        {
-            "kind": "item_attribution",
-            "system": "moeforge",
-            "planted": sum(1 for d in docs if d.planted and d.variant in SCORED_VARIANTS),
-            "right_item_named": right_item,
-        }
+    scored = sum(1 for d in docs if d.planted and d.variant in SCORED_VARIANTS)
+    results.row(part="item_attribution", system="moeforge", planted=scored, right_item_named=right)
+    results.note(
+        f"moeforge names the planted item itself (not only its benchmark) for {right} of {scored} planted documents."
+    )
+    for name in final:
+        fp = sum(acc[(name, b)]["false_positives"] for b in benchmarks)
+        decoys = sum(acc[(name, b)]["decoys_flagged"] for b in benchmarks)
+        n_decoys = sum(d.decoy is not None for d in docs)
+        results.note(f"{name}: {fp} false positives, {decoys} of the {n_decoys} decoy documents flagged.")
+    overlap = sum(1 for it in train if any(m.benchmark == "gsm8k" for m in index.find(it.text)))
+    results.row(part="train_test_overlap", gsm8k_train_items=len(train), sharing_an_ngram_with_test=overlap)
+    results.note(
+        f"{overlap} of the {len(train):,} GSM8K training problems share an indexed {NGRAM}-gram with "
+        f"{'the sampled' if args.quick else 'the'} test problems: a decontamination step drops them."
     )
 
-    py, refused = find_datatrove_python(args.datatrove_python)
-    if py is None:
-        rows.append(
-            {
-                "kind": "skipped",
-                "system": "datatrove",
-                "reason": "no interpreter runs datatrove's decontamination ("
-                + "; ".join(refused or ["datatrove + spacy not installed"])
-                + "); pass --datatrove-python (a venv with pip install datatrove==0.10.1 spacy)",
-            }
+    # --- times
+    n = len(docs)
+    speed_table = []
+    for name, t in pass_t.items():
+        c = sorted(cpu[name])[len(cpu[name]) // 2]
+        peer = name not in ("moeforge", "moeforge (contains_any)")
+        r = _harness.paired_ratio(pass_t["moeforge"], t) if peer else None
+        cpu_ratio = (
+            sorted(x / o for o, x in zip(cpu["moeforge"], cpu[name], strict=True))[len(cpu[name]) // 2]
+            if peer
+            else None
         )
-    else:
-        dt = run_datatrove(py, items, docs)
-        found = [set() if r is None else {r[0]} for r in dt["results"]]
-        system = f"datatrove {dt['version']}"
-        rows += score(system, docs, found, benchmarks)
-        rows.append(speed_row(system, len(docs), mb, dt["seconds"], dt["cpu_seconds"]))
-        rows.append(
-            {
-                "kind": "index",
-                "system": system,
-                "build_s": round(dt["build_s"] + dt["load_s"], 3),
-                "ngrams": dt["ngrams"],
-                "state_mb": dt["rss_mb"],
-                "bytes_per_ngram": "–",
-                "note": "compute_hashes + load_index_hashes (a dict of Python ints); memory = peak RSS of its "
-                "process",
-            }
+        b = build_t.get("datatrove" if name == "datatrove" else name)
+        results.row(
+            part="speed",
+            system=name,
+            docs=n,
+            mb=round(mb, 3),
+            **t.as_dict(4),
+            docs_per_s=round(t.rate(n), 1),
+            mb_per_s=round(t.rate(mb), 3),
+            cpu_s=round(c, 3),
+            docs_per_cpu_s=round(n / c, 1) if c else None,
+            **({"moeforge_speedup": r.as_dict(), "moeforge_cpu_speedup": round(cpu_ratio, 3)} if r else {}),
         )
-        if args.show_misses:
-            for m in misses(docs, found, args.show_misses):
-                print(f"[datatrove miss] {m}", file=sys.stderr)
-            decoy_hits = [(d, r) for d, r in zip(docs, dt["results"], strict=True) if d.decoy and r]
-            for d, r in decoy_hits[: args.show_misses]:
-                print(f"[datatrove decoy flagged] {d.decoy.item_id if d.decoy else ''}: {r}", file=sys.stderr)
-    if args.show_misses:
-        for m in misses(docs, ours, args.show_misses):
-            print(f"[moeforge miss] {m}", file=sys.stderr)
-        flagged = [(d, index.find(d.text)) for d, f in zip(docs, ours, strict=True) if d.decoy and f]
-        for d, matches in flagged[: args.show_misses]:
-            hits = [(m.item_id, m.ngram) for m in matches]
-            print(f"[moeforge decoy flagged] {d.decoy.item_id if d.decoy else ''}: {hits}", file=sys.stderr)
-    rows.insert(
-        0,
-        {
-            "kind": "environment",
-            "docs": len(docs),
-            "mb": round(mb, 2),
-            "planted": sum(d.planted is not None for d in docs),
-            "decoys": sum(d.decoy is not None for d in docs),
-            "quick": args.quick,
-            "cpus": os.cpu_count(),
-            "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        speed_table.append(
+            [
+                name,
+                round(t.rate(n), 1),
+                round(t.rate(mb), 2),
+                f"{100 * t.spread:.0f}%",
+                round(n / c, 1) if c else "–",
+                f"{r.median:.2f}× ({r.low:.2f}–{r.high:.2f})" if r else "–",
+                f"{cpu_ratio:.2f}×" if cpu_ratio else "–",
+                round(b.median, 3) if b and name != "moeforge (contains_any)" else "–",
+            ]
+        )
+    for name, t in build_t.items():
+        results.row(
+            part="index",
+            system=name,
+            **t.as_dict(4),
+            ngrams=ngrams[name],
+            state_mb=round(memory[name], 2) if name in memory else None,
+            build_peak_mb=round(peaks[name], 1) if name in peaks else None,
+        )
+    if dt is not None:
+        stats = dt.call(cmd="stats")
+        memory["datatrove"] = stats["rss_mb"]
+        results.row(
+            part="index", system="datatrove", version=stats["version"], process_peak_rss_mb=stats["rss_mb"]
+        )
+    for row in speed_table:
+        row.append(
+            "–" if row[0] == "moeforge (contains_any)" or row[0] not in memory else round(memory[row[0]], 2)
+        )
+    results.table(
+        f"Speed: a full pass over the {n:,} documents ({mb:.1f} MB), one thread each, median of {rounds} "
+        f"interleaved round{'s' * (rounds > 1)}; speed-up: moeforge's find over the system, the median of the "
+        "per-round ratios (lowest–highest), and the same for CPU seconds. Index build: median of the same "
+        "number of interleaved builds from the items in memory. Index memory: moeforge's arrays; the "
+        "reference's Python objects alive after the build (tracemalloc); datatrove's whole process (peak RSS, "
+        "a dict of Python ints plus spaCy).",
+        [
+            "system",
+            "docs/s",
+            "MB/s",
+            "spread",
+            "docs per CPU-s",
+            "moeforge's speed-up",
+            "CPU",
+            "index build s",
+            "index memory MB",
+        ],
+        speed_table,
     )
-    if args.markdown:
-        print(markdown(rows))
-    else:
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
-    return 0
+    if dt is not None:
+        r = _harness.paired_ratio(pass_t["moeforge"], pass_t["datatrove"])
+        rb = _harness.paired_ratio(build_t["moeforge"], build_t["datatrove"])
+        results.note(
+            f"moeforge's find is {r.median:.0f}× datatrove's docs/s (rounds {r.low:.0f}–{r.high:.0f}); its index "
+            f"builds {rb.median:.0f}× faster and takes {memory['moeforge']:.2f} MB against datatrove's process at "
+            f"{memory['datatrove']:.0f} MB."
+        )
+    if args.show_misses:
+        for name, f in final.items():
+            for m in misses(docs, f, args.show_misses):
+                print(f"[{name} miss] {m}", file=sys.stderr)
+            hits = [d for d, x in zip(docs, f, strict=True) if d.decoy and x]
+            for d in hits[: args.show_misses]:
+                print(f"[{name} decoy flagged] {d.decoy.item_id if d.decoy else ''}", file=sys.stderr)
 
 
 if __name__ == "__main__":

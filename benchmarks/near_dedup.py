@@ -1,31 +1,38 @@
-"""Near-duplicate detection: moeforge's MinHash LSH against datasketch and datatrove.
+"""MinHash near-duplicate detection, moeforge against datasketch and datatrove: what each finds of planted
+copies (precision and recall for every configuration, several seeds) and how fast each runs on one core,
+in rounds interleaved with the order rotated.
 
-**(a) Quality** on a planted set built from the shared real data (``$MOEFORGE_REAL_DATA`` or
-``<project>/../shared/data``): Shakespeare speaker turns grouped into 1–3 KB documents, RusLit
-paragraphs grouped the same way, GSM8K problems one per document; exact repeats removed. A sample of
-them gets one planted copy each, the variant cycling through: 5 / 10 / 20 / 30 % of words edited
-(substituted, deleted or inserted at random positions), sentences shuffled, or a passage of another
-document (~20 % of the length) inserted. Ground truth: each original and its copy. Scores are over
-pairs of documents put in one cluster: precision = planted pairs among them, recall = planted pairs
-found; recall is also given per variant, with the mean true Jaccard (word 5-grams) of that variant,
-so the S-curve can be read off. Predicted pairs outside the planted ones are checked for true Jaccard
-≥ 0.5 (natural near-duplicates in the sources, not LSH errors). All systems use word 5-grams and
-16 bands × 8 rows (128 permutations), and again word 3-grams with 32 × 4 (threshold 0.42, for the
-heavier edits): ``moeforge``, ``moeforge+verify`` (candidate pairs below true Jaccard 0.8, resp. 0.3,
-dropped), ``datasketch`` (``MinHashLSH(params=(b, r))`` over ``MinHash`` objects of exactly moeforge's
-shingle sets, so only the hashing and banding differ; clusters by union-find over ``query`` results)
-and ``datatrove`` (the first three steps of its MinHash pipeline, its own text normalisation,
-whitespace words after it).
+**(a) Quality** — the output check, run before any time is reported — on a planted set built from the
+shared real data (``$MOEFORGE_REAL_DATA`` or ``<project>/../shared/data``): Shakespeare speaker turns
+grouped into 1–3 KB documents, RusLit paragraphs grouped the same way, GSM8K problems one per document;
+exact repeats removed. A sample of them gets one planted copy each, the variant cycling through: 5 / 10
+/ 20 / 30 % of words edited (substituted, deleted or inserted at random positions), sentences shuffled,
+or a passage of another document (~20 % of the length) inserted. Ground truth: each original and its
+copy. Scores are over pairs of documents put in one cluster: precision = planted pairs among them,
+recall = planted pairs found; recall is also given per variant, with the mean true Jaccard (word
+5-grams) of that variant, so the S-curve can be read off. Predicted pairs outside the planted ones are
+checked for true Jaccard ≥ 0.5 (natural near-duplicates in the sources, not LSH errors). Every
+configuration of the sweep — word 5-grams with 16 bands × 8 rows (the defaults), and word 3-grams with
+32 × 4 (threshold 0.42, for the heavier edits) — is scored for every system over ``--seeds`` seeds
+(3; ``--quick`` 1), each seed drawing its own planted set and hash seed; the tables give the mean and
+the seeds' min–max. Systems: ``moeforge``, ``moeforge+verify`` (candidate pairs below true Jaccard
+0.8, resp. 0.3, dropped), ``datasketch`` (``MinHashLSH(params=(b, r))`` over ``MinHash`` objects of
+exactly moeforge's shingle sets, so only the hashing and banding differ; clusters by union-find over
+``query`` results) and ``datatrove`` (the first three steps of its MinHash pipeline, its own text
+normalisation, whitespace words after it). The implementations hash differently, so their clusters are
+expected to differ a little: the differences are recorded, not raised.
 
 **(b) Throughput and memory** on a ≥ ``--size-mb`` MB JSONL corpus in 8 shards: the pipeline
 benchmark's corpus (``/tmp/moeforge-bench-pipeline/corpus-v1-<size>mb-8x``) when it exists, else one
-built here the same way (seeded; 5 % exact and 5 % near copies). Each system runs alone in a child
-process, one task at a time (one core); the parent samples the child's process tree every 0.05 s for
-peak RSS. Everything from reading the JSONL to the clusters is timed:
+built here the same way (seeded; 5 % exact and 5 % near copies). Each system runs in a child process,
+one task at a time (one core), ``--rounds`` times, interleaved with the other systems (the order
+rotated each round, no warm-up round: every run is a fresh process); the parent samples the child's
+process tree every 0.05 s for peak RSS. Everything from starting the process and reading the JSONL to
+the clusters is timed:
 
 - ``moeforge``: per shard read → :func:`minhash_band_keys` → :func:`write_task_keys`; then
   :func:`find_clusters` and :func:`choose_survivors` (keep_first). Also run on the first half of the
-  shards, so the RSS growth per document can be read off (``rss_per_doc_b``).
+  shards (``moeforge_half``), so the RSS growth per document can be read off.
 - ``datasketch``: words by regex (moeforge's definition), 5-gram strings, ``MinHash.generator``
   (affine32 scheme, sha1) → ``MinHashLSH.insert``, then ``query`` per document → union-find.
 - ``datatrove_ws``: ``JsonlReader`` → ``MinhashDedupSignature`` (whitespace word tokenizer after its
@@ -34,38 +41,44 @@ peak RSS. Everything from reading the JSONL to the clusters is timed:
   the corpus) is left out, as moeforge's counterpart (the reduce's rewrite) is.
 - ``datatrove``: the same with its default English word tokenizer (spaCy), with ``--spacy``.
 
-Each line printed is JSON: one per quality system, one per throughput system (docs, MB, seconds,
-CPU seconds, docs/s, MB/s, peak RSS, clusters, documents removed, agreement with moeforge's removed
-set), and a final ``{"ratio": ...}`` line: moeforge's docs/s over each peer's, and recall
-differences at the precision each reached. ``--markdown`` also prints the tables. The machine's load
-average is printed at the start and the end.
+Before the times are reported each system's clusters are checked to be the same in every round, and
+the documents each peer removes are compared with moeforge's (agreement = Jaccard of the removed
+sets). Speed-ups are the median of the per-round ratios (``_harness.paired_ratio``); the goal is
+moeforge ≥ 2× datasketch's docs/s.
 
-Run: ``python benchmarks/near_dedup.py [--quick] [--markdown] [--size-mb 100] [--spacy]``. Needs
-``datasketch==2.0.0`` and ``datatrove==0.10.1`` (+ ``spacy`` for its default tokenizer); a missing
-peer is skipped with a message.
+Figures go through ``benchmarks/_harness.py``: JSON lines as they come, ``benchmarks/results/
+near_dedup.json`` at the end (``--json``), rendered into docs/PERFORMANCE.md by ``benchmarks/report.py``;
+``--markdown`` also prints the tables. Run: ``python benchmarks/near_dedup.py [--quick] [--rounds 3]
+[--seeds 3] [--size-mb 100] [--spacy] [--busy N] [--markdown]``. Needs ``datasketch==2.0.0`` and
+``datatrove==0.10.1`` (+ ``spacy`` for its default tokenizer); a missing peer is skipped with a message.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness
 from moeforge.data.dedup.minhash import (
     MinHashConfig,
     choose_survivors,
@@ -79,6 +92,14 @@ from moeforge.data.dedup.minhash import (
 
 SEED = 20241122
 VARIANTS = ("edit5", "edit10", "edit20", "edit30", "reorder", "insert")
+VARIANT_LABELS = {
+    "edit5": "edit 5%",
+    "edit10": "edit 10%",
+    "edit20": "edit 20%",
+    "edit30": "edit 30%",
+    "reorder": "reorder",
+    "insert": "insert",
+}
 EDIT_RATES = {"edit5": 0.05, "edit10": 0.10, "edit20": 0.20, "edit30": 0.30}
 SHARDS = 8
 RESULT_TAG = "@@near-dedup@@ "
@@ -86,18 +107,17 @@ PIPELINE_CORPUS = Path("/tmp/moeforge-bench-pipeline")
 MB = 1e6
 WORD_RE = re.compile(r"[^\W_]+")  # letters and digits: moeforge's word definition (less combining marks)
 CFG = MinHashConfig(enabled=True)  # the defaults: word 5-grams, 16 bands × 8 rows, threshold 0.707
-# a recall-oriented operating point for the quality table: word 3-grams, 32 × 4, threshold 0.420
+# a recall-oriented operating point: word 3-grams, 32 × 4, threshold 0.420
 LOW = MinHashConfig(enabled=True, ngram=3, bands=32, rows=4)
+SWEEP = (("word 5-grams, 16×8 (defaults)", CFG, 0.8), ("word 3-grams, 32×4", LOW, 0.3))  # label, cfg, verify
+GOAL_VS_DATASKETCH = 2.0  # docs/s ÷ datasketch's, one core each (the target docs/PERFORMANCE.md states)
+PEERS = ("datasketch", "datatrove_ws", "datatrove")
 
 
 def data_root() -> Path:
     """``$MOEFORGE_REAL_DATA`` if set, else ``<project>/../shared/data``."""
     env = os.environ.get("MOEFORGE_REAL_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def load_avg() -> float:
-    return os.getloadavg()[0]
 
 
 # ------------------------------------------------------------------------------ planted documents
@@ -178,10 +198,11 @@ def insert_passage(rng: random.Random, text: str, other: str) -> str:
     return f"{text[:at]}{passage}\n{text[at:]}"
 
 
-def planted_set(rng: random.Random, n_base: int, n_copies: int) -> tuple[list[str], np.ndarray, list[str]]:
+def planted_set(
+    rng: random.Random, pools: dict[str, list[str]], n_base: int, n_copies: int
+) -> tuple[list[str], np.ndarray, list[str]]:
     """``(texts, family, variant)``: originals then copies, shuffled together; ``family[i]`` is the index
     of the original a document was made from (itself for originals), ``variant[i]`` "" for originals."""
-    pools = base_documents(rng)
     share = {"shakespeare": 0.3, "ruslit": 0.4, "gsm8k": 0.3}
     originals: list[str] = []
     for name, frac in share.items():
@@ -207,6 +228,9 @@ def planted_set(rng: random.Random, n_base: int, n_copies: int) -> tuple[list[st
     return [r[0] for r in rows], family, [r[2] for r in rows]
 
 
+# ------------------------------------------------------------------------------ quality
+
+
 def true_jaccard(a: str, b: str) -> float:
     x, y = shingles(a, CFG), shingles(b, CFG)
     inter = len(np.intersect1d(x, y, assume_unique=True))
@@ -214,10 +238,39 @@ def true_jaccard(a: str, b: str) -> float:
     return inter / union if union else 0.0
 
 
-def score(
-    name: str, roots: np.ndarray, family: np.ndarray, variant: list[str], texts: list[str], seconds: float
-) -> dict[str, Any]:
+class Planted:
+    """One seed's planted set, laid out in shard order (document ``i`` of the flat list is shard
+    ``i % SHARDS``'s), with each variant's mean true Jaccard between copy and original."""
+
+    def __init__(self, texts: list[str], family: np.ndarray, variant: list[str]) -> None:
+        order = np.concatenate([np.arange(i, len(texts), SHARDS) for i in range(SHARDS)])
+        remap = np.empty(len(texts), dtype=np.int64)
+        remap[order] = np.arange(len(texts))
+        self.shards = [texts[i::SHARDS] for i in range(SHARDS)]
+        self.flat = [texts[i] for i in order]
+        self.family = remap[family[order]]
+        self.variant = [variant[i] for i in order]
+        self.jaccard: dict[str, float | None] = {}
+        for v in VARIANTS:
+            idx = [i for i, x in enumerate(self.variant) if x == v]
+            self.jaccard[v] = (
+                float(np.mean([true_jaccard(self.flat[i], self.flat[self.family[i]]) for i in idx]))
+                if idx
+                else None
+            )
+
+    def write_jsonl(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True)
+        for i, shard in enumerate(self.shards):
+            with (folder / f"shard-{i:04d}.jsonl").open("w") as fh:
+                for j, t in enumerate(shard):
+                    fh.write(json.dumps({"id": f"{i}-{j}", "text": t}, ensure_ascii=False) + "\n")
+        return sorted(folder.glob("shard-*.jsonl"))
+
+
+def score(roots: np.ndarray, p: Planted) -> dict[str, Any]:
     """Pair precision / recall of a clustering against the planted families (see the module docstring)."""
+    family, variant, texts = p.family, p.variant, p.flat
     n = len(roots)
     order = np.lexsort((family, roots))
     r, f = roots[order], family[order]
@@ -230,13 +283,7 @@ def score(
     per_variant = {}
     for v in VARIANTS:
         idx = [i for i in range(n) if variant[i] == v]
-        found = [roots[i] == roots[family[i]] for i in idx]
-        per_variant[v] = {
-            "recall": round(float(np.mean(found)), 4) if idx else None,
-            "jaccard": round(float(np.mean([true_jaccard(texts[i], texts[family[i]]) for i in idx])), 3)
-            if idx
-            else None,
-        }
+        per_variant[v] = float(np.mean([roots[i] == roots[family[i]] for i in idx])) if idx else None
     # predicted pairs outside the planted families: natural near-duplicates or LSH false positives?
     rng = random.Random(0)
     false_pairs = []
@@ -253,19 +300,47 @@ def score(
     precision = true_pos / predicted if predicted else 1.0
     recall = true_pos / truth if truth else 1.0
     return {
-        "part": "quality",
-        "system": name,
         "docs": n,
         "planted_pairs": truth,
         "predicted_pairs": predicted,
         "true_pairs": true_pos,
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
-        "f1": round(2 * precision * recall / (precision + recall), 4) if precision + recall else 0.0,
-        "other_pairs_natural_share": round(natural / len(sample), 3) if sample else None,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "other_pairs": len(false_pairs),
+        "other_pairs_natural_share": natural / len(sample) if sample else None,
         "per_variant": per_variant,
-        "seconds": round(seconds, 2),
     }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max over seeds of each score (LSH is random: one seed's recall moves by points)."""
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        return {"mean": round(float(np.mean(xs)), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
+
+    out: dict[str, Any] = {"seeds": len(runs)}
+    for key in ("precision", "recall", "f1", "predicted_pairs", "true_pairs", "planted_pairs"):
+        out[key] = stats([float(r[key]) for r in runs])
+    out["per_seed"] = {k: [round(float(r[k]), 4) for r in runs] for k in ("precision", "recall")}
+    out["per_variant_recall"] = {
+        v: stats([r["per_variant"][v] for r in runs if r["per_variant"][v] is not None]) for v in VARIANTS
+    }
+    shares = [r["other_pairs_natural_share"] for r in runs if r["other_pairs_natural_share"] is not None]
+    out["other_pairs"] = int(sum(r["other_pairs"] for r in runs))
+    out["other_pairs_natural_share"] = round(float(np.mean(shares)), 3) if shares else None
+    return out
+
+
+def _signed(x: float) -> str:
+    return f"{'+' if x >= 0 else '−'}{abs(x):.3f}"
+
+
+def _cell(s: dict[str, float], digits: int = 3) -> str:
+    """``mean (min–max)``, or the mean alone for one seed or no spread."""
+    if s["min"] == s["max"]:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 class UnionFind:
@@ -308,20 +383,6 @@ def moeforge_clusters(
     return find_clusters(files, cfg, work / "reduce", shingles_of=of).root
 
 
-def average(name: str, label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean of several seeds' scores (LSH is random: one seed's recall moves by a few points)."""
-    out = json.loads(json.dumps(runs[0])) | {"system": name + label, "seeds": len(runs)}
-    for key in ("predicted_pairs", "true_pairs", "precision", "recall", "f1", "seconds"):
-        out[key] = round(float(np.mean([r[key] for r in runs])), 4)
-    for v in VARIANTS:
-        out["per_variant"][v]["recall"] = round(
-            float(np.mean([r["per_variant"][v]["recall"] for r in runs])), 4
-        )
-    shares = [r["other_pairs_natural_share"] for r in runs if r["other_pairs_natural_share"] is not None]
-    out["other_pairs_natural_share"] = round(float(np.mean(shares)), 3) if shares else None
-    return out
-
-
 def datasketch_clusters(
     shingle_sets: Iterator[list[bytes]], n: int, cfg: MinHashConfig, seed: int = 1
 ) -> np.ndarray:
@@ -350,62 +411,158 @@ def python_shingles(text: str) -> list[bytes]:
     return list({" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)})
 
 
-def run_quality(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    rng = random.Random(SEED)
+def run_quality(args: argparse.Namespace, work: Path, results: _harness.Results, seeds: int) -> None:
+    """Part (a): every system at every configuration of the sweep, ``seeds`` planted sets and hash seeds;
+    rows, the quality table, one output check per configuration and the notes."""
     n_base, n_copies = (1500, 300) if args.quick else (6000, 1200)
-    texts, family, variant = planted_set(rng, n_base, n_copies)
-    shards = [texts[i::SHARDS] for i in range(SHARDS)]
-    order = np.concatenate([np.arange(i, len(texts), SHARDS) for i in range(SHARDS)])
-    remap = np.empty(len(texts), dtype=np.int64)
-    remap[order] = np.arange(len(texts))
-    fam = remap[family[order]]
-    var = [variant[i] for i in order]
-    flat = [texts[i] for i in order]
-    rows = []
-    corpus = work / "quality-corpus"
-    corpus.mkdir(parents=True)
-    for i, shard in enumerate(shards):
-        with (corpus / f"shard-{i:04d}.jsonl").open("w") as fh:
-            for j, t in enumerate(shard):
-                fh.write(json.dumps({"id": f"{i}-{j}", "text": t}, ensure_ascii=False) + "\n")
-    seeds = range(1 if args.quick else 3)
-    for label, cfg in (("", CFG), (" 3g/32×4", LOW)):
-        for name, verify in (("moeforge", None), ("moeforge+verify", 0.8 if cfg is CFG else 0.3)):
-            runs = []
-            for seed in seeds:
-                d = work / f"quality-{name}{cfg.ngram}-{seed}"
+    rng0 = random.Random(SEED)
+    pools = base_documents(rng0)
+    systems_of: dict[str, list[str]] = {}
+    scores: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    found: dict[tuple[str, str], list[set[int]]] = {}  # planted copies whose pair a system found, per seed
+    jaccard: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    has_ds, has_dt = _has("datasketch"), _has("datatrove")
+    if not has_ds:
+        print("datasketch not installed: pip install datasketch==2.0.0 (skipped)", file=sys.stderr)
+    if not has_dt:
+        print("datatrove not installed: pip install datatrove==0.10.1 (skipped)", file=sys.stderr)
+    docs = 0
+    for s in range(seeds):
+        rng = rng0 if s == 0 else random.Random(SEED + s)
+        p = Planted(*planted_set(rng, pools, n_base, n_copies))
+        docs = len(p.flat)
+        for v in VARIANTS:
+            if p.jaccard[v] is not None:
+                jaccard[v].append(p.jaccard[v])
+        files = p.write_jsonl(work / f"seed{s}" / "corpus")
+        copies = [i for i, v in enumerate(p.variant) if v]
+        for label, cfg, verify in SWEEP:
+            runs: dict[str, np.ndarray] = {}
+            for name, check in (("moeforge", None), (f"moeforge+verify({verify})", verify)):
+                d = work / f"seed{s}" / f"{name}-{cfg.ngram}"
                 d.mkdir(parents=True)
-                run_cfg = cfg.model_copy(update={"verify_jaccard": verify, "seed": seed})
-                t0 = time.perf_counter()
-                roots = moeforge_clusters(shards, d, run_cfg, flat if verify else None)
-                runs.append(score("", roots, fam, var, flat, time.perf_counter() - t0))
-            rows.append(average(f"{name}({verify})" if verify else name, label, runs))
-        if _has("datasketch"):
-            runs = []
-            for seed in seeds:
-                t0 = time.perf_counter()
-                hashes, offsets = shingle_batch(flat, cfg)
+                run_cfg = cfg.model_copy(update={"verify_jaccard": check, "seed": s})
+                runs[name] = moeforge_clusters(p.shards, d, run_cfg, p.flat if check else None)
+            if has_ds:
+                hashes, offsets = shingle_batch(p.flat, cfg)
                 sets = (
                     [x.tobytes() for x in np.unique(hashes[offsets[i] : offsets[i + 1]])]
-                    for i in range(len(flat))
+                    for i in range(len(p.flat))
                 )
-                roots = datasketch_clusters(sets, len(flat), cfg, seed + 1)
-                runs.append(score("", roots, fam, var, flat, time.perf_counter() - t0))
-            rows.append(average("datasketch", label, runs))
-        else:
-            print("datasketch not installed: pip install datasketch==2.0.0", file=sys.stderr)
-        if _has("datatrove"):
-            files = sorted(corpus.glob("shard-*.jsonl"))
-            runs = []
-            for seed in seeds:
-                t0 = time.perf_counter()
+                runs["datasketch"] = datasketch_clusters(sets, len(p.flat), cfg, s + 1)
+            if has_dt:
                 with open(os.devnull, "w") as sink, redirect_stdout(sink), redirect_stderr(sink):  # its stats
-                    roots, _ = run_datatrove(
-                        files, work / f"qdt{cfg.ngram}", "whitespace", [len(s) for s in shards], cfg, seed + 1
+                    runs["datatrove"], _ = run_datatrove(
+                        files,
+                        work / f"seed{s}" / f"dt{cfg.ngram}",
+                        "whitespace",
+                        [len(x) for x in p.shards],
+                        cfg,
+                        s + 1,
                     )
-                runs.append(score("", roots, fam, var, flat, time.perf_counter() - t0))
-            rows.append(average("datatrove", label, runs))
-    return rows
+            systems_of[label] = list(runs)
+            for name, roots in runs.items():
+                scores.setdefault((label, name), []).append(score(roots, p))
+                found.setdefault((label, name), []).append(
+                    {i for i in copies if roots[i] == roots[p.family[i]]}
+                )
+
+    j_mean = {v: float(np.mean(xs)) if xs else None for v, xs in jaccard.items()}
+    columns = ["configuration", "system", "precision", "recall", "F1"]
+    columns += [f"{VARIANT_LABELS[v]} (J≈{j_mean[v]:.2f})" for v in VARIANTS if j_mean[v] is not None]
+    columns.append("other pairs (share natural)")
+    table: list[list[Any]] = []
+    summaries: dict[tuple[str, str], dict[str, Any]] = {}
+    for label, cfg, _ in SWEEP:
+        curve = lsh_curve(cfg.bands, cfg.rows, [0.6, 0.8])
+        for name in systems_of.get(label, []):
+            sm = summarize(scores[(label, name)])
+            summaries[(label, name)] = sm
+            results.row(
+                part="quality",
+                config=label,
+                ngram=cfg.ngram,
+                bands=cfg.bands,
+                rows=cfg.rows,
+                threshold=round(curve.threshold, 3),
+                system=name,
+                docs=docs,
+                **sm,
+                variant_jaccard={v: round(x, 3) for v, x in j_mean.items() if x is not None},
+            )
+            pv = sm["per_variant_recall"]
+            other = sm["other_pairs"]
+            share = sm["other_pairs_natural_share"]
+            table.append(
+                [label, name, _cell(sm["precision"]), _cell(sm["recall"]), _cell(sm["f1"])]
+                + [_cell(pv[v], 2) for v in VARIANTS if j_mean[v] is not None]
+                + [f"{other:,}" + ("" if share is None else f" ({share:.2f})")]
+            )
+        # the output check: what each side finds of the planted pairs, against moeforge
+        ours = found.get((label, "moeforge"))
+        if ours is None:
+            continue
+        verdict: dict[str, str] = {}
+        m = summaries[(label, "moeforge")]
+        for name in systems_of[label]:
+            sm = summaries[(label, name)]
+            text = f"precision {_cell(sm['precision'])}, recall {_cell(sm['recall'])}"
+            if name != "moeforge":
+                theirs = found[(label, name)]
+                both = sum(len(a & b) for a, b in zip(ours, theirs, strict=True))
+                only_ours = sum(len(a - b) for a, b in zip(ours, theirs, strict=True))
+                only_theirs = sum(len(b - a) for a, b in zip(ours, theirs, strict=True))
+                why = (
+                    "verification drops candidate pairs below its Jaccard cut: expected"
+                    if name.startswith("moeforge")
+                    else "other hash functions, so other candidate pairs: expected"
+                )
+                text += (
+                    f" (moeforge: precision {m['precision']['mean']:.3f}, recall {m['recall']['mean']:.3f}); "
+                    f"planted pairs found by both {both}, by moeforge only {only_ours}, by {name} only "
+                    f"{only_theirs} — differs ({why})"
+                    if only_ours or only_theirs
+                    else f"; the same planted pairs as moeforge ({both})"
+                )
+            verdict[name] = text
+        results.check(
+            f"quality at {label}, planted pairs found"
+            + (f" (mean over {seeds} seeds, min–max)" if seeds > 1 else " (one seed)"),
+            verdict,
+        )
+        results.note(
+            f"{label}: threshold (1/b)^(1/r) = {curve.threshold:.3f}; P(candidate) = "
+            f"{curve.probability[1]:.3f} at J = 0.8 and {curve.probability[0]:.3f} at J = 0.6."
+        )
+        for peer in ("datasketch", "datatrove"):
+            if (label, peer) not in summaries:
+                continue
+            t = summaries[(label, peer)]
+            diffs = [a - b for a, b in zip(m["per_seed"]["recall"], t["per_seed"]["recall"], strict=True)]
+            mean = float(np.mean(diffs))
+            if seeds > 1:
+                lower = sum(d < 0 for d in diffs)
+                higher = sum(d > 0 for d in diffs)
+                per_seed = (
+                    f"per seed {_signed(min(diffs))} to {_signed(max(diffs))}: lower in {lower}, higher in "
+                    f"{higher} of {seeds} seeds"
+                )
+            else:
+                per_seed = "one seed"
+            results.note(
+                f"{label}: moeforge's recall is {m['recall']['mean']:.3f} against {peer}'s "
+                f"{t['recall']['mean']:.3f}, a difference of {_signed(mean)} ({per_seed}), at precision "
+                f"{m['precision']['mean']:.3f} against {t['precision']['mean']:.3f}."
+            )
+    results.table(
+        f"Quality: {docs:,} documents per seed ({n_copies:,} of them planted copies), {seeds} "
+        f"seed{'s' * (seeds > 1)}, each with its own planted set and hash seed; mean over the seeds "
+        "(min–max). Per-variant columns are recall; J≈ is the variant's mean true Jaccard of word 5-grams. "
+        "Other pairs: predicted pairs outside the planted ones, summed over the seeds, and the share of a "
+        "sample of them with true Jaccard ≥ 0.5.",
+        columns,
+        table,
+    )
 
 
 # ------------------------------------------------------------------------------ throughput corpus
@@ -718,9 +875,8 @@ def _tree_rss_kb(pid: int) -> int:
 
 
 def run_child(system: str, files: list[Path], out: Path, log_dir: Path) -> dict[str, Any]:
-    """Run one system in a child process; return its report plus wall, CPU and peak RSS."""
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    """Run one system in a child process (``out`` made empty beforehand); return its report plus wall,
+    CPU, peak RSS and a digest of the clusters it wrote."""
     cmd = [sys.executable, __file__, "--_child", system, "--_out", str(out), *map(str, files)]
     log = (log_dir / f"{system}.log").open("w")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -749,72 +905,228 @@ def run_child(system: str, files: list[Path], out: Path, log_dir: Path) -> dict[
         json.loads(ln[len(RESULT_TAG) :]) for ln in stdout.splitlines() if ln.startswith(RESULT_TAG)
     )
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    docs, mb = report["docs"], report["text_bytes"] / MB
+    roots = np.load(out / "roots.npy")
     return {
-        "part": "throughput",
-        "system": system,
-        "docs": docs,
-        "mb": round(mb, 1),
-        "seconds": round(wall, 2),
-        "cpu_s": round(cpu, 2),
-        "docs_per_s": round(docs / wall, 1),
-        "mb_per_s": round(mb / wall, 2),
-        "peak_rss_mb": round(peak / 1024, 1),
-        **{k: v for k, v in report.items() if k not in ("docs", "text_bytes")},
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_mb": peak / 1024,
+        "roots_sha256": hashlib.sha256(roots.tobytes()).hexdigest()[:16],
+        **report,
     }
 
 
-def agreement(a: Path, b: Path) -> float:
-    """Jaccard of the sets of documents two systems remove (not a cluster's lowest index)."""
-    ra, rb = np.load(a), np.load(b)
-    idx = np.arange(len(ra))
-    sa, sb = ra != idx, rb != idx
-    union = int((sa | sb).sum())
-    return round(int((sa & sb).sum()) / union, 4) if union else 1.0
+def removed_set(path: Path) -> np.ndarray:
+    """The documents a system removes (every cluster member but the lowest index)."""
+    roots = np.load(path)
+    return np.flatnonzero(roots != np.arange(len(roots)))
 
 
-def markdown(quality: list[dict[str, Any]], speed: list[dict[str, Any]], load: tuple[float, float]) -> str:
-    curve, low = lsh_curve(CFG.bands, CFG.rows), lsh_curve(LOW.bands, LOW.rows)
-    lines = [
-        f"Defaults: word 5-grams, {CFG.bands} bands × {CFG.rows} rows (threshold {curve.threshold:.3f}); "
-        f"rows marked 3g/32×4: word 3-grams, 32 × 4 (threshold {low.threshold:.3f}). "
-        "J≈ is the variant's mean true Jaccard of word 5-grams. "
-        f"Load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.",
-        "",
-        "| system | docs | precision | recall | F1 | "
-        + " | ".join(f"{v} (J≈)" for v in VARIANTS)
-        + " | other pairs natural | s |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(VARIANTS) + "---:|---:|",
-    ]
-    for q in quality:
-        pv = q["per_variant"]
-        cells = " | ".join(f"{pv[v]['recall']:.2f} ({pv[v]['jaccard']:.2f})" for v in VARIANTS)
-        natural = q["other_pairs_natural_share"]
-        lines.append(
-            f"| {q['system']} | {q['docs']} | {q['precision']:.3f} | {q['recall']:.3f} | {q['f1']:.3f} | "
-            f"{cells} | {'–' if natural is None else f'{natural:.2f}'} | {q['seconds']:.1f} |"
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard of two sets of removed documents."""
+    union = len(np.union1d(a, b))
+    return len(np.intersect1d(a, b)) / union if union else 1.0
+
+
+def run_throughput(
+    args: argparse.Namespace, work: Path, results: _harness.Results, rounds: int, systems: list[str]
+) -> None:
+    """Part (b): every system in a child process, ``rounds`` interleaved rounds; checks, rows, table,
+    goal and notes."""
+    size = args.size_mb or (8 if args.quick else 100)
+    files = throughput_corpus(work, size)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    reports: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    outs = {s: work / "runs" / s for s in systems}
+
+    def contender(system: str) -> Callable[[], None]:
+        chosen = files[: len(files) // 2] if system == "moeforge_half" else files
+
+        def run() -> None:
+            reports[system].append(run_child(system, chosen, outs[system], logs))
+
+        return run
+
+    def fresh(system: str) -> None:
+        shutil.rmtree(outs[system], ignore_errors=True)
+        outs[system].mkdir(parents=True)
+
+    timings = _harness.interleave({s: contender(s) for s in systems}, rounds, warmup=0, before=fresh)
+
+    # outputs first: each system's clusters the same in every round, then each peer against moeforge
+    same: dict[str, str] = {}
+    for s in systems:
+        digests = {f"round {i + 1}": r["roots_sha256"] for i, r in enumerate(reports[s])}
+        verdict = _harness.check_same(digests, "round 1")
+        same[s] = (
+            "same clusters in every round" if all(v == "same" for v in verdict.values()) else str(verdict)
         )
-    lines += [
-        "",
-        "| system | docs | MB | wall s | CPU s | docs/s | MB/s | peak RSS MB | clusters | removed | "
-        "agreement | stages (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for s in speed:
-        stages = ", ".join(f"{k} {v}" for k, v in s["stages_s"].items())
-        lines.append(
-            f"| {s['system']} | {s['docs']} | {s['mb']} | {s['seconds']} | {s['cpu_s']} | "
-            f"{s['docs_per_s']} | {s['mb_per_s']} | {s['peak_rss_mb']} | {s['clusters']} | {s['removed']} | "
-            f"{s.get('agreement', '–')} | {stages} |"
+    results.check("throughput corpus, each system round to round", same)
+    removed = {s: removed_set(outs[s] / "roots.npy") for s in systems}
+    agree: dict[str, float] = {}
+    if "moeforge" in systems:
+        verdict_peers: dict[str, str] = {}
+        for s in systems:
+            if s in PEERS:
+                agree[s] = agreement(removed["moeforge"], removed[s])
+                both = len(np.intersect1d(removed["moeforge"], removed[s]))
+                verdict_peers[s] = (
+                    f"removes {len(removed[s]):,} documents, moeforge {len(removed['moeforge']):,}, both "
+                    f"{both:,}: agreement (Jaccard of the removed sets) {agree[s]:.3f}"
+                    + (
+                        " — differs (other hash functions and tokenization: expected)"
+                        if agree[s] < 1.0
+                        else ""
+                    )
+                )
+        if verdict_peers:
+            results.check("throughput corpus, documents removed against moeforge's", verdict_peers)
+
+    mb = {s: reports[s][0]["text_bytes"] / MB for s in systems}
+    ratios = {
+        s: _harness.paired_ratio(timings["moeforge"], timings[s])
+        for s in systems
+        if s in PEERS and "moeforge" in systems
+    }
+    cpu_ratio = {
+        s: statistics.median(
+            t["cpu_s"] / o["cpu_s"] for o, t in zip(reports["moeforge"], reports[s], strict=True)
         )
+        for s in ratios
+    }
+    table: list[list[Any]] = []
+    for s in systems:
+        rep, t = reports[s], timings[s]
+        first = rep[0]
+        docs = first["docs"]
+        stages = {k: round(statistics.median(r["stages_s"][k] for r in rep), 2) for k in first["stages_s"]}
+        extra = {
+            k: v
+            for k, v in first.items()
+            if k not in ("docs", "text_bytes", "stages_s", "wall_s", "cpu_s", "peak_rss_mb", "roots_sha256")
+        }
+        row = results.row(
+            part="throughput",
+            system=s,
+            docs=docs,
+            mb=round(mb[s], 2),
+            **t.as_dict(3),
+            docs_per_s=round(t.rate(docs), 1),
+            mb_per_s=round(t.rate(mb[s]), 3),
+            cpu_s=round(statistics.median(r["cpu_s"] for r in rep), 2),
+            peak_rss_mb=round(statistics.median(r["peak_rss_mb"] for r in rep), 1),
+            peak_rss_mb_max=round(max(r["peak_rss_mb"] for r in rep), 1),
+            stages_s=stages,
+            **extra,
+            **({"agreement": round(agree[s], 4)} if s in agree else {}),
+            **(
+                {"speedup": ratios[s].as_dict(), "cpu_speedup": round(cpu_ratio[s], 3)} if s in ratios else {}
+            ),
+        )
+        r = ratios.get(s)
+        table.append(
+            [
+                "moeforge, first half of the shards" if s == "moeforge_half" else s,
+                docs,
+                round(t.median, 2),
+                f"{100 * t.spread:.0f}%",
+                row["docs_per_s"],
+                row["mb_per_s"],
+                row["cpu_s"],
+                row["peak_rss_mb"],
+                f"{r.median:.2f}× ({r.low:.2f}–{r.high:.2f})" if r else "–",
+                f"{cpu_ratio[s]:.2f}×" if s in cpu_ratio else "–",
+                first["clusters"],
+                first["removed"],
+                f"{agree[s]:.3f}" if s in agree else "–",
+            ]
+        )
+    full = reports.get("moeforge", [{}])[0]
+    results.table(
+        f"Throughput: {mb.get('moeforge', max(mb.values())):.1f} MB, {full.get('docs', 0):,} documents in "
+        f"{SHARDS} shards; read + shingles + signatures + LSH + clusters, each system in a child process on one "
+        f"core; median of {rounds} interleaved round{'s' * (rounds > 1)} (spread = (max − min) / median). "
+        "Speed-up: moeforge's docs/s over the system's, the median of the per-round ratios (lowest–highest "
+        "round); CPU: the same for CPU seconds. Agreement: Jaccard of the sets of documents removed, against "
+        "moeforge's.",
+        [
+            "system",
+            "docs",
+            "wall s",
+            "spread",
+            "docs/s",
+            "MB/s",
+            "CPU s",
+            "peak RSS MB",
+            "moeforge's speed-up",
+            "CPU",
+            "clusters",
+            "removed",
+            "agreement",
+        ],
+        table,
+    )
+    if "datasketch" in ratios:
+        r = ratios["datasketch"]
+        results.goal(
+            f"MinHash docs/s ÷ datasketch's ({size} MB, one core each)",
+            r.median,
+            GOAL_VS_DATASKETCH,
+            spread=(r.low, r.high),
+        )
+    if ratios:
+        parts = [
+            f"{ratios[s].median:.2f}× {s}'s (rounds {ratios[s].low:.2f}–{ratios[s].high:.2f}; "
+            f"{cpu_ratio[s]:.2f}× in CPU seconds)"
+            for s in ratios
+        ]
+        results.note("moeforge's docs/s is " + ", ".join(parts) + ".")
+    if "moeforge" in reports and "moeforge_half" in reports:
+        ours, half = reports["moeforge"], reports["moeforge_half"]
+        d_docs = ours[0]["docs"] - half[0]["docs"]
+        d_rss = statistics.median(r["peak_rss_mb"] for r in ours) - statistics.median(
+            r["peak_rss_mb"] for r in half
+        )
+        per_doc = d_rss * 2**20 / max(d_docs, 1)
+        results.row(
+            part="memory", rss_growth_bytes_per_doc=round(per_doc, 1), docs=[half[0]["docs"], ours[0]["docs"]]
+        )
+        results.note(
+            f"moeforge's band keys take {ours[0]['disk_bytes_per_doc']:.0f} bytes per document on disk "
+            f"(an 8-byte key and a 4-byte row number in each of {CFG.bands} bands, plus the .npy header); its "
+            "median peak RSS changed by "
+            f"{per_doc:+.1f} bytes per document between the first half of the shards "
+            f"({half[0]['docs']:,} documents) and all of them ({ours[0]['docs']:,})."
+        )
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The run's tables, goals, checks and notes as markdown (what benchmarks/report.py renders)."""
+    lines: list[str] = []
+    for what, verdict in doc["checks"].items():
+        v = "; ".join(f"{k}: {x}" for k, x in verdict.items()) if isinstance(verdict, dict) else str(verdict)
+        lines.append(f"- Output check, {what}: {v}")
+    for t in doc["tables"]:
+        lines += [
+            "",
+            t["caption"],
+            "",
+            "| " + " | ".join(t["columns"]) + " |",
+            "|" + "---|" * len(t["columns"]),
+        ]
+        lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in t["rows"]]
+    for g in doc["goals"]:
+        lines.append(f"- Goal {g['metric']}: {g['value']} (target {g['target']}, met: {g['met']})")
+    lines += [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small planted set, 16 MB corpus, no spaCy run")
+    _harness.add_common_args(p, rounds=3)
+    p.add_argument("--seeds", type=int, default=None, help="quality seeds (default 3, --quick 1)")
     p.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
-    p.add_argument("--size-mb", type=int, default=None, help="throughput corpus size (default 100, quick 16)")
+    p.add_argument("--size-mb", type=int, default=None, help="throughput corpus size (default 100, quick 8)")
     p.add_argument("--work", default="/tmp/moeforge-bench-neardup", help="cache dir for corpus and outputs")
     p.add_argument("--skip", default="", help="comma-separated systems to skip (or 'quality')")
     p.add_argument("--spacy", action="store_true", help="also run datatrove with its spaCy word tokenizer")
@@ -834,66 +1146,38 @@ def main() -> None:
         print(RESULT_TAG + json.dumps(report), flush=True)
         return
 
+    rounds = min(args.rounds, 2) if args.quick else args.rounds
+    seeds = args.seeds or (1 if args.quick else 3)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    load_start = load_avg()
-    print(json.dumps({"loadavg_start": load_start, "cpus": os.cpu_count()}), flush=True)
-
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        quality = [] if "quality" in skip else run_quality(args, Path(tmp))
-    for q in quality:
-        print(json.dumps(q), flush=True)
-
-    size = args.size_mb or (16 if args.quick else 100)
-    files = throughput_corpus(work, size)
+    results = _harness.Results(
+        "near_dedup", args, title="MinHash near-duplicates vs datasketch and datatrove"
+    )
     systems = ["moeforge_half", "moeforge", "datasketch", "datatrove_ws"]
-    if args.spacy and _has("spacy"):
-        systems.append("datatrove")
-    speed = []
-    for system in systems:
-        if system in skip or (system.startswith("datatrove") and not _has("datatrove")):
-            continue
-        if system == "datasketch" and not _has("datasketch"):
-            print("datasketch not installed: skipped", file=sys.stderr)
-            continue
-        chosen = files[: len(files) // 2] if system == "moeforge_half" else files
-        row = run_child(system, chosen, work / "runs" / system, logs)
-        if system not in ("moeforge", "moeforge_half"):
-            row["agreement"] = agreement(
-                work / "runs/moeforge/roots.npy", work / "runs" / system / "roots.npy"
-            )
-        speed.append(row)
-        print(json.dumps(row), flush=True)
+    if args.spacy:
+        if _has("spacy"):
+            systems.append("datatrove")
+        else:
+            print("spacy not installed: datatrove with its spaCy words skipped", file=sys.stderr)
+    for system in list(systems):
+        missing = (
+            "datasketch" if system == "datasketch" else "datatrove" if system.startswith("datatrove") else ""
+        )
+        if system in skip or (missing and not _has(missing)):
+            if missing and system not in skip:
+                print(f"{missing} not installed: {system} skipped", file=sys.stderr)
+            systems.remove(system)
 
-    by = {s["system"]: s for s in speed}
-    ratio: dict[str, Any] = {}
-    if "moeforge" in by:
-        ours = by["moeforge"]
-        for peer in ("datasketch", "datatrove_ws", "datatrove"):
-            if peer in by:
-                ratio[f"docs_per_s_vs_{peer}"] = round(ours["docs_per_s"] / by[peer]["docs_per_s"], 2)
-                ratio[f"cpu_s_vs_{peer}"] = round(by[peer]["cpu_s"] / ours["cpu_s"], 2)
-        if "moeforge_half" in by:
-            half = by["moeforge_half"]
-            ratio["rss_per_doc_b"] = round(
-                (ours["peak_rss_mb"] - half["peak_rss_mb"]) * 2**20 / max(ours["docs"] - half["docs"], 1), 1
-            )
-    qs = {q["system"]: q for q in quality}
-    if "moeforge" in qs:
-        for peer in ("datasketch", "datatrove"):
-            if peer in qs:
-                ratio[f"recall_minus_{peer}"] = round(qs["moeforge"]["recall"] - qs[peer]["recall"], 4)
-                ratio[f"precision_minus_{peer}"] = round(
-                    qs["moeforge"]["precision"] - qs[peer]["precision"], 4
-                )
-    load_end = load_avg()
-    ratio["loadavg"] = [round(load_start, 2), round(load_end, 2)]
-    print(json.dumps({"ratio": ratio}), flush=True)
+    with _harness.cpu_hog(args.busy):
+        if "quality" not in skip:
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                run_quality(args, Path(tmp), results, seeds)
+        if systems:
+            run_throughput(args, work, results, rounds, systems)
+    results.write()
     if args.markdown:
-        print(markdown(quality, speed, (load_start, load_end)))
+        print(markdown(results.doc))
 
 
 if __name__ == "__main__":
