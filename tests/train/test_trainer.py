@@ -196,3 +196,35 @@ def test_ghost_experts_wake_during_training_and_are_logged(make_config, tmp_path
     w = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
     alphas = [w[k].tolist() for k in sorted(w) if k.endswith("ghost_alpha")]
     assert alphas == [[1.0, 0.0], [1.0, 0.0]]  # the first ghost of each layer ramped fully awake
+
+
+def test_persistent_expert_grads_train_the_same_as_autograds_own(
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expert weight gradients written into persistent buffers (model/grad_buffers.py, on by default on
+    one CPU process) give the losses of the plain autograd path, with grad_accum 2."""
+    from moeforge.model import grad_buffers
+
+    writes: list[bool] = []
+    real_target = grad_buffers.target
+
+    def counting_target(w):
+        buf, fresh = real_target(w)
+        writes.append(fresh)
+        return buf, fresh
+
+    monkeypatch.setattr(grad_buffers, "target", counting_target)
+    runs = {}
+    for on in (True, False):
+        writes.clear()
+        out = tmp_path / f"run-{on}"
+        cfg = make_config.write(
+            tmp_path / f"{on}.yaml", make_config(out, steps=6, persistent_expert_grads=on)
+        )
+        assert run_training(cfg).status == "completed"
+        runs[on] = _train_losses(out)
+        # on: per step and expert tensor one fresh write, then the second micro-batch adds
+        assert (True in writes and False in writes) if on else not writes
+    assert runs[True].keys() == runs[False].keys()
+    for step, loss in runs[False].items():
+        assert runs[True][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step

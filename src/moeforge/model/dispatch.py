@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from moeforge.model import grad_buffers
+
 __all__ = ["Backend", "choose_backend", "grouped_swiglu", "has_grouped_mm"]
 
 Backend = Literal["auto", "grouped_mm", "loop", "padded"]
@@ -126,11 +128,12 @@ class _LoopSwiGLU(torch.autograd.Function):
         x_ND, w13_EDG, w2_EFD, h_NG = ctx.saved_tensors
         gy_ND = gy_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
-        want_w13, want_w2 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        (gw13, fresh13), (gw2, fresh2) = (
+            _weight_grad(w, ctx.needs_input_grad[i]) for i, w in ((1, w13_EDG), (2, w2_EFD))
+        )
         # Weight grads are written, not accumulated, by each expert's first chunk: no zero-fill pass over
-        # E·D·3F floats; only experts that received no rows are zeroed.
-        gw13 = torch.empty_like(w13_EDG) if want_w13 else None
-        gw2 = torch.empty_like(w2_EFD) if want_w2 else None
+        # E·D·3F floats; only experts that received no rows are zeroed. Into a persistent buffer
+        # (grad_buffers) that already holds this step's earlier micro-batches, every chunk adds.
         seen: set[int] = set()
         for e, s, t in ctx.chunks:
             gy = gy_ND[s:t]
@@ -139,15 +142,11 @@ class _LoopSwiGLU(torch.autograd.Function):
             first = e not in seen
             seen.add(e)
             if gw13 is not None:
-                torch.mm(x_ND[s:t].t(), gh, out=gw13[e]) if first else gw13[e].addmm_(x_ND[s:t].t(), gh)
+                _mm_into(gw13[e], x_ND[s:t].t(), gh, first and fresh13)
             if gw2 is not None:
-                torch.mm(a.t(), gy, out=gw2[e]) if first else gw2[e].addmm_(a.t(), gy)
-        idle = [e for e in range(w13_EDG.shape[0]) if e not in seen]
-        if idle:
-            for g in (gw13, gw2):
-                if g is not None:
-                    g[idle] = 0.0
-        return gx_ND, gw13, gw2, None
+                _mm_into(gw2[e], a.t(), gy, first and fresh2)
+        _zero_idle([(gw13, fresh13), (gw2, fresh2)], [e for e in range(w13_EDG.shape[0]) if e not in seen])
+        return gx_ND, _returned(w13_EDG, gw13), _returned(w2_EFD, gw2), None
 
 
 class _PaddedSwiGLU(torch.autograd.Function):
@@ -169,9 +168,90 @@ class _PaddedSwiGLU(torch.autograd.Function):
         ga_ECF = torch.bmm(gy_ECD, w2_EFD.transpose(1, 2))
         gh_ECG, a_ECF = _silu_mul_backward(h_ECG, ga_ECF)
         gx_ND = torch.bmm(gh_ECG, w13_EDG.transpose(1, 2))[expert_N, slot_N]
-        gw13 = torch.bmm(x_ECD.transpose(1, 2), gh_ECG) if ctx.needs_input_grad[1] else None
-        gw2 = torch.bmm(a_ECF.transpose(1, 2), gy_ECD) if ctx.needs_input_grad[2] else None
+        gw13, gw2 = None, None
+        if ctx.needs_input_grad[1]:
+            gw13 = _bmm_grad(w13_EDG, x_ECD.transpose(1, 2), gh_ECG)
+        if ctx.needs_input_grad[2]:
+            gw2 = _bmm_grad(w2_EFD, a_ECF.transpose(1, 2), gy_ECD)
         return gx_ND, gw13, gw2, None, None, None
+
+
+class _HostGroupedSwiGLU(torch.autograd.Function):
+    """``grouped_mm`` forward and backward for the host (CPU) path, with the SwiGLU backward fused
+    (:func:`_silu_mul_backward`) and the weight gradients written per expert into persistent buffers
+    (:mod:`moeforge.model.grad_buffers`) instead of fresh ``[E, D, G]`` tensors."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w13_EDG, w2_EFD, offs, counts):  # type: ignore[override]
+        assert _GROUPED_MM is not None
+        h_NG = _GROUPED_MM(x_ND, w13_EDG, offs=offs)
+        y_ND = _GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs)
+        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, h_NG, offs)
+        ctx.bounds = _bounds(counts)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, gy_ND):  # type: ignore[override]
+        assert _GROUPED_MM is not None
+        x_ND, w13_EDG, w2_EFD, h_NG, offs = ctx.saved_tensors
+        gy_ND = gy_ND.contiguous()
+        gh_NG, a_NF = _silu_mul_backward(h_NG, _GROUPED_MM(gy_ND, w2_EFD.transpose(1, 2), offs=offs))
+        gx_ND = _GROUPED_MM(gh_NG, w13_EDG.transpose(1, 2), offs=offs)
+        (gw13, fresh13), (gw2, fresh2) = (
+            _weight_grad(w, ctx.needs_input_grad[i]) for i, w in ((1, w13_EDG), (2, w2_EFD))
+        )
+        idle = []
+        for e, (s, t) in enumerate(ctx.bounds):
+            if s == t:
+                idle.append(e)
+                continue
+            if gw13 is not None:
+                _mm_into(gw13[e], x_ND[s:t].t(), gh_NG[s:t], fresh13)
+            if gw2 is not None:
+                _mm_into(gw2[e], a_NF[s:t].t(), gy_ND[s:t], fresh2)
+        _zero_idle([(gw13, fresh13), (gw2, fresh2)], idle)
+        return gx_ND, _returned(w13_EDG, gw13), _returned(w2_EFD, gw2), None, None
+
+
+def _weight_grad(w: torch.Tensor, wanted: bool) -> tuple[torch.Tensor | None, bool]:
+    """Where a weight's gradient goes: ``(tensor, fresh)`` — its persistent buffer (fresh: overwrite it)
+    or a new uninitialized tensor (always fresh); ``(None, True)`` when no gradient is wanted."""
+    if not wanted:
+        return None, True
+    if grad_buffers.buffered(w):
+        return grad_buffers.target(w)
+    return torch.empty_like(w), True
+
+
+def _returned(w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor | None:
+    """What backward returns for ``w``: nothing when the gradient went into its buffer."""
+    return None if g is None or (grad_buffers.buffered(w) and g is w.main_grad) else g
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool) -> None:
+    if write:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _zero_idle(grads: list[tuple[torch.Tensor | None, bool]], idle: list[int]) -> None:
+    """Experts that got no rows: a fresh gradient is zero there (an accumulating one is left alone)."""
+    if idle:
+        for g, fresh in grads:
+            if g is not None and fresh:
+                g[idle] = 0.0
+
+
+def _bmm_grad(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    if not grad_buffers.buffered(w):
+        return torch.bmm(a, b)
+    buf, fresh = grad_buffers.target(w)
+    if fresh:
+        torch.bmm(a, b, out=buf)
+    else:
+        buf.baddbmm_(a, b)
+    return None
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -251,9 +331,12 @@ def _grouped_swiglu(
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w2_EFD.shape[-1]) + 0.0 * (w13_EDG.sum() + w2_EFD.sum())
     dims = (x_ND.shape[-1], w2_EFD.shape[1])
-    if ((x_ND.is_cuda and backend in ("auto", "grouped_mm")) or backend == "grouped_mm") and has_grouped_mm(
-        x_ND.device, x_ND.dtype, dims
-    ):
+    # on the host, weights with persistent gradient buffers take _HostGroupedSwiGLU below
+    host_buffers = not x_ND.is_cuda and (grad_buffers.buffered(w13_EDG) or grad_buffers.buffered(w2_EFD))
+    device_path = (x_ND.is_cuda and backend in ("auto", "grouped_mm")) or (
+        backend == "grouped_mm" and not host_buffers
+    )
+    if device_path and has_grouped_mm(x_ND.device, x_ND.dtype, dims):
         return _device_grouped(x_ND, w13_EDG, w2_EFD, counts_E, tail)
     counts = counts_E.tolist()  # the host-side backends (CPU) need the group sizes as numbers
     total = sum(counts)
@@ -262,6 +345,9 @@ def _grouped_swiglu(
         return torch.cat([head, head.new_zeros(x_ND.shape[0] - total, head.shape[-1])])
     chosen = choose_backend(backend, x_ND, counts, w2_EFD.shape[1])
     if chosen == "grouped_mm":
+        if host_buffers:
+            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+            return _HostGroupedSwiGLU.apply(x_ND, w13_EDG, w2_EFD, offs, counts)
         return _device_grouped(x_ND, w13_EDG, w2_EFD, counts_E, False)
     if chosen == "padded":
         starts_E = torch.cumsum(counts_E, 0) - counts_E

@@ -177,6 +177,11 @@ class TrainConfig(StrictModel):
     keep_last: int = Field(default=2, ge=1, description="checkpoints kept besides the best")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the model")
+    persistent_expert_grads: bool = Field(
+        default=True,
+        description="CPU, one process: expert weight gradients written into buffers kept across steps "
+        "(no fresh allocation per step; model/grad_buffers.py); off under DDP, FSDP, EP and compile",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on CUDA, fp32 on CPU"
     )

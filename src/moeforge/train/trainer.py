@@ -35,7 +35,9 @@ import torch
 
 from moeforge.config import ConfigError
 from moeforge.io import DirectoryLock, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from moeforge.model import grad_buffers
 from moeforge.model.config import ModelConfig
+from moeforge.model.moe import MoELayer
 from moeforge.model.sizing import count_params, flops_per_token
 from moeforge.tokens.loader import TokenDataset, TokenLoader
 from moeforge.tokens.pairs import PairData, open_pair_data
@@ -269,6 +271,12 @@ class Trainer:
             self.step, self.tokens_seen, self.best_valid = r.step, r.tokens_seen, r.best_valid
         if cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)  # type: ignore[assignment]
+        # expert weight gradients into persistent buffers where no wrapper's autograd hooks need them
+        self._grad_buffers: list[torch.Tensor] = []
+        if cfg.persistent_expert_grads and not info.enabled and not cfg.compile and self.device.type == "cpu":
+            self._grad_buffers = grad_buffers.attach(
+                p for m in self.model.modules() if isinstance(m, MoELayer) for p in (m.w13, m.w2)
+            )
         # a resumed run drops the log lines after its checkpoint (they are trained again); a fresh one
         # starts an empty log
         self.writer = MetricsWriter(
@@ -395,12 +403,14 @@ class Trainer:
             tokens += res.tokens
             self.routing.add(res.moe_stats)
             self.ghost.observe(self.step, res.moe_stats)
+        grad_buffers.publish(self._grad_buffers)
         grad_norm = torch.full((), float("nan"), dtype=dt, device=self.device)
         if cfg.optim.grad_clip is not None:
             grad_norm = fsdp.clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip).to(self.device, dt)
         with self.ghost.scaled_updates():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        grad_buffers.begin_step(self._grad_buffers)
         self.model.router_step()  # aux-free biases move by the global loads (router.set_count_reducer)
         ghost_events = self.ghost.step(self.step)
         self.step += 1
