@@ -27,6 +27,7 @@ import bisect
 import json
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -177,6 +178,7 @@ def _prepare(
 
 _DONE = object()
 _BATCH_CHARS = 4_000_000
+_IN_FLIGHT = 2
 
 
 def _prefetch(it: Iterator[Any], depth: int = 4) -> Iterator[Any]:
@@ -392,15 +394,18 @@ def pack_records(
     handle = packer.pretrain if mode == "pretrain" else packer.sft
     dom_index = {d: i for i, d in enumerate(domains)}
     batches = _prefetch(_prepare(records, mode, dom_index, domains, batch_size, default_system))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-encode") as pool:
-        pending: tuple[_Batch, Future[Any]] | None = None
+    # Two encode calls in flight: the tokenizer's thread pool is shared, so the next batch's documents fill
+    # the cores the current batch's last (longest) documents leave idle at its end.
+    with ThreadPoolExecutor(max_workers=_IN_FLIGHT, thread_name_prefix="moeforge-encode") as pool:
+        pending: deque[tuple[_Batch, Future[Any]]] = deque()
         for batch in batches:
-            fut = pool.submit(tokenizer.encode_batch, batch.texts, add_special_tokens=False)
-            if pending is not None:
-                _finish(pending, handle, packer.stats, progress)
-            pending = (batch, fut)
-        if pending is not None:
-            _finish(pending, handle, packer.stats, progress)
+            pending.append(
+                (batch, pool.submit(tokenizer.encode_batch, batch.texts, add_special_tokens=False))
+            )
+            if len(pending) >= _IN_FLIGHT:
+                _finish(pending.popleft(), handle, packer.stats, progress)
+        while pending:
+            _finish(pending.popleft(), handle, packer.stats, progress)
     if mode == "pretrain":
         packer.finish_pretrain()
     else:
