@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MOEFORGE_REAL_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup test test-fast lint format bench demo scaling clean
+.PHONY: setup test test-fast lint format bench bench-report demo scaling clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/near_dedup.py
 	$(PY) benchmarks/semantic_dedup.py
 	$(PY) benchmarks/decontam.py
+	$(PY) benchmarks/report.py
+
+# docs/PERFORMANCE.md from benchmarks/results/*.json (+ the prose in benchmarks/notes/); no benchmark reruns.
+bench-report: setup
+	$(PY) benchmarks/report.py
 
 # The whole flow on built-in data (no downloads): data → tokenizer → shards → train → eval → charts.
 demo: setup
