@@ -183,3 +183,31 @@ def test_cli_tokenize_and_cache_commands(token_run: Path, token_tokenizer: Path,
         [*MOEFORGE, "data", "cache", "clean-invalid"], capture_output=True, text=True, env=env, check=False
     )
     assert r.returncode == 0 and "removed 0" in r.stdout
+
+
+def test_a_record_line_packing_cannot_read_names_its_file_and_line(
+    token_run: Path, token_tokenizer: Path, tmp_path: Path
+) -> None:
+    """tokenize reads only the fields packing needs (a partial decode); a line without them is a clear
+    error naming the shard and line, even when the file matches its manifest entry."""
+    import hashlib
+    import json
+    import shutil
+
+    import zstandard
+
+    from moeforge.data.store import iter_line_bytes
+
+    run = Path(shutil.copytree(token_run, tmp_path / "run"))
+    manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    shard = manifest["outputs"]["train"][0]
+    lines = list(iter_line_bytes(run / shard["path"]))
+    lines[4] = b'{"id":"x","text":"no meta here"}'
+    data = zstandard.ZstdCompressor(level=3).compress(b"\n".join(lines) + b"\n")
+    (run / shard["path"]).write_bytes(data)
+    shard.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=rf"{shard['path']}:5: not a record of the dataset contract .*`meta`"
+    ):
+        tokenize_run(run, token_tokenizer, seq_len=64, out=tmp_path / "out")

@@ -24,7 +24,6 @@ Output order is deterministic: it depends only on the records' order and the set
 from __future__ import annotations
 
 import bisect
-import json
 import queue
 import threading
 from collections import deque
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import chain
 from typing import Any, Literal
 
+import msgspec
 import numpy as np
 
 from moeforge.tokens.shards import IndexedShardWriter
@@ -426,9 +426,28 @@ def _finish(
         progress(len(batch.texts))
 
 
-try:
-    import orjson
+class _PackMeta(msgspec.Struct):
+    domain: str
 
-    parse_record: Callable[[str | bytes], Any] = orjson.loads  # 2-3x json's speed, and takes bytes
-except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
-    parse_record = json.loads
+
+class _PackRecord(msgspec.Struct):
+    """The fields of a record packing reads; the rest (provenance, scores …, most of a record's bytes)
+    is skipped by the decoder without building Python objects for it."""
+
+    meta: _PackMeta
+    id: str = ""
+    text: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+_PACK_DECODER = msgspec.json.Decoder(_PackRecord)
+
+
+def parse_record(line: str | bytes) -> dict[str, Any]:
+    """``{"id", "text", "messages", "meta": {"domain"}}`` of one record line: only what packing reads
+    (several times faster than parsing the whole record). A malformed line raises ValueError."""
+    try:
+        r = _PACK_DECODER.decode(line)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None
+    return {"id": r.id, "text": r.text, "messages": r.messages, "meta": {"domain": r.meta.domain}}

@@ -98,7 +98,15 @@ def _check_run_file(run_dir: Path, f: dict[str, Any]) -> Path:
 def _records(run_dir: Path, files: list[dict[str, Any]], limit: int | None) -> Iterator[dict[str, Any]]:
     def all_records() -> Iterator[dict[str, Any]]:
         for f in files:  # each file is checked against the manifest just before it is read
-            yield from map(parse_record, iter_line_bytes(_check_run_file(run_dir, f)))
+            path = _check_run_file(run_dir, f)
+            for n, line in enumerate(iter_line_bytes(path), 1):
+                try:
+                    yield parse_record(line)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{path}:{n}: not a record of the dataset contract ({exc}); "
+                        f"`moeforge data verify {run_dir}` checks every record"
+                    ) from None
 
     return islice(all_records(), limit) if limit is not None else all_records()
 
