@@ -186,7 +186,9 @@ class TrainConfig(StrictModel):
         default="auto", description="auto: bf16 on CUDA, fp32 on CPU"
     )
     peak_flops: float | None = Field(
-        default=None, gt=0, description="for MFU; null measures once per machine"
+        default=None,
+        gt=0,
+        description="matmul FLOP/s for MFU; null measures it when the run starts, with the run's threads",
     )
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     ghost: GhostConfig = Field(default_factory=GhostConfig)

@@ -277,7 +277,7 @@ def measure_peak_flops(
 
     Square matmuls after a warm-up, the best of five trials spread over about ``seconds``. The result is
     cached in :func:`peak_flops_cache_path` under a key of host, device model (CPU: model and torch
-    thread count), dtype and torch version, so a run pays the measurement once per machine; ``refresh``
+    thread count), dtype and torch version; the trainer always passes ``refresh`` (its MFU divides by a peak measured in the run); ``refresh``
     re-measures. An unreadable cache is ignored with a warning and rewritten.
     """
     device = torch.device(device)

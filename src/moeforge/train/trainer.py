@@ -436,7 +436,9 @@ class Trainer:
     ) -> TrainResult:
         cfg = self.cfg
         if self.peak is None and self.info.is_main:
-            self.peak = measure_peak_flops(self.device)
+            # measured now, with this run's threads: a peak cached on a busier or quieter day (or another
+            # thread count) made MFU come out above 1
+            self.peak = measure_peak_flops(self.device, refresh=True)
         status = "completed"
         # a resumed run starts from the validation result its checkpoint's step had (a run resumed at its
         # last step trains nothing more, and its summary must still report it)
