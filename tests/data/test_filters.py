@@ -137,3 +137,26 @@ def test_shakespeare_paragraphs_are_accounted_for(real_data):
     assert all(o.reason and ":" in o.reason for o in dropped)
     assert kept, "long speeches pass the prose rules"
     assert "gopher_quality:word_count" in {o.reason for o in dropped}  # short speaker turns
+
+
+def _normalize_reference(s: str) -> str:
+    """normalize_text as plain regexes over the whole text, without the ASCII shortcuts."""
+    import unicodedata
+
+    from moeforge.data import filters
+
+    s = unicodedata.normalize("NFC", s).replace("\r\n", "\n").replace("\r", "\n")
+    s = filters._CONTROL.sub("", s)
+    s = filters._TRAILING.sub("\n", filters._SPACES.sub(" ", s))
+    return filters._BLANKS.sub("\n\n", s).strip()
+
+
+def test_normalize_text_shortcuts_give_exactly_the_regex_result():
+    import random
+
+    pieces = ["a", "b", " ", "  ", "\t", "\n", "\n\n\n", " \n", "\t\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c",
+              "\x1f", "\x00", "\x7f", "\x85", "\u00a0", "\u2003", "\u3000", "\u2028", "e\u0301", "é", "日"]  # fmt: skip
+    for seed in range(3000):
+        rng = random.Random(seed)
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert normalize_text(s) == _normalize_reference(s), repr(s)

@@ -107,8 +107,19 @@ def normalize_text(s: str) -> str:
         s = s.replace("\r\n", "\n").replace("\r", "\n")
     if _CONTROL.search(s):
         s = _CONTROL.sub("", s)
-    s = _TRAILING.sub("\n", _SPACES.sub(" ", s))  # whole-text regexes: same as per-line sub + rstrip
-    return _BLANKS.sub("\n\n", s).strip()
+    # whole-text regexes: same as per-line sub + rstrip. In ASCII text (control characters gone, "\r"
+    # gone) the only horizontal whitespace is " " and "\t", so a substring test — a memchr-speed scan,
+    # where a regex steps through every position — tells whether a regex can match at all.
+    if s.isascii():
+        if "\t" in s or "  " in s:
+            s = _SPACES.sub(" ", s)
+        if " \n" in s:
+            s = _TRAILING.sub("\n", s)
+    else:
+        s = _TRAILING.sub("\n", _SPACES.sub(" ", s))
+    if "\n\n\n" in s:
+        s = _BLANKS.sub("\n\n", s)
+    return s.strip()
 
 
 def gopher_quality(
