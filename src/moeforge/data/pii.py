@@ -76,8 +76,11 @@ def _phone_ok(text: str) -> bool:
 # boundaries and look-behinds see what they would see in the whole text — which gives the same result
 # as running them on the whole text at a fraction of the cost for prose.
 _WINDOW = ("window",)
+# an IPv6 address has ":" followed by a hex digit or another ":": one search with a literal first character
+# (fast in re) instead of 23 substring scans
+_IP6_TRIGGER = re.compile(r":[0-9A-Fa-f:]")
 _WINDOW_REACH = 64
-_PATTERNS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None, tuple[str, ...]]] = [
+_PATTERNS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None, tuple[str | re.Pattern[str], ...]]] = [
     ("secret", re.compile(r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z]+ )*PRIVATE KEY-----", re.S), None, ("PRIVATE KEY",)),
     ("secret", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), None, ("AKIA", "ASIA")),
     ("secret", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]{16,}=*"), None, ("lower:bearer",)),
@@ -90,7 +93,7 @@ _PATTERNS: list[tuple[str, re.Pattern[str], Callable[[str], bool] | None, tuple[
     ("credit_card", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), lambda m: luhn_ok(re.sub(r"\D", "", m)), _WINDOW),
     ("ssn", re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None, _WINDOW),
     ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), None, _WINDOW),
-    ("ip", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip_ok, ("::", ":0", ":1", ":2", ":3", ":4", ":5", ":6", ":7", ":8", ":9", ":a", ":b", ":c", ":d", ":e", ":f", ":A", ":B", ":C", ":D", ":E", ":F")),
+    ("ip", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip_ok, (_IP6_TRIGGER,)),
     ("phone", re.compile(r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}(?![\w=])"), _phone_ok, _WINDOW),
     ("phone", re.compile(r"(?<![\w$=<-])(?:\(\d{3}\)\s?|\d{3}[-.\s])\d{3}[-.\s]\d{4}(?![\w=>-])"), _phone_ok, _WINDOW),
 ]  # fmt: skip
@@ -171,7 +174,9 @@ def scrub_text(text: str, types: tuple[str, ...] | list[str] = PII_TYPES) -> tup
             continue
         hit = False
         for t in triggers:
-            if t.startswith("lower:"):
+            if isinstance(t, re.Pattern):
+                hit = t.search(text) is not None
+            elif t.startswith("lower:"):
                 lowered = text.lower() if lowered is None else lowered
                 hit = t[6:] in lowered
             else:
