@@ -48,8 +48,10 @@ $(BENCH_STAMP): $(STAMP)
 # Every benchmark prints JSON lines with the ratio against its peer; figures go to docs/PERFORMANCE.md.
 bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/moe_layer.py
-	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/generate.py --compile
+	$(PY) benchmarks/generate.py --busy 2 --compile
 	$(PY) benchmarks/generate.py --model smollm2
+	$(PY) benchmarks/generate.py --model smollm2 --busy 2
 	$(PY) benchmarks/dpo_step.py
 	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 1 --systems moeforge,datatrove_ws
 	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 2 --systems moeforge,datatrove_ws,langid

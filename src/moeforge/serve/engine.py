@@ -24,6 +24,7 @@ training. The engine is not thread-safe; a server serializes calls into it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -41,6 +42,7 @@ from moeforge.serve.decode import Decoder, fast_decode_supported
 from moeforge.serve.request import Completion, FinishReason, Request
 from moeforge.serve.sampling import IncrementalDetokenizer, SamplingParams
 from moeforge.serve.scoring import TokenScores, score_sequences
+from moeforge.serve.threads import DecodeThreads, threads_from_env
 from moeforge.tokens.chat_spec import ChatSpec, apply_default_system, load_chat_spec
 from moeforge.tokens.tokenizer import special_token_name
 
@@ -79,6 +81,10 @@ class Engine:
     speed) are never generated. ``fast_decode`` (default: on for a float32 model on CPU) decodes through
     :class:`~moeforge.serve.decode.Decoder`, which keeps a decode-friendly copy of the weights (about 2.5x
     their size) and is 1.7-2x faster on CPU; False uses the model's own forward for every step.
+    ``decode_threads`` fixes the thread count of its decode steps; None (default) takes
+    ``MOEFORGE_DECODE_THREADS`` if set, else chooses per step from the batch size and how busy the
+    machine is (:mod:`moeforge.serve.threads`); torch's own thread setting is back after each step, or
+    after the whole batch inside :meth:`generate` and :meth:`stream` (:meth:`decode_scope`).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class Engine:
         fast_decode: bool | None = None,
         chat_spec: ChatSpec | None = None,
         tokenizer_config: Mapping[str, Any] | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1 (got {max_batch})")
@@ -119,8 +126,18 @@ class Engine:
         supported = fast_decode_supported(self.model)
         if fast_decode and not supported:
             raise EngineError("fast_decode needs a float32 model on CPU (on GPU the model's forward is used)")
+        if decode_threads is None:
+            try:
+                decode_threads = threads_from_env()
+            except ValueError as exc:
+                raise EngineError(str(exc)) from None
+        if decode_threads is not None and decode_threads < 1:
+            raise EngineError(
+                f"decode_threads must be >= 1, or None to choose per step (got {decode_threads})"
+            )
+        use_decoder = (fast_decode is None and supported) or bool(fast_decode)
         self.decoder = (
-            Decoder(self.model, max_batch) if (fast_decode is None and supported) or fast_decode else None
+            Decoder(self.model, max_batch, threads=DecodeThreads(decode_threads)) if use_decoder else None
         )
         if self.decoder is not None:
             log.info(
@@ -141,6 +158,7 @@ class Engine:
         max_batch: int = 8,
         eos_ids: Sequence[int] | None = None,
         fast_decode: bool | None = None,
+        decode_threads: int | None = None,
     ) -> Engine:
         """An engine for a trainer checkpoint (``model.safetensors`` + ``state.json`` with ``model_config``)
         or a run directory (its latest checkpoint). ``tokenizer``: a tokenizer, a path to one, or None to
@@ -178,6 +196,7 @@ class Engine:
             fast_decode=fast_decode,
             chat_spec=chat_spec,
             tokenizer_config=tok_config,
+            decode_threads=decode_threads,
         )
 
     # ---- text -----------------------------------------------------------------------------------------
@@ -319,23 +338,37 @@ class Engine:
             range(len(requests)), key=lambda i: -len(requests[i].prompt)
         )  # similar lengths pad less
         for start in range(0, len(order), self.max_batch):
-            batch = self.start_batch([requests[i] for i in order[start : start + self.max_batch]])
-            while not batch.finished:
-                batch.step()
+            group = [requests[i] for i in order[start : start + self.max_batch]]
+            with self.decode_scope(len(group)):
+                batch = self.start_batch(group)
+                while not batch.finished:
+                    batch.step()
         return [r.completion(self.tokenizer) for r in requests]
+
+    def decode_scope(self, rows: int) -> contextlib.AbstractContextManager[int | None]:
+        """A scope that runs a batch of ``rows`` requests, prefill, steps and sampling, on the decode
+        thread policy's count (:mod:`moeforge.serve.threads`), and puts the caller's torch thread count
+        back when it ends. :meth:`generate` and :meth:`stream` use it; a caller stepping batches itself
+        wraps its :meth:`start_batch` and :meth:`Batch.step` calls in it (outside it, only each step's
+        forward follows the policy). A no-op without the CPU decode path."""
+        if self.decoder is None:
+            return contextlib.nullcontext()
+        return self.decoder.threads.hold(rows)
 
     def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Complete one prompt, yielding text as it is generated. Text that could be the start of a stop
         string is held back until it is known not to be one, so a stop string never appears, even in part."""
         request = self.prepare(prompt, params, stream=True)
-        batch = self.start_batch([request])
+        with self.decode_scope(1):  # held per call: the consumer's code runs between the chunks
+            batch = self.start_batch([request])
         sent_text = sent_ids = 0
         while request.finish_reason is None:
             upto = request.stable_text_len()
             if upto > sent_text:
                 yield StreamChunk(request.text[sent_text:upto], request.tokens[sent_ids:])
                 sent_text, sent_ids = upto, len(request.tokens)
-            batch.step()
+            with self.decode_scope(1):
+                batch.step()
         completion = request.completion(self.tokenizer)
         yield StreamChunk(
             completion.text[sent_text:], request.tokens[sent_ids:], request.finish_reason, completion
