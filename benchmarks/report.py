@@ -117,7 +117,7 @@ def _machine_line(doc: dict[str, Any]) -> str:
         f"{s.get('cpus_usable', s.get('cpus'))} CPUs of {s.get('cpu_model', '?')}",
         f"torch {s['torch']}, {threads} threads" if "torch" in s else "",
         f"load {s['load_avg'][0]} at start, {e['load_avg'][0]} at end" if e else f"load {s['load_avg'][0]}",
-        f"beside {doc['busy_processes']} busy-looping processes" if doc.get("busy_processes") else "quiet",
+        f"beside {doc['busy_processes']} busy-looping processes" if doc.get("busy_processes") else "no hog",
         s.get("time", ""),
         f"rev {doc['rev']}" if doc.get("rev") else "",
     ]
@@ -171,7 +171,11 @@ def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
             for g in doc["goals"]:
                 cmp = "≥" if g.get("higher_is_better", True) else "≤"
                 unit = g.get("unit", "×")
-                busy = f"busy ×{doc['busy_processes']}" if doc.get("busy_processes") else "quiet"
+                busy = (
+                    f"beside {doc['busy_processes']} busy processes"
+                    if doc.get("busy_processes")
+                    else "no hog"
+                )
                 load = doc["machine_start"]["load_avg"][0]
                 out.append(
                     f"| {b}{' · ' + doc['variant'] if doc.get('variant') else ''} | {g['metric']} | "
@@ -180,11 +184,12 @@ def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
                 )
     missing = [b for b in order if b not in by_bench]
     if missing:
-        out.append(
+        out += [
+            "",
             "Not measured with the harness yet (no results file; their sections below carry no figures): "
             + ", ".join(f"`{b}`" for b in missing)
-            + "."
-        )
+            + ".",
+        ]
     out.append("")
     for b in order:
         docs = by_bench.get(b, [])
