@@ -423,6 +423,30 @@ class Results:
         """A sentence the script derives from its own measurements (printed in the report)."""
         self.doc["notes"].append(text)
 
+    def markdown(self) -> str:
+        """The run's checks, tables, goals and notes as markdown (a preview of what report.py renders)."""
+        lines: list[str] = []
+        for what, verdict in self.doc["checks"].items():
+            v = (
+                "; ".join(f"{k}: {x}" for k, x in verdict.items())
+                if isinstance(verdict, dict)
+                else str(verdict)
+            )
+            lines.append(f"- Output check, {what}: {v}")
+        for t in self.doc["tables"]:
+            lines += [
+                "",
+                t["caption"],
+                "",
+                "| " + " | ".join(t["columns"]) + " |",
+                "|" + "---|" * len(t["columns"]),
+            ]
+            lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in t["rows"]]
+        for g in self.doc["goals"]:
+            lines.append(f"- Goal {g['metric']}: {g['value']} (target {g['target']}, met: {g['met']})")
+        lines += [f"- {n}" for n in self.doc["notes"]]
+        return "\n".join(lines)
+
     def path(self) -> Path | None:
         target = getattr(self.args, "json", None)
         if target is not None and str(target) == "-":

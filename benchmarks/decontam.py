@@ -501,25 +501,6 @@ def _same_every_round(name: str, outputs: list[Any]) -> None:
     _harness.check_same({f"round {i + 1}": o for i, o in enumerate(outputs)}, "round 1")
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    """The run's checks, tables and notes as markdown (what benchmarks/report.py renders)."""
-    lines: list[str] = []
-    for what, verdict in doc["checks"].items():
-        v = "; ".join(f"{k}: {x}" for k, x in verdict.items()) if isinstance(verdict, dict) else str(verdict)
-        lines.append(f"- Output check, {what}: {v}")
-    for t in doc["tables"]:
-        lines += [
-            "",
-            t["caption"],
-            "",
-            "| " + " | ".join(t["columns"]) + " |",
-            "|" + "---|" * len(t["columns"]),
-        ]
-        lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in t["rows"]]
-    lines += [f"- {n}" for n in doc["notes"]]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     _harness.add_common_args(p, rounds=3)
@@ -581,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dt.close()
     results.write()
     if args.markdown:
-        print(markdown(results.doc))
+        print(results.markdown())
     return 0
 
 

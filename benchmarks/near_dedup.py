@@ -1100,27 +1100,6 @@ def run_throughput(
         )
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    """The run's tables, goals, checks and notes as markdown (what benchmarks/report.py renders)."""
-    lines: list[str] = []
-    for what, verdict in doc["checks"].items():
-        v = "; ".join(f"{k}: {x}" for k, x in verdict.items()) if isinstance(verdict, dict) else str(verdict)
-        lines.append(f"- Output check, {what}: {v}")
-    for t in doc["tables"]:
-        lines += [
-            "",
-            t["caption"],
-            "",
-            "| " + " | ".join(t["columns"]) + " |",
-            "|" + "---|" * len(t["columns"]),
-        ]
-        lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in t["rows"]]
-    for g in doc["goals"]:
-        lines.append(f"- Goal {g['metric']}: {g['value']} (target {g['target']}, met: {g['met']})")
-    lines += [f"- {n}" for n in doc["notes"]]
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     _harness.add_common_args(p, rounds=3)
@@ -1177,7 +1156,7 @@ def main() -> None:
             run_throughput(args, work, results, rounds, systems)
     results.write()
     if args.markdown:
-        print(markdown(results.doc))
+        print(results.markdown())
 
 
 if __name__ == "__main__":

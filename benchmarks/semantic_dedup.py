@@ -720,25 +720,6 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    """The run's checks, tables and notes as markdown (what benchmarks/report.py renders)."""
-    lines: list[str] = []
-    for what, verdict in doc["checks"].items():
-        v = "; ".join(f"{k}: {x}" for k, x in verdict.items()) if isinstance(verdict, dict) else str(verdict)
-        lines.append(f"- Output check, {what}: {v}")
-    for t in doc["tables"]:
-        lines += [
-            "",
-            t["caption"],
-            "",
-            "| " + " | ".join(t["columns"]) + " |",
-            "|" + "---|" * len(t["columns"]),
-        ]
-        lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in t["rows"]]
-    lines += [f"- {n}" for n in doc["notes"]]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     _harness.add_common_args(p, rounds=3)
@@ -784,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         embedding_vs_search(results)
     results.write()
     if args.markdown:
-        print(markdown(results.doc))
+        print(results.markdown())
     return 0
 
 

@@ -57,6 +57,9 @@ def test_results_write_json_with_the_machine_state_and_quick_runs_go_elsewhere(t
     res.goal("speed-up", 1.6, 1.5, spread=(1.4, 1.8))
     res.table("t", ["a", "b"], [[1, 2.5]])
     res.check("tokens", {"peer": "same"})
+    md = res.markdown()
+    assert "| a | b |" in md and "- Goal speed-up: 1.6 (target 1.5, met: True)" in md
+    assert "- Output check, tokens: peer: same" in md
     path = res.write()
     doc = json.loads(path.read_text())
     assert doc["goals"][0]["met"] is True and doc["machine_start"]["load_avg"]
