@@ -204,10 +204,11 @@ class DecodeThreads:
     def hold(self, batch: int) -> Iterator[int]:
         """Keep the policy's thread count over a whole batch, prefill and sampling included, not just
         over each step's forward: the count for a prefill is set now, every step inside sets its own
-        for ``batch`` rows and leaves it for the sampling after it, and the caller's count is back when
-        the hold ends. A sampling op left on two threads while
-        a busy process holds a core costs a time slice a step (``benchmarks/notes/generate.md``)."""
-        del batch  # the prefill's count depends on the free cores only; the steps' on the batch too
+        for its batch size and leaves it for the sampling after it, and the caller's count is back when
+        the hold ends. A sampling op left on two threads while a busy process holds a core costs a time
+        slice a step (``benchmarks/notes/generate.md``). ``batch`` is the batch's row count (the prefill
+        takes the free cores whatever it is)."""
+        del batch  # the prefill's count depends on the free cores only
         before = torch.get_num_threads()
         n = self.threads_for(None)
         if before != n:
