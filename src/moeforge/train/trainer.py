@@ -438,7 +438,7 @@ class Trainer:
         if self.peak is None and self.info.is_main:
             # measured now, with this run's threads: a peak cached on a busier or quieter day (or another
             # thread count) made MFU come out above 1
-            self.peak = measure_peak_flops(self.device, refresh=True)
+            self.peak = measure_peak_flops(self.device, seconds=0.3, refresh=True)
         status = "completed"
         # a resumed run starts from the validation result its checkpoint's step had (a run resumed at its
         # last step trains nothing more, and its summary must still report it)
