@@ -82,6 +82,32 @@ def test_a_record_with_a_wrong_id_is_rejected_naming_the_expected_id():
         Record.model_validate(data)
 
 
+def test_content_is_hashed_once_per_new_record_and_not_at_all_when_a_step_leaves_it(monkeypatch):
+    from moeforge.data import contract
+    from moeforge.data.filters import FilterConfig, apply_filters
+    from moeforge.data.pii import PiiConfig, scrub_record
+
+    calls: list[str | None] = []
+    real = contract.content_hash
+
+    def counting(*, text=None, messages=None):
+        calls.append(text)
+        return real(text=text, messages=messages)
+
+    monkeypatch.setattr(contract, "content_hash", counting)
+    text = " ".join(["A plain sentence that the filters and the PII scrubber leave exactly as it is."] * 3)
+    r = Record.create(text=text, meta=_meta(domain="prose"))
+    assert calls == [text]  # create hashes once; its own validation trusts that id
+    kept = apply_filters(r, FilterConfig(quality_domains=[], min_chars=1)).record
+    clean = scrub_record(kept, PiiConfig())
+    assert calls == [text] and clean.id == kept.id == r.id  # unchanged content: the id stands
+    assert clean.meta.provenance.steps == ["filters", "pii"] and clean.meta.pii_status == "clean"
+    scrubbed = scrub_record(Record.create(text="write to ann@example.com now", meta=_meta()), PiiConfig())
+    assert scrubbed.id == real(text=scrubbed.text) and "ann@example.com" not in (scrubbed.text or "")
+    with pytest.raises(ValidationError, match="id does not match"):  # anyone else's id is still checked
+        Record.model_validate({"id": r.id, "text": "other", "meta": _meta()})
+
+
 def test_with_content_recomputes_the_id():
     r = Record.create(text="mail me at a@b.com", meta=_meta())
     scrubbed = r.with_content(text="mail me at <|email|>")

@@ -181,9 +181,11 @@ def test_moe_stats_report_routing_summary() -> None:
     x = torch.randn(40, D)
     _, stats = layer(x)
     r = layer.router(x)
-    torch.testing.assert_close(stats.probs_mean, r.probs.mean(0))
-    entropy = -(r.probs * r.probs.log()).sum(-1).mean()
-    torch.testing.assert_close(stats.entropy, entropy)
+    assert stats.probs_mean is None and stats.entropy is None  # computed on demand, not in the forward
+    probs_mean, entropy = stats.detail()
+    torch.testing.assert_close(probs_mean, r.probs.mean(0))
+    torch.testing.assert_close(entropy, -(r.probs * r.probs.log()).sum(-1).mean())
+    assert stats.detail()[0] is probs_mean  # kept after the first call
     torch.testing.assert_close(stats.lb_loss, r.lb_loss)
     torch.testing.assert_close(stats.z_loss, r.z_loss)
 

@@ -58,6 +58,32 @@ def test_routing_summary_is_token_weighted_over_micro_batches() -> None:
     assert acc.summary() == {} and acc.load_fractions() == {}
 
 
+def test_without_detail_the_distribution_and_entropy_are_neither_computed_nor_reported() -> None:
+    acc = RoutingAccumulator()
+    lazy = MoEStats(
+        lb_loss=torch.tensor(1.0),
+        z_loss=torch.tensor(2.0),
+        tokens_per_expert=torch.tensor([6, 4]),
+        dropped=0,
+        assignments=10,
+        tokens=10,
+        probs=torch.full((10, 2), 0.5),
+    )
+    acc.add({0: lazy}, detail=False)
+    assert lazy.probs_mean is None and lazy.entropy is None  # never computed
+    s = acc.summary()
+    assert s["moe/L0/load/e0"] == pytest.approx(0.6) and s["moe/L0/lb_loss"] == pytest.approx(1.0)
+    assert not any("entropy" in k for k in s)
+    # a detailed micro-batch afterwards: the losses cover both, the entropy only the detailed one
+    acc.add({0: _stats([15, 15], 30, 1, entropy=0.25, lb=3.0)})
+    s = acc.summary()
+    assert s["moe/L0/entropy_token"] == pytest.approx(0.25)
+    assert s["moe/L0/entropy_mean_dist"] == pytest.approx(math.log(2))
+    assert s["moe/L0/lb_loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+    with pytest.raises(ValueError, match="probs"):
+        MoEStats(torch.tensor(0.0), torch.tensor(0.0), torch.tensor([1]), 0, 1).detail()
+
+
 def test_entropy_of_the_mean_distribution_is_normalized_by_active_experts() -> None:
     acc = RoutingAccumulator()
     acc.add({3: _stats([5, 5, 5, 5], 10, 2, entropy=1.0, lb=1.0)})

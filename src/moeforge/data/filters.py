@@ -309,4 +309,6 @@ def apply_filters(record: Record, cfg: FilterConfig) -> FilterOutcome:
             ),
         }
     )
+    if text == record.text and messages == record.messages:  # content as it was: the id stands
+        return FilterOutcome(record.model_copy(update={"meta": meta}), None, scores)
     return FilterOutcome(Record.create(meta=meta, text=text, messages=messages), None, scores)

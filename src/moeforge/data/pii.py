@@ -219,4 +219,6 @@ def scrub_record(record: Record, cfg: PiiConfig) -> Record:
             ),
         }
     )
+    if n == 0:  # nothing replaced: the content, so the id, is the record's own
+        return record.model_copy(update={"meta": meta})
     return Record.create(meta=meta, text=text, messages=messages)

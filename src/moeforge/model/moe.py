@@ -47,11 +47,13 @@ class MoEStats:
 
     tokens_per_expert: ``[E]`` assignments each expert actually processed (after capacity drops);
     dropped: assignments dropped by the capacity limit; assignments: ``N·k``;
-    probs_mean: ``[E]`` mean router probability; entropy: mean per-token routing entropy (nats);
+    probs_mean: ``[E]`` mean router probability; entropy: mean per-token routing entropy (nats) — the
+    layer leaves both None and keeps the detached ``[N, E]`` router ``probs`` instead: :meth:`detail`
+    computes them on first use, so a training step that logs nothing never pays for them;
     tokens: ``N``, the tokens routed (``assignments / k``); routed_per_expert: ``[E]`` the router's
     assignments per expert *before* the capacity limit (a collapse stays visible when capacity hides it
     in ``tokens_per_expert``); expert_outputs: see :class:`ExpertOutputStats`, None unless
-    ``MoELayer.record_expert_outputs`` is on. The last three default to None so older callers still work.
+    ``MoELayer.record_expert_outputs`` is on. Everything after ``assignments`` defaults to None.
     """
 
     lb_loss: torch.Tensor
@@ -59,15 +61,27 @@ class MoEStats:
     tokens_per_expert: torch.Tensor
     dropped: int | torch.Tensor  # a 0-d tensor from the layer (read on the host only when logged)
     assignments: int
-    probs_mean: torch.Tensor
-    entropy: torch.Tensor
+    probs_mean: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     tokens: int | None = None
     routed_per_expert: torch.Tensor | None = None
     expert_outputs: ExpertOutputStats | None = None
+    probs: torch.Tensor | None = None
 
     @property
     def dropped_fraction(self) -> float:
         return float(self.dropped) / max(self.assignments, 1)
+
+    @torch.no_grad()
+    def detail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs_mean, entropy)``: computed from ``probs`` on the first call, then kept."""
+        if self.probs_mean is None or self.entropy is None:
+            if self.probs is None:
+                raise ValueError("MoEStats has neither probs_mean/entropy nor the router probs to compute them")
+            p = self.probs
+            self.probs_mean = p.mean(0)
+            self.entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+        return self.probs_mean, self.entropy
 
 
 def sort_assignments(
@@ -211,20 +225,16 @@ class MoELayer(nn.Module):
 
         if not stats:
             return out_ND.view(shape), None
-        with torch.no_grad():
-            p = r.probs
-            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
-        result = MoEStats(
+        result = MoEStats(  # probs_mean and entropy: on demand (MoEStats.detail), at logging steps
             lb_loss=r.lb_loss,
             z_loss=r.z_loss,
             tokens_per_expert=counts_E.detach(),
             dropped=dropped,
             assignments=n * self.top_k,
-            probs_mean=p.mean(0).detach(),
-            entropy=entropy,
             tokens=n,
             routed_per_expert=r.tokens_per_expert.detach(),
             expert_outputs=recorded,
+            probs=r.probs.detach(),
         )
         return out_ND.view(shape), result
 

@@ -51,6 +51,7 @@ class _LayerSums:
     tokens: int = 0
     assignments: int = 0
     dropped: int = 0
+    detail_tokens: int = 0  # tokens behind probs_E and entropy (the micro-batches added with detail)
 
 
 class RoutingAccumulator:
@@ -64,6 +65,10 @@ class RoutingAccumulator:
     ``routed_i / N``. The shares sum to ``top_k``; perfect balance gives ``top_k / E_active`` each, and 1.0
     means every token uses the expert — the same scale for any ``k``, which is what the collapse
     threshold needs. Counting before capacity keeps a collapse visible when the capacity limit would cap it.
+
+    Loads, drops and the aux losses cover every micro-batch added; the router's mean distribution and
+    per-token entropy only those added with ``detail=True`` (the trainer's logging steps), which is where
+    they are computed at all (:meth:`MoEStats.detail`).
     """
 
     def __init__(self) -> None:
@@ -77,16 +82,17 @@ class RoutingAccumulator:
         return len(self._layers)
 
     @torch.no_grad()
-    def add(self, moe_stats: Mapping[int, MoEStats]) -> None:
-        """Add one forward's ``ModelOutput.moe_stats`` (layer index → stats)."""
+    def add(self, moe_stats: Mapping[int, MoEStats], *, detail: bool = True) -> None:
+        """Add one forward's ``ModelOutput.moe_stats`` (layer index → stats); ``detail=False`` leaves out
+        the mean routing distribution and entropy (and never computes them)."""
         for layer, s in moe_stats.items():
             n = s.tokens if s.tokens is not None else s.assignments
             routed = s.routed_per_expert if s.routed_per_expert is not None else s.tokens_per_expert
             acc = self._layers.get(layer)
-            dev = s.probs_mean.device
+            dev = routed.device
             dt = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
             if acc is None:
-                e = s.probs_mean.numel()
+                e = routed.numel()
                 acc = _LayerSums(
                     routed_E=torch.zeros(e, dtype=dt, device=dev),
                     probs_E=torch.zeros(e, dtype=dt, device=dev),
@@ -96,8 +102,11 @@ class RoutingAccumulator:
                 )
                 self._layers[layer] = acc
             acc.routed_E += routed.detach().to(dt)
-            acc.probs_E += s.probs_mean.detach().to(dt) * n
-            acc.entropy += s.entropy.detach().to(dt) * n
+            if detail:
+                probs_mean, entropy = s.detail()
+                acc.probs_E += probs_mean.detach().to(dt) * n
+                acc.entropy += entropy.detach().to(dt) * n
+                acc.detail_tokens += n
             acc.lb += s.lb_loss.detach().to(dt) * n
             acc.z += s.z_loss.detach().to(dt) * n
             acc.tokens += n
@@ -120,7 +129,9 @@ class RoutingAccumulator:
         dev = device if device is not None else accs[0].routed_E.device
         parts: list[torch.Tensor] = []
         for acc in accs:
-            ints = torch.tensor([acc.tokens, acc.assignments, acc.dropped], dtype=acc.routed_E.dtype)
+            ints = torch.tensor(
+                [acc.tokens, acc.assignments, acc.dropped, acc.detail_tokens], dtype=acc.routed_E.dtype
+            )
             parts += [
                 acc.routed_E.to(dev),
                 acc.probs_E.to(dev),
@@ -133,9 +144,10 @@ class RoutingAccumulator:
             e = acc.routed_E.numel()
             acc.routed_E, acc.probs_E = flat[offset : offset + e], flat[offset + e : offset + 2 * e]
             acc.entropy, acc.lb, acc.z = flat[offset + 2 * e : offset + 2 * e + 3]
-            tokens, assignments, dropped = flat[offset + 2 * e + 3 : offset + 2 * e + 6].tolist()
+            tokens, assignments, dropped, detail = flat[offset + 2 * e + 3 : offset + 2 * e + 7].tolist()
             acc.tokens, acc.assignments, acc.dropped = int(tokens), int(assignments), int(dropped)
-            offset += 2 * e + 6
+            acc.detail_tokens = int(detail)
+            offset += 2 * e + 7
 
     def load_fractions(self) -> dict[int, list[float]]:
         """Per layer, each expert slot's token share (see the class docstring); for the collapse detector."""
@@ -149,12 +161,14 @@ class RoutingAccumulator:
         Per layer: ``load/e{i}`` (every slot, dormant ghosts included), ``load_max``, ``load_std`` and
         ``load_max_over_mean`` (over active experts), ``entropy_token`` (mean per-token routing entropy,
         nats), ``entropy_mean_dist`` (entropy of the mean routing distribution) and
-        ``entropy_mean_dist_norm`` (÷ log E_active: 1.0 is uniform use), ``dropped_fraction``, ``lb_loss``
+        ``entropy_mean_dist_norm`` (÷ log E_active: 1.0 is uniform use) — these three over the micro-batches
+        added with ``detail``, left out when there were none — ``dropped_fraction``, ``lb_loss``
         and ``z_loss`` (unscaled). With ``model``: ``lb_loss_scaled`` / ``z_loss_scaled`` (× the config's
         lb_coef / z_coef) and, when the router's aux_free_bias_rate > 0, its biases ``bias/e{i}``.
 
         Active experts: routed ones plus ghosts with alpha > 0, read from ``model``; without it, the slots
-        with a non-zero mean routing probability (dormant ghosts are masked to exactly 0).
+        with a non-zero mean routing probability (dormant ghosts are masked to exactly 0), or with no
+        detail, the slots that got tokens.
         """
         out: dict[str, float] = {}
         total_assign = total_drop = 0
@@ -165,15 +179,20 @@ class RoutingAccumulator:
                 continue
             pre = f"moe/L{layer}"
             share = (acc.routed_E / acc.tokens).cpu()
-            probs = (acc.probs_E / acc.tokens).cpu()
-            scalars = (torch.stack([acc.entropy, acc.lb, acc.z]) / acc.tokens).tolist()
+            detail = acc.detail_tokens > 0
+            probs = (acc.probs_E / max(acc.detail_tokens, 1)).cpu()
+            scalars = torch.stack(
+                [acc.entropy / max(acc.detail_tokens, 1), acc.lb / acc.tokens, acc.z / acc.tokens]
+            ).tolist()
             moe = _moe_layer(model, layer)
             if moe is not None:
                 active = torch.ones(share.numel(), dtype=torch.bool)
                 if moe.num_ghost:
                     active[moe.num_experts :] = moe.ghost_alpha.detach().cpu() > 0
-            else:
+            elif detail:
                 active = probs > 0
+            else:  # no distribution to read dormant ghosts from: the slots that got tokens
+                active = share > 0
             for i, v in enumerate(share.tolist()):
                 out[f"{pre}/load/e{i}"] = v
             act = share[active]
@@ -182,10 +201,11 @@ class RoutingAccumulator:
             out[f"{pre}/load_std"] = float(act.std(unbiased=False)) if e_active else 0.0
             mean = float(act.mean()) if e_active else 0.0
             out[f"{pre}/load_max_over_mean"] = float(act.max()) / mean if mean > 0 else 0.0
-            out[f"{pre}/entropy_token"] = scalars[0]
-            h = float(-(probs * probs.clamp_min(1e-30).log()).sum())
-            out[f"{pre}/entropy_mean_dist"] = h
-            out[f"{pre}/entropy_mean_dist_norm"] = h / math.log(e_active) if e_active > 1 else 1.0
+            if detail:  # none of the interval's micro-batches computed them (added with detail=False)
+                out[f"{pre}/entropy_token"] = scalars[0]
+                h = float(-(probs * probs.clamp_min(1e-30).log()).sum())
+                out[f"{pre}/entropy_mean_dist"] = h
+                out[f"{pre}/entropy_mean_dist_norm"] = h / math.log(e_active) if e_active > 1 else 1.0
             out[f"{pre}/dropped_fraction"] = acc.dropped / max(acc.assignments, 1)
             out[f"{pre}/lb_loss"] = scalars[1]
             out[f"{pre}/z_loss"] = scalars[2]

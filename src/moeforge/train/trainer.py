@@ -387,6 +387,8 @@ class Trainer:
         sums_S = torch.zeros(len(names), dtype=dt, device=self.device)
         zero = sums_S.new_zeros(())
         tokens = 0
+        # the router's mean distribution and entropy are computed only for the step that logs them
+        logs = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
         for i, batch in self._micro_batches():
             last = i == cfg.grad_accum - 1
             # FSDP reduce-scatters every micro-batch's gradients into the shards (no no_sync)
@@ -401,7 +403,7 @@ class Trainer:
             ]
             sums_S += torch.stack(step_S)
             tokens += res.tokens
-            self.routing.add(res.moe_stats)
+            self.routing.add(res.moe_stats, detail=logs)
             self.ghost.observe(self.step, res.moe_stats)
         grad_buffers.publish(self._grad_buffers)
         grad_norm = torch.full((), float("nan"), dtype=dt, device=self.device)
