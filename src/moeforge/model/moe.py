@@ -77,7 +77,9 @@ class MoEStats:
         """``(probs_mean, entropy)``: computed from ``probs`` on the first call, then kept."""
         if self.probs_mean is None or self.entropy is None:
             if self.probs is None:
-                raise ValueError("MoEStats has neither probs_mean/entropy nor the router probs to compute them")
+                raise ValueError(
+                    "MoEStats has neither probs_mean/entropy nor the router probs to compute them"
+                )
             p = self.probs
             self.probs_mean = p.mean(0)
             self.entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
