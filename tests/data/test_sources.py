@@ -30,6 +30,25 @@ def test_jsonl_quarantines_each_bad_line_with_its_reason_and_keeps_going(tmp_pat
     assert len(ok) + len(bad) == 7  # every line accounted for
 
 
+def test_jsonl_objects_are_exactly_what_json_loads_gives_even_where_the_fast_parser_refuses(tmp_path):
+    lines = [
+        '{"n": 123456789012345678901234567890, "f": 0.1, "e": "caf\\u00e9 \\ud83d\\ude00", "z": -0}',
+        '{"nan": NaN, "inf": Infinity}',  # json.loads accepts both; the fast parser does not
+        '{"big": 1e400}',
+        '{"lone": "\\ud800"}',
+        '{"k": 1, "k": 2}\r',
+        '{"nested": {"a": [1, {"b": null}]}}   ',
+    ]
+    f = tmp_path / "edge.jsonl"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ok, bad = _split(read_source(f))
+    assert not bad
+    got = [i.data for i in ok]
+    want = [json.loads(x) for x in lines]
+    assert repr(got) == repr(want)  # repr: nan != nan, and the types (int, not float) must match too
+    assert [i.line for i in ok] == list(range(1, len(lines) + 1))
+
+
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
 def test_compressed_jsonl_is_read_transparently(tmp_path, suffix):
     import zstandard
