@@ -193,7 +193,7 @@ def _read_jsonl(path: str) -> Iterator[RawItem | Quarantined]:
                 # below, which accepts what json.loads accepts and names what it does not
                 try:
                     fast = _json_bytes(raw)
-                except Exception:  # noqa: BLE001 - every refusal is re-parsed and reported below
+                except Exception:  # every refusal is re-parsed and reported below
                     fast = None
                 if type(fast) is dict:
                     yield RawItem(data=fast, uri=path, line=n)
