@@ -163,6 +163,32 @@ def _timed(fns: dict[str, Callable[[], None]], reps: dict[str, int], rounds: int
     return timings
 
 
+# Matrix-multiply kernels (self time): what the dense ceiling is made of. Everything else in a profile is
+# routing, gathers, activation, allocation and autograd glue.
+GEMM_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::linear"}
+)
+
+
+def profile_split(fn: Callable[[], None], calls: int) -> dict[str, float]:
+    """Self CPU time of ``calls`` calls under torch.profiler, split into matmul kernels and the rest:
+    ``{"gemm_share", "top_other"...}``. Shares, not times: the profiler's own overhead inflates both."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    gemm = sum(t for k, t in ops if k in GEMM_OPS)
+    other = sorted(((t, k) for k, t in ops if k not in GEMM_OPS), reverse=True)[:3]
+    return {
+        "gemm_share": round(gemm / total, 3),
+        "top_other": ", ".join(f"{k} {t / total:.0%}" for t, k in other),  # type: ignore[dict-item]
+    }
+
+
 def run_point(
     experts: int,
     top_k: int,
@@ -171,6 +197,7 @@ def run_point(
     rounds: int,
     budget_s: float,
     buffers: bool = True,
+    profile_calls: int = 0,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=HIDDEN)
@@ -239,6 +266,14 @@ def run_point(
     vs_hf = paired_ratio(t[figure], t[hf_best])
     vs_dense = paired_ratio(t[figure], t["dense"])  # dense time ÷ ours: our share of the dense rate
     vs_eager = paired_ratio(t[figure], t["hf_eager"])
+    prof: dict[str, Any] = {}
+    if profile_calls:
+        for name in (figure, hf_best, "dense"):
+            prof[name] = profile_split(fns[name], profile_calls)
+        # ours with every non-matmul op free would take its matmul share of its time: the most it could
+        # gain over the peer without faster matmuls
+        ceiling = t[hf_best].median / (t[figure].median * max(prof[figure]["gemm_share"], 1e-9))
+        prof["ceiling_vs_hf_best"] = round(ceiling, 3)
     return {
         "experts": experts,
         "top_k": top_k,
@@ -255,6 +290,7 @@ def run_point(
         "of_dense": vs_dense.as_dict(),
         "check": verdict,
         "check_max_abs_diff": {k: float(f"{v:.3g}") for k, v in max_diff.items()},
+        **({"profile": prof} if prof else {}),
     }
 
 
@@ -295,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="ours without persistent expert gradient buffers (the trainer attaches them on one CPU process)",
     )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing each point, profile N calls of ours, the faster transformers implementation and "
+        "dense: the share of matrix-multiply kernels in each, and the speed-up over the peer ours could "
+        "reach if everything but its matmuls were free",
+    )
     args = ap.parse_args(argv)
     try:
         import transformers
@@ -317,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cpu_hog(args.busy):
             for e, k, t in grid:
-                point = run_point(e, k, t, backends, args.rounds, args.budget, not args.no_grad_buffers)
+                point = run_point(
+                    e, k, t, backends, args.rounds, args.budget, not args.no_grad_buffers, args.profile
+                )
                 rows.append(results.row(**point))
     except Mismatch as exc:
         print(f"error: {exc}; no time is reported", file=sys.stderr)
@@ -461,6 +508,42 @@ def main(argv: list[str] | None = None) -> int:
                 f"The loop backend against grouped_mm where tokens per expert ≥ 256 ({len(large)} "
                 f"point{'s' if len(large) > 1 else ''}): {_span(lg, unit='×')} (ratio of medians)."
             )
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        results.table(
+            f"Where the time goes (torch.profiler, {args.profile} calls per contender after the timing): the "
+            "share of self CPU time in matrix-multiply kernels, the three largest other ops of ours, and the "
+            "ceiling: the faster transformers implementation's median ÷ (ours' median × its matmul share), "
+            "the most ours could gain over the peer if everything but its matmuls took no time.",
+            [
+                "E",
+                "k",
+                "tokens",
+                "ours matmul",
+                "HF best matmul",
+                "dense matmul",
+                "ours: largest other",
+                "ceiling",
+            ],
+            [
+                [
+                    r["experts"],
+                    r["top_k"],
+                    r["tokens"],
+                    f"{r['profile'][r['figure']]['gemm_share']:.0%}",
+                    f"{r['profile'][r['hf_best']]['gemm_share']:.0%}",
+                    f"{r['profile']['dense']['gemm_share']:.0%}",
+                    r["profile"][r["figure"]]["top_other"],
+                    f"{r['profile']['ceiling_vs_hf_best']:.2f}×",
+                ]
+                for r in profiled
+            ],
+        )
+        ceilings = [r["profile"]["ceiling_vs_hf_best"] for r in profiled]
+        results.note(
+            f"Ceiling over the faster transformers implementation with free non-matmul work: geometric mean "
+            f"{_geomean(ceilings):.3g}× over {len(ceilings)} points ({_span(ceilings, unit='×')})."
+        )
     results.note(f"torch {torch.__version__}, transformers {transformers.__version__}.")
     results.write()
 
