@@ -47,7 +47,12 @@ $(BENCH_STAMP): $(STAMP)
 
 # Every benchmark prints JSON lines with the ratio against its peer; figures go to docs/PERFORMANCE.md.
 bench: setup $(BENCH_STAMP)
-	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/moe_layer.py --profile 3
+	$(PY) benchmarks/train_step.py --breakdown
+	$(PY) benchmarks/loader.py
+	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py
+	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py --num-fewshot 5
+	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py --task moeforge_ppl_en
 	$(PY) benchmarks/generate.py --compile
 	$(PY) benchmarks/generate.py --busy 2 --compile
 	$(PY) benchmarks/generate.py --model smollm2
