@@ -396,12 +396,13 @@ def pack_records(
     batches = _prefetch(_prepare(records, mode, dom_index, domains, batch_size, default_system))
     # Two encode calls in flight: the tokenizer's thread pool is shared, so the next batch's documents fill
     # the cores the current batch's last (longest) documents leave idle at its end.
+    # Packing reads only the ids (SFT masks come from the special tokens; the rare chat whose content holds
+    # a turn marker is re-encoded with offsets): encode_batch_fast skips the character offsets.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     with ThreadPoolExecutor(max_workers=_IN_FLIGHT, thread_name_prefix="moeforge-encode") as pool:
         pending: deque[tuple[_Batch, Future[Any]]] = deque()
         for batch in batches:
-            pending.append(
-                (batch, pool.submit(tokenizer.encode_batch, batch.texts, add_special_tokens=False))
-            )
+            pending.append((batch, pool.submit(encode, batch.texts, add_special_tokens=False)))
             if len(pending) >= _IN_FLIGHT:
                 _finish(pending.popleft(), handle, packer.stats, progress)
         while pending:
