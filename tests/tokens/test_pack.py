@@ -140,6 +140,36 @@ def test_sft_packs_whole_chats_without_splitting(
     assert all(len(shard.sample(i)[0]) <= 257 for i in range(len(shard)))
 
 
+def test_plain_text_in_an_sft_run_is_trained_in_full_in_block_sized_pieces(
+    token_tokenizer: Path, tmp_path: Path
+) -> None:
+    chat = {
+        "id": "c",
+        "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "text": None,
+        "meta": {"domain": "math"},
+    }
+    long_text = " ".join(f"word{i}" for i in range(300))
+    plain = [{"id": f"p{i}", "text": t, "messages": None, "meta": {"domain": "math"}}
+             for i, t in enumerate(["A short plain note.", long_text, "Another one."])]  # fmt: skip
+    _, shard = _pack([plain[0], chat, plain[1], plain[2]], token_tokenizer, tmp_path, seq_len=63, mode="sft")
+    tok = load_tokenizer(token_tokenizer)
+    eos, _ = token_ids(tok)
+    segs = [seg for i in range(len(shard)) for seg in _segments(shard, i)]
+    assert all(len(ids) <= 64 for ids, _ in segs)
+    # the plain documents' tokens (each + EOS) all come back, every one of them trained on
+    plain_segs = [
+        (ids, mask)
+        for ids, mask in segs
+        if "<|im_start|>" not in tok.decode(ids.tolist(), skip_special_tokens=False)
+    ]
+    assert all(mask is not None and mask.all() for _, mask in plain_segs)
+    got = sorted(t for ids, _ in plain_segs for t in ids.tolist())
+    want = sorted(t for p in plain for t in [*tok.encode(p["text"], add_special_tokens=False).ids, eos])
+    assert got == want
+    assert len(plain_segs) > len(plain)  # the long one was cut into pieces
+
+
 def test_long_chats_are_cut_at_a_turn_boundary_and_counted(token_tokenizer: Path, tmp_path: Path) -> None:
     turns = []
     for i in range(12):

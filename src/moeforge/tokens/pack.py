@@ -264,7 +264,7 @@ class _Packer:
         self.block = seq_len + 1
         self.stats = PackStats(seq_len=seq_len)
         self.streams: dict[int, _Stream] = {}
-        self.sft_docs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.sft_docs: dict[int, list[tuple[np.ndarray, np.ndarray | None]]] = {}  # mask None: all ones
         im_start, im_end = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
         self.im_start = -1 if im_start is None else im_start
         self.im_end = -1 if im_end is None else im_end
@@ -303,16 +303,25 @@ class _Packer:
 
     # ---- SFT ----
     def sft(self, batch: _Batch, encodings: list[Any]) -> None:
-        dtype = self.writer.dtype
+        dtype, block = self.writer.dtype, self.block
+        # plain text in an SFT run is trained on in full, cut into block-sized pieces: all of the batch's
+        # plain documents (each + EOS) flattened at once, each piece a view into that array, its loss mask
+        # all ones (None here, built when the bins are written)
+        plain = [e.ids for e, chat in zip(encodings, batch.chats, strict=True) if chat is None]
+        flat, ends = np.empty(0, dtype=dtype), []
+        if plain:
+            flat, ends_arr = _flat_with_eos(plain, self.eos, dtype)
+            ends = ends_arr.tolist()
+        j = 0
         for text, chat, dom, enc in zip(batch.texts, batch.chats, batch.doms, encodings, strict=True):
-            ids = np.asarray(enc.ids, dtype=dtype)
             out = self.sft_docs.setdefault(dom, [])
-            if chat is None:  # plain text in an SFT run: trained on in full, cut into block-sized pieces
-                ids = np.append(ids, np.asarray([self.eos], dtype=dtype))
-                for i in range(0, ids.size, self.block):
-                    piece = ids[i : i + self.block]
-                    out.append((piece, np.ones(piece.size, dtype=np.uint8)))
+            if chat is None:
+                start, end = (ends[j - 1] if j else 0), ends[j]
+                j += 1
+                for i in range(start, end, block):
+                    out.append((flat[i : min(i + block, end)], None))
                 continue
+            ids = np.asarray(enc.ids, dtype=dtype)
             found = self._chat_mask(ids, chat)
             if found is None:  # turn markers inside the content itself: fall back to character offsets
                 found = self._chat_mask_by_offsets(text, chat)
@@ -363,8 +372,14 @@ class _Packer:
             items = self.sft_docs[dom]
             for bin_items in best_fit_decreasing([int(ids.size) for ids, _ in items], self.block):
                 tokens = np.concatenate([items[i][0] for i in bin_items])
-                mask = np.concatenate([items[i][1] for i in bin_items])
                 seg_lens = np.asarray([items[i][0].size for i in bin_items], dtype=np.int64)
+                mask = np.ones(tokens.size, dtype=np.uint8)
+                off = 0
+                for i in bin_items:
+                    ids, m = items[i]
+                    if m is not None:
+                        mask[off : off + ids.size] = m
+                    off += ids.size
                 self._emit(tokens, seg_lens, mask, dom)
 
 
