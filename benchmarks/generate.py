@@ -230,6 +230,32 @@ def run_batch(
     return steps, verdict, warmup
 
 
+# matrix-multiply kernels (self time), prepacked ones included; attention is its own line
+GEMM_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv",
+     "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
+)  # fmt: skip
+
+
+def profile_split(run: Run, prompts: list[list[int]], n: int) -> dict[str, Any]:
+    """One run of ``run`` under torch.profiler: the share of self CPU time in matmul kernels, in
+    attention, and the three largest other ops (shares: the profiler's overhead inflates times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(prompts, n)
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    gemm = sum(t for k, t in ops if k in GEMM_OPS)
+    attn = sum(t for k, t in ops if "attention" in k)
+    other = sorted(((t, k) for k, t in ops if k not in GEMM_OPS and "attention" not in k), reverse=True)
+    return {
+        "gemm_share": round(gemm / total, 3),
+        "attention_share": round(attn / total, 3),
+        "top_other": ", ".join(f"{k} {t / total:.0%}" for t, k in other[:3]),
+    }
+
+
 def _fastest(steps: dict[str, Timing], prefix: str) -> str:
     return min((n for n in steps if n.startswith(prefix)), key=lambda n: steps[n].median)
 
@@ -254,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compile",
         action="store_true",
         help="also time the engine with its decode step through torch.compile (MOEFORGE_DECODE_COMPILE)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing each batch, profile one run of the engine and of the fastest transformers "
+        "setting: matmul and attention shares, and the ratio ours could reach with free non-matmul work",
     )
     ap.add_argument(
         "--peer-threads",
@@ -357,6 +389,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if b in GOALS:
                     results.goal(f"ratio_batch{b}", ratio.median, GOALS[b], spread=(ratio.low, ratio.high))
+                if args.profile:
+                    prof = {k: profile_split(systems[k], prompts, args.new_tokens) for k in (OURS, peer)}
+                    ceiling = steps[peer].median / (steps[OURS].median * max(prof[OURS]["gemm_share"], 1e-9))
+                    results.row(batch=b, profile=prof, ceiling_vs_peer=round(ceiling, 3))
+                    results.note(
+                        f"Batch {b} profile (one run each, self CPU time): the engine {prof[OURS]['gemm_share']:.0%} "
+                        f"in matmul kernels, {prof[OURS]['attention_share']:.0%} in attention, largest other "
+                        f"ops {prof[OURS]['top_other']}; {peer} {prof[peer]['gemm_share']:.0%} in matmul "
+                        f"kernels. With everything but its matmuls free the engine would reach "
+                        f"{ceiling:.2f}× that setting."
+                    )
                 ratios[b] = [
                     b,
                     peer.removeprefix("transformers, "),
