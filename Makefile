@@ -53,9 +53,9 @@ bench: setup $(BENCH_STAMP)
 	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py
 	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py --num-fewshot 5
 	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py --task moeforge_ppl_en
-	$(PY) benchmarks/generate.py --compile
-	$(PY) benchmarks/generate.py --busy 2 --compile
-	$(PY) benchmarks/generate.py --model smollm2
+	$(PY) benchmarks/generate.py --compile --profile
+	$(PY) benchmarks/generate.py --busy 2 --compile --profile
+	$(PY) benchmarks/generate.py --model smollm2 --profile
 	$(PY) benchmarks/generate.py --model smollm2 --busy 2
 	$(PY) benchmarks/dpo_step.py
 	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 1 --systems moeforge,datatrove_ws
