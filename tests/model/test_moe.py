@@ -106,7 +106,11 @@ def test_auto_backend_matches_loop_for_small_and_large_groups(n_tokens: int) -> 
 def test_auto_backend_choice_on_cpu() -> None:
     x = torch.randn(4, D)
     assert choose_backend("auto", x, [2, 3, 0, 1]) == "padded"
-    assert choose_backend("auto", x, [100, 120, 90, 110]) == "grouped_mm"
+    assert choose_backend("auto", x, [100, 120, 90, 110]) == "grouped_mm"  # padding 1.14
+    assert choose_backend("auto", x, [100, 105, 98, 103]) == "padded"  # near-even: padding 1.03
+    assert choose_backend("auto", x, [20, 28, 12, 20]) == "padded"  # small groups, padding 1.4
+    assert choose_backend("auto", x, [400, 520, 380, 300]) == "loop"  # large, padding 1.30
+    assert choose_backend("auto", x, [600, 600, 600, 600]) == "loop"  # even, but past 512 rows
     assert choose_backend("auto", x, [0, 0]) == "loop"
     assert choose_backend("padded", x, [100, 120]) == "padded"
 

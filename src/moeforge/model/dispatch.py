@@ -68,14 +68,17 @@ def choose_backend(
         # decoding (a few tokens, no backward): each active expert's weights are used in place; the
         # padded bmm would first copy every active expert's weights, which costs more than the math
         return "loop"
-    # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (docs/PERFORMANCE.md):
-    # large groups: the chunked loop keeps activations in cache and wins by up to 1.4x;
-    # tiny groups: per-call overhead dominates and one bmm over a padded batch wins while padding is cheap;
-    # in between, torch's grouped_mm kernel.
+    # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (an AMD EPYC; its backends table
+    # in docs/PERFORMANCE.md). One bmm over a padded batch beats the per-group kernels while the padding
+    # (the largest group × active experts ÷ rows) is cheap for the group size: small groups, where
+    # per-call overhead dominates, tolerate more of it; up to 512 rows per expert, near-even groups (top-k
+    # routing over few experts) still run fastest padded. Otherwise large groups go to the chunked loop,
+    # which keeps activations in cache, and the rest to torch's grouped_mm kernel.
+    pad = max(counts) * active / n
+    if (per_expert < 16 and pad <= 4) or (per_expert < 32 and pad <= 2) or (per_expert <= 512 and pad <= 1.1):
+        return "padded"
     if per_expert >= 256:
         return "loop"
-    if per_expert < 16 and max(counts) * active <= 4 * n:
-        return "padded"
     return "grouped_mm" if grouped_ok else "loop"
 
 
