@@ -11,11 +11,12 @@ Backends (all compute the same function; tests pin them against a per-token refe
 - ``loop``: one ``mm`` per expert written straight into preallocated outputs, with a hand-written
   backward; elementwise work (SiLU and its derivative) runs once over all rows, never per expert.
 - ``padded``: scatter rows into ``[E, C, D]`` with ``C`` the largest group, then ``bmm`` — wastes FLOPs
-  on padding but makes one call regardless of E; wins when groups are tiny and call overhead dominates.
+  on padding but makes one call regardless of E; wins when groups are small or near-even.
 
 ``auto`` picks ``grouped_mm`` on CUDA, and on CPU the backend measured fastest for the group sizes at
-hand: ``loop`` from 256 rows per expert, ``padded`` below 16, ``grouped_mm`` in between (see
-``docs/PERFORMANCE.md``).
+hand and the padding ``padded`` would add (:func:`choose_backend`): ``padded`` for small groups with
+cheap padding and for near-even groups up to 512 rows, else ``loop`` from 256 rows per expert and
+``grouped_mm`` in between (see ``docs/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
