@@ -232,7 +232,7 @@ def run_batch(
 
 # matrix-multiply kernels (self time), prepacked ones included; attention is its own line
 GEMM_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv",
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::_grouped_mm",
      "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
 )  # fmt: skip
 
