@@ -39,15 +39,18 @@ def _reference(model: MoETransformer, seq: list[int], start: int) -> tuple[list[
 
 def _seqs(vocab: int) -> tuple[list[list[int]], list[int]]:
     g = torch.Generator().manual_seed(3)
-    ctx = torch.randint(0, vocab, (9,), generator=g).tolist()
+    ctx = torch.randint(0, vocab, (20,), generator=g).tolist()
     seqs = [
         ctx + torch.randint(0, vocab, (n,), generator=g).tolist()  # one context, four continuations
         for n in (1, 3, 5, 2)
     ]
     starts = [len(ctx)] * 4
-    short = torch.randint(0, vocab, (4,), generator=g).tolist()  # a second, shorter shared context
+    short = torch.randint(0, vocab, (16,), generator=g).tolist()  # a second, shorter shared context
     seqs += [short + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (1, 6, 2)]
     starts += [len(short)] * 3
+    tiny = torch.randint(0, vocab, (2,), generator=g).tolist()  # shared, too short to run once: plain path
+    seqs += [tiny + torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 3)]
+    starts += [len(tiny)] * 2
     seqs += [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (2, 17, 6)]  # unshared
     starts += [1, 1, 4]
     return seqs, starts
@@ -69,6 +72,23 @@ def test_scores_equal_the_full_forward(variant: str, share: bool) -> None:
             assert len(row) == 3 and row[0][1] >= row[1][1] >= row[2][1]
             assert lp <= row[0][1] + 1e-6
         assert s.is_greedy == all(greedy) and s.total == pytest.approx(sum(lps), abs=1e-4)
+
+
+def test_only_contexts_long_enough_to_pay_are_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeforge.serve import scoring
+
+    model = _model(VARIANTS[next(iter(VARIANTS))])
+    seqs, starts = _seqs(model.cfg.vocab_size)
+    ran: list[list[int]] = []
+    real = scoring._run_chunk
+
+    def spy(model, chunk, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ran.append(sorted(len(c) for c, _ in chunk))
+        return real(model, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_run_chunk", spy)
+    score_sequences(model, seqs, starts)
+    assert sorted(n for chunk in ran for n in chunk) == [16, 20]  # the 2-token context went the plain way
 
 
 def test_batching_and_sharing_change_nothing_beyond_rounding() -> None:

@@ -200,6 +200,9 @@ def score_sequences(
         model.train(was_training)
 
 
+_MIN_SHARED = 16  # context tokens a group must share to be run once (see _score_shared)
+
+
 def _score_shared(
     model: MoETransformer,
     seqs: list[list[int]],
@@ -223,8 +226,14 @@ def _score_shared(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in todo:
         groups.setdefault(tuple(seqs[i][: st[i]]), []).append(i)
-    rest = [i for g in groups.values() if len(g) == 1 for i in g]
-    shared = sorted(((c, m) for c, m in groups.items() if len(m) > 1), key=lambda cm: (-len(cm[0]), cm[1][0]))
+    # a context shorter than _MIN_SHARED saves next to nothing run once, and the cache path costs a padded
+    # batch under a key-padding mask: rolling-perplexity windows (one-token contexts, long continuations)
+    # ran slower shared than plain
+    rest = [i for c, g in groups.items() if len(g) == 1 or len(c) < _MIN_SHARED for i in g]
+    shared = sorted(
+        ((c, m) for c, m in groups.items() if len(m) > 1 and len(c) >= _MIN_SHARED),
+        key=lambda cm: (-len(cm[0]), cm[1][0]),
+    )
     device = model.embed.weight.device
     chunk: list[tuple[tuple[int, ...], list[int]]] = []
     rows = 0
