@@ -307,6 +307,35 @@ def measure_peak_flops(
     return 2 * n**3 / statistics.median(samples)
 
 
+# Matrix-multiply kernels by profiler op name (self time), prepacked ones included: what a dense ceiling is
+# made of. Everything else in a profile is routing, gathers, activation, allocation and autograd glue.
+MATMUL_KERNELS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::_grouped_mm",
+     "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
+)  # fmt: skip
+
+
+def profile_shares(fn: Callable[[], Any], calls: int = 1) -> dict[str, Any]:
+    """``calls`` calls of ``fn`` under torch.profiler: the shares of self CPU time in matrix-multiply
+    kernels (:data:`MATMUL_KERNELS`) and in attention, and the three largest other ops. Shares, not
+    times: the profiler's own overhead inflates every op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    gemm = sum(t for k, t in ops if k in MATMUL_KERNELS)
+    attn = sum(t for k, t in ops if "attention" in k)
+    other = sorted(((t, k) for k, t in ops if k not in MATMUL_KERNELS and "attention" not in k), reverse=True)
+    return {
+        "gemm_share": round(gemm / total, 3),
+        "attention_share": round(attn / total, 3),
+        "top_other": ", ".join(f"{k} {t / total:.0%}" for t, k in other[:3]),
+    }
+
+
 # --------------------------------------------------------------------------------------------- load
 def _spin(stop: Any) -> None:  # pragma: no cover - runs in a child process
     x = 0

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness  # noqa: E402
-from _harness import Mismatch, Results, Timing, check_same, cpu_hog, paired_ratio  # noqa: E402
+from _harness import Mismatch, Results, Timing, check_same, cpu_hog, paired_ratio, profile_shares  # noqa: E402
 from moeforge.model.config import load_model_config  # noqa: E402
 from moeforge.model.hf import export_hf  # noqa: E402
 from moeforge.model.transformer import MoETransformer  # noqa: E402
@@ -230,32 +230,6 @@ def run_batch(
     return steps, verdict, warmup
 
 
-# matrix-multiply kernels (self time), prepacked ones included; attention is its own line
-GEMM_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::_grouped_mm",
-     "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
-)  # fmt: skip
-
-
-def profile_split(run: Run, prompts: list[list[int]], n: int) -> dict[str, Any]:
-    """One run of ``run`` under torch.profiler: the share of self CPU time in matmul kernels, in
-    attention, and the three largest other ops (shares: the profiler's overhead inflates times)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run(prompts, n)
-    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    total = sum(t for _, t in ops) or 1.0
-    gemm = sum(t for k, t in ops if k in GEMM_OPS)
-    attn = sum(t for k, t in ops if "attention" in k)
-    other = sorted(((t, k) for k, t in ops if k not in GEMM_OPS and "attention" not in k), reverse=True)
-    return {
-        "gemm_share": round(gemm / total, 3),
-        "attention_share": round(attn / total, 3),
-        "top_other": ", ".join(f"{k} {t / total:.0%}" for t, k in other[:3]),
-    }
-
-
 def _fastest(steps: dict[str, Timing], prefix: str) -> str:
     return min((n for n in steps if n.startswith(prefix)), key=lambda n: steps[n].median)
 
@@ -390,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                 if b in GOALS:
                     results.goal(f"ratio_batch{b}", ratio.median, GOALS[b], spread=(ratio.low, ratio.high))
                 if args.profile:
-                    prof = {k: profile_split(systems[k], prompts, args.new_tokens) for k in (OURS, peer)}
+                    prof = {
+                        k: profile_shares(lambda k=k, p=prompts: systems[k](p, args.new_tokens))
+                        for k in (OURS, peer)
+                    }
                     ceiling = steps[peer].median / (steps[OURS].median * max(prof[OURS]["gemm_share"], 1e-9))
                     results.row(batch=b, profile=prof, ceiling_vs_peer=round(ceiling, 3))
                     results.note(

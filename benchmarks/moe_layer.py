@@ -47,7 +47,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness
-from _harness import Mismatch, Results, Timing, check_same, cpu_hog, interleave, paired_ratio
+from _harness import (
+    Mismatch,
+    Results,
+    Timing,
+    check_same,
+    cpu_hog,
+    interleave,
+    paired_ratio,
+    profile_shares,
+)
 from moeforge.model import grad_buffers
 from moeforge.model.config import MoEConfig
 from moeforge.model.dispatch import choose_backend
@@ -163,32 +172,6 @@ def _timed(fns: dict[str, Callable[[], None]], reps: dict[str, int], rounds: int
     return timings
 
 
-# Matrix-multiply kernels (self time): what the dense ceiling is made of. Everything else in a profile is
-# routing, gathers, activation, allocation and autograd glue.
-GEMM_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::linear"}
-)
-
-
-def profile_split(fn: Callable[[], None], calls: int) -> dict[str, float]:
-    """Self CPU time of ``calls`` calls under torch.profiler, split into matmul kernels and the rest:
-    ``{"gemm_share", "top_other"...}``. Shares, not times: the profiler's own overhead inflates both."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
-    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    total = sum(t for _, t in ops) or 1.0
-    gemm = sum(t for k, t in ops if k in GEMM_OPS)
-    other = sorted(((t, k) for k, t in ops if k not in GEMM_OPS), reverse=True)[:3]
-    return {
-        "gemm_share": round(gemm / total, 3),
-        "top_other": ", ".join(f"{k} {t / total:.0%}" for t, k in other),  # type: ignore[dict-item]
-    }
-
-
 def run_point(
     experts: int,
     top_k: int,
@@ -269,7 +252,8 @@ def run_point(
     prof: dict[str, Any] = {}
     if profile_calls:
         for name in (figure, hf_best, "dense"):
-            prof[name] = profile_split(fns[name], profile_calls)
+            fns[name]()  # warm
+            prof[name] = profile_shares(fns[name], profile_calls)
         # ours with every non-matmul op free would take its matmul share of its time: the most it could
         # gain over the peer without faster matmuls
         ceiling = t[hf_best].median / (t[figure].median * max(prof[figure]["gemm_share"], 1e-9))
