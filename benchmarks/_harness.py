@@ -310,8 +310,8 @@ def measure_peak_flops(
 # Matrix-multiply kernels by profiler op name (self time), prepacked ones included: what a dense ceiling is
 # made of. Everything else in a profile is routing, gathers, activation, allocation and autograd glue.
 MATMUL_KERNELS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::_grouped_mm",
-     "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
+    {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mv",
+     "aten::addmv", "aten::_grouped_mm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear"}
 )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import torch
 from moeforge.model.config import load_model_config
 from moeforge.model.layers import SwiGLUDecode
 from moeforge.model.transformer import MoETransformer
+from moeforge.serve import decode as decode_mod
 from moeforge.serve import threads as threads_mod
 from moeforge.serve.decode import Decoder, _Packed
 from moeforge.serve.engine import Engine, EngineError
@@ -135,11 +136,41 @@ def test_automatic_count_comes_from_the_monitor() -> None:
     assert (busy.threads_for(8), busy.threads_for(1)) == (1, 1)
 
 
-def test_the_decoder_keeps_an_moe_models_one_row_steps_on_one_thread() -> None:
-    assert Decoder(_model(), 8).threads.one_row == 1
+@pytest.mark.parametrize(("vendor", "one_row"), [("AuthenticAMD", 1), ("", 1), ("GenuineIntel", None)])
+def test_the_decoder_limits_an_moe_models_one_row_steps_by_cpu(
+    monkeypatch: pytest.MonkeyPatch, vendor: str, one_row: int | None
+) -> None:
+    monkeypatch.setattr(decode_mod, "cpu_vendor", lambda: vendor)
+    assert Decoder(_model(), 8).threads.one_row == one_row
     assert Decoder(_model(["moe=null"]), 8).threads.one_row is None
     policy = DecodeThreads(cpus=2, monitor=_FixedLoad(0.0), one_row=2)
     assert Decoder(_model(), 8, threads=policy).threads.one_row == 2  # an explicit limit stays
+
+
+@pytest.mark.parametrize(
+    ("vendor", "first"), [("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "onednn")]
+)
+def test_the_prepacked_kernel_tried_first_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, vendor: str, first: str
+) -> None:
+    assert decode_mod.default_kernels(vendor)[0] == first
+    assert sorted(decode_mod.default_kernels(vendor)) == ["mkl", "onednn"]
+    monkeypatch.setattr(decode_mod, "cpu_vendor", lambda: vendor)
+    assert Decoder(_model(), 8).kernels[0] == first
+    assert Decoder(_model(), 8, kernels=("onednn",)).kernels == ("onednn",)  # an explicit order stays
+
+
+def test_the_cpu_vendor_is_read_from_proc_cpuinfo() -> None:
+    vendor = decode_mod.cpu_vendor()
+    assert isinstance(vendor, str)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        assert vendor == ""
+        return
+    if "vendor_id" in text:
+        assert vendor and vendor in text
 
 
 def test_a_step_runs_on_the_policys_count_and_the_callers_count_comes_back() -> None:

@@ -7,8 +7,8 @@ reading weights from memory and by per-call overhead, not by arithmetic. The mod
 weights out for that (``W.T`` contiguous, query/key/value and gate/up fused, norm weights folded in,
 an MoE layer's experts and router stacked; see ``moeforge.model``); this module decides how the
 projections worth it are stored: prepacked for a GEMM of ``rows`` rows by oneDNN
-(``torch.ops.mkldnn._linear_pointwise``) or MKL (``torch.ops.mkl._mkl_linear``), in :data:`KERNELS`'
-order, else the plain layout, whichever first exists and agrees with ``x @ W.T`` on a probe
+(``torch.ops.mkldnn._linear_pointwise``) or MKL (``torch.ops.mkl._mkl_linear``), in the order
+:func:`default_kernels` gives for this CPU (MKL first on Intel, oneDNN first elsewhere), else the plain layout, whichever first exists and agrees with ``x @ W.T`` on a probe
 (:class:`_Packed`, the :data:`~moeforge.model.layers.LinearFactory` handed to the model; the dense MLPs'
 matrices are swapped for prepacked ones afterwards, :func:`_pack_dense_mlps`). :class:`Decoder` holds the
 form, rebuilds it when the weights change and runs its steps, optionally through ``torch.compile``.
@@ -36,14 +36,55 @@ from moeforge.model.layers import DecodeLinear, KVCache, SwiGLUDecode
 from moeforge.model.transformer import MoETransformer, TransformerDecode
 from moeforge.serve.threads import DecodeThreads
 
-__all__ = ["KERNELS", "Decoder", "fast_decode_supported"]
+__all__ = [
+    "KERNELS",
+    "Decoder",
+    "cpu_vendor",
+    "default_kernels",
+    "fast_decode_supported",
+    "moe_one_row_threads",
+]
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("onednn", "mkl")
-"""The prepacked GEMMs the decoder tries, in order: oneDNN's first, which ran a batch-8 step of ``small``
-about twice as fast as MKL's packed GEMM on the benchmark machine (an AMD EPYC, where MKL takes a
-generic code path; benchmarks/notes/generate.md)."""
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU vendor from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...); ``""`` unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def default_kernels(vendor: str | None = None) -> tuple[str, ...]:
+    """The prepacked GEMMs the decoder tries, in order, for a CPU of ``vendor`` (default: this one's).
+
+    MKL dispatches its optimized code on Intel CPUs only and takes a generic path elsewhere, so MKL's
+    packed GEMM goes first on Intel and oneDNN's (which picks its code by instruction set, whoever made
+    the CPU) first everywhere else. Measured with ``small`` (benchmarks/notes/generate.md): on an AMD
+    EPYC oneDNN ran a batch-8 step about twice as fast as MKL; on an Intel Xeon MKL ran it about a
+    fifth faster than oneDNN."""
+    vendor = cpu_vendor() if vendor is None else vendor
+    return ("mkl", "onednn") if vendor == "GenuineIntel" else ("onednn", "mkl")
+
+
+def moe_one_row_threads(vendor: str | None = None) -> int | None:
+    """The most threads a one-row step of an MoE model gets on a CPU of ``vendor`` (None: no limit).
+
+    A one-row MoE step runs the chosen experts as GEMVs on their weights in place. On an AMD EPYC a
+    second thread did not speed those up and only added barriers, so they stay on one thread there (and
+    on CPUs not measured); on an Intel Xeon two threads took about a quarter off the step."""
+    vendor = cpu_vendor() if vendor is None else vendor
+    return None if vendor == "GenuineIntel" else 1
+
+
+KERNELS = default_kernels()
+"""The prepacked GEMMs the decoder tries on this machine, in order (:func:`default_kernels`)."""
 
 COMPILE_ENV = "MOEFORGE_DECODE_COMPILE"
 
@@ -177,7 +218,7 @@ class Decoder:
     size works. ``threads``: how many threads each step runs on (:class:`~moeforge.serve.threads.DecodeThreads`;
     default: chosen per step from the batch size and the machine's load); the caller's torch thread
     count is back after every step. ``kernels``: the prepacked GEMMs to try for the projections, in
-    order (:class:`_Packed`). ``compile`` (default: the environment variable ``MOEFORGE_DECODE_COMPILE``
+    order (:class:`_Packed`; default: :func:`default_kernels` for this CPU). ``compile`` (default: the environment variable ``MOEFORGE_DECODE_COMPILE``
     set to 1): steps of two or more rows through ``torch.compile`` (opt-in: a compile of tens of seconds
     at the first step of each new shape, for a few percent; benchmarks/notes/generate.md).
     """
@@ -188,7 +229,7 @@ class Decoder:
         rows: int = 8,
         *,
         threads: DecodeThreads | None = None,
-        kernels: tuple[str, ...] = KERNELS,
+        kernels: tuple[str, ...] | None = None,
         compile: bool | None = None,
     ) -> None:
         if not fast_decode_supported(model):
@@ -198,9 +239,11 @@ class Decoder:
         self.threads = threads if threads is not None else DecodeThreads()
         if self.threads.one_row is None and model.moe_layers():
             # an MoE layer's one-row step runs the chosen experts as small GEMVs on their weights in
-            # place, which a second thread does not speed up: it only adds barriers (measured on
-            # `small`); a dense model's one-row GEMVs go through oneDNN on several threads and gain
-            self.threads.one_row = 1
+            # place; whether a second thread helps them depends on the CPU (moe_one_row_threads); a
+            # dense model's one-row GEMVs go through oneDNN on several threads and gain
+            self.threads.one_row = moe_one_row_threads()
+        if kernels is None:
+            kernels = default_kernels()
         if compile is None:
             compile = os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
         # MKL's packed GEMM takes a stride-0 stand-in weight that inductor cannot lower: oneDNN only
