@@ -47,7 +47,8 @@ $(BENCH_STAMP): $(STAMP)
 
 # Every benchmark prints JSON lines with the ratio against its peer; figures go to docs/PERFORMANCE.md.
 bench: setup $(BENCH_STAMP)
-	$(PY) benchmarks/moe_layer.py --profile 3
+	$(PY) benchmarks/moe_layer.py --profile 3 --probe-activation
+	$(PY) benchmarks/dispatch_sweep.py
 	$(PY) benchmarks/train_step.py --breakdown
 	$(PY) benchmarks/loader.py
 	MOEFORGE_EVAL_DATA=$(or $(MOEFORGE_EVAL_DATA),../shared/data) $(PY) benchmarks/eval.py

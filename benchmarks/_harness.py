@@ -337,9 +337,11 @@ def profile_shares(fn: Callable[[], Any], calls: int = 1) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- load
-def _spin(stop: Any) -> None:  # pragma: no cover - runs in a child process
+def _spin(stop: Any, parent: int) -> None:  # pragma: no cover - runs in a child process
+    """Busy-loop until ``stop`` is set or the parent is gone (a benchmark killed by a signal, whose
+    daemon children would otherwise spin on and skew every later run)."""
     x = 0
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:
         for _ in range(100_000):
             x += 1
 
@@ -352,7 +354,7 @@ def cpu_hog(processes: int = 2) -> Iterator[None]:
         return
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(processes)]
+    procs = [ctx.Process(target=_spin, args=(stop, os.getpid()), daemon=True) for _ in range(processes)]
     for p in procs:
         p.start()
     time.sleep(0.5)

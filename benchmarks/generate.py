@@ -34,6 +34,8 @@ Run: ``python benchmarks/generate.py [--model small|smollm2] [--busy 2] [--round
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,12 +138,37 @@ def _theirs(
     return (stamps[-1] - stamps[0]) / (n - 1), out[:, ids.shape[1] :].tolist()
 
 
-def _llama_cpp(gguf: Path, threads: int) -> Any | None:
+_LLAMA_PROBE = (
+    "import sys; from llama_cpp import Llama; Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)"
+)
+_LLAMA_REBUILD = (
+    "pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36"
+)
+
+
+def _llama_cpp(gguf: Path, threads: int) -> tuple[Any | None, str]:
+    """llama.cpp on ``gguf``, or None and why not. It is loaded in a child process first: a build made for
+    another CPU (pip's cache can hold one, compiled with that machine's instructions) dies with SIGILL as
+    it loads, which would take this process with it."""
     try:
         from llama_cpp import Llama
     except ImportError:
-        return None
-    return Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_batch=512, verbose=False, seed=0)
+        return None, "llama-cpp-python is not installed (the `[bench]` extra)"
+    probe = subprocess.run(
+        [sys.executable, "-c", _LLAMA_PROBE, str(gguf)], capture_output=True, text=True, timeout=600
+    )
+    if probe.returncode != 0:
+        rc = probe.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+        hint = " (an illegal instruction: built for another CPU)" if rc == -signal.SIGILL else ""
+        log_tail = probe.stderr.strip().splitlines()[-1:] if probe.stderr.strip() else []
+        return None, (
+            f"llama-cpp-python could not load the GGUF in a child process: {how}{hint}"
+            + (f", {log_tail[0]}" if log_tail else "")
+            + f"; rebuild it here with `{_LLAMA_REBUILD}`"
+        )
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_batch=512, verbose=False, seed=0)
+    return llm, ""
 
 
 def _llama_cpp_run(llm: Any, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
@@ -306,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             systems[f"transformers, {cache} cache, {label}"] = lambda p, n, c=cache, t=threads_n: _theirs(
                 hf, p, n, c, t
             )
-    llm = _llama_cpp(gguf, default_threads) if gguf is not None else None
+    llm, no_llama = _llama_cpp(gguf, default_threads) if gguf is not None else (None, "")
+    if no_llama:
+        print(f"llama.cpp not measured: {no_llama}", file=sys.stderr)
     allowed = {LLAMA: "llama.cpp computes with the Q4_1 weights themselves: an anchor, not an exact peer"}
 
     gen = torch.Generator().manual_seed(1)
@@ -326,15 +355,38 @@ def main(argv: list[str] | None = None) -> int:
                     batch_systems[LLAMA] = lambda p, n: _llama_cpp_run(llm, p, n)
                 if engine.decoder is not None:
                     engine.decoder.threads.used.clear()
-                steps, verdict, warmup = run_batch(
-                    batch_systems, prompts, args.new_tokens, args.rounds, allowed
+                # Beside busy processes, a setting on every core without a thread policy (transformers on
+                # torch's default count) takes up to a second a step at each op's barrier and leaves the
+                # scheduler owing the busy processes CPU time, which slows whatever runs next: it is
+                # timed after the comparison, in its own rounds, not interleaved with it.
+                later = (
+                    [k for k in batch_systems if k.startswith("transformers") and k.endswith(default_label)]
+                    if args.busy and default_threads > 1
+                    else []
                 )
+                first = {k: v for k, v in batch_systems.items() if k not in later}
+                steps, verdict, warmup = run_batch(first, prompts, args.new_tokens, args.rounds, allowed)
                 used = dict(sorted(engine.decoder.threads.used.items())) if engine.decoder else {}
+                if later:
+                    more = run_batch(
+                        {OURS: systems[OURS]} | {k: batch_systems[k] for k in later},
+                        prompts,
+                        args.new_tokens,
+                        args.rounds,
+                        allowed,
+                    )
+                    for k in later:
+                        steps[k], verdict[k], warmup[k] = more[0][k], more[1][k], more[2][k]
+                    results.note(
+                        f"Batch {b}: {', '.join(later)} timed after the comparison in rounds of their own "
+                        "(on every core beside busy processes, a run leaves the scheduler owing those "
+                        "processes CPU time and slows whatever runs next)."
+                    )
                 measured[b] = steps
                 results.check(
                     f"greedy tokens at batch {b} against moeforge's, first run and every round", verdict
                 )
-                peer = _fastest(steps, "transformers")
+                peer = _fastest({k: steps[k] for k in first}, "transformers")
                 ratio = paired_ratio(steps[OURS], steps[peer])
                 defaults = [n for n in steps if n.startswith("transformers") and n.endswith(default_label)]
                 vs_default = (
@@ -443,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if real_prompts is not None:
         results.note(f"SmolLM2 prompts: {len(real_prompts[0])} tokens each (the shortest sentence's length).")
     if gguf is not None and llm is None:
-        results.note("llama.cpp not measured: llama-cpp-python is not installed (the `[bench]` extra).")
+        results.note(f"llama.cpp not measured: {no_llama}.")
     results.write()
     return 0
 

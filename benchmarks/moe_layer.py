@@ -143,6 +143,63 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+# --probe-activation: ours with the SwiGLU's elementwise passes (SiLU, the product, their backward) swapped
+# for a compiled fused version, or for stand-ins that cost nothing (wrong output: timing only). The
+# backends look the two functions up in moeforge.model.dispatch at call time.
+FREE_ACT = "ours_auto, activation free"
+COMPILED_ACT = "ours_auto, activation compiled"
+
+
+def _fused_silu_mul_2d(h: torch.Tensor) -> torch.Tensor:
+    f = h.shape[-1] // 2
+    return torch.nn.functional.silu(h[:, :f]) * h[:, f:]
+
+
+def _fused_silu_mul_backward_2d(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f = h.shape[-1] // 2
+    g, u = h[:, :f], h[:, f:]
+    s = torch.sigmoid(g)
+    silu = g * s
+    return torch.cat([ga * u * (s + silu * (1 - s)), ga * silu], 1), silu * u
+
+
+def _activation_variants() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
+    fwd = torch.compile(_fused_silu_mul_2d, dynamic=True)
+    bwd = torch.compile(_fused_silu_mul_backward_2d, dynamic=True)
+
+    def compiled_fwd(h: torch.Tensor) -> torch.Tensor:
+        return fwd(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
+
+    def compiled_bwd(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gh, a = bwd(h.reshape(-1, h.shape[-1]), ga.reshape(-1, ga.shape[-1]))
+        return gh.view(h.shape), a.view(ga.shape)
+
+    def free_fwd(h: torch.Tensor) -> torch.Tensor:
+        return h[..., : h.shape[-1] // 2]
+
+    def free_bwd(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(h), h[..., : h.shape[-1] // 2]
+
+    return {COMPILED_ACT: (compiled_fwd, compiled_bwd), FREE_ACT: (free_fwd, free_bwd)}
+
+
+def _with_activation(
+    fn: Callable[[], Any], pair: tuple[Callable[..., Any], Callable[..., Any]]
+) -> Callable[[], Any]:
+    """``fn`` run with the grouped SwiGLU's activation functions swapped for ``pair``."""
+    from moeforge.model import dispatch
+
+    def run() -> Any:
+        saved = dispatch._silu_mul, dispatch._silu_mul_backward
+        dispatch._silu_mul, dispatch._silu_mul_backward = pair
+        try:
+            return fn()
+        finally:
+            dispatch._silu_mul, dispatch._silu_mul_backward = saved
+
+    return run
+
+
 def _reps(once: dict[str, float], sample_s: float, cap: int = 64) -> dict[str, int]:
     """Calls per sample for each contender so one sample lasts about ``sample_s`` (one call if longer),
     from the time of one call each."""
@@ -181,6 +238,7 @@ def run_point(
     budget_s: float,
     buffers: bool = True,
     profile_calls: int = 0,
+    probe_activation: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=HIDDEN)
@@ -204,6 +262,12 @@ def run_point(
         once[f"ours_{b}"], outputs[f"ours_{b}"] = _time_once(lambda b=b: _outputs_ours(ours, b, x, gy))
     for name, block in blocks.items():
         once[name], outputs[name] = _time_once(lambda block=block: _outputs_hf(block, x, gy))
+    variants = _activation_variants() if probe_activation else {}
+    for name, pair in variants.items():  # the first call compiles; its time sizes nothing below
+        _with_activation(lambda: _outputs_ours(ours, "auto", x, gy), pair)()
+        once[name], out = _time_once(_with_activation(lambda: _outputs_ours(ours, "auto", x, gy), pair))
+        if name != FREE_ACT:  # the free stand-ins compute something else: timing only
+            outputs[name] = out
     verdict = check_same(outputs, "hf_eager", atol=ATOL, rtol=RTOL)
     max_diff = {k: _max_abs_diff(v, outputs["hf_eager"]) for k, v in outputs.items() if k != "hf_eager"}
     with torch.no_grad():
@@ -218,6 +282,8 @@ def run_point(
             _step_ours(ours, b, x, gy)
 
         fns[f"ours_{b}"] = f_ours
+    for name, pair in variants.items():
+        fns[name] = _with_activation(lambda: _step_ours(ours, "auto", x, gy), pair)
     for name, block in blocks.items():
 
         def f_hf(block: torch.nn.Module = block) -> None:
@@ -262,7 +328,12 @@ def run_point(
         prof["ceiling_of_dense"] = round(
             t["dense"].median / (t[figure].median * prof[figure]["gemm_share"]), 3
         )
+    probe: dict[str, Any] = {}
+    for name in variants:  # ours_auto ÷ the variant: how much faster ours would be with that activation
+        r = paired_ratio(t[name], t[figure])
+        probe[name] = {"speedup": r.as_dict(), "vs_hf_best": paired_ratio(t[name], t[hf_best]).as_dict()}
     return {
+        **({"activation_probe": probe} if probe else {}),
         "experts": experts,
         "top_k": top_k,
         "tokens": tokens,
@@ -328,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         "dense: the share of matrix-multiply kernels in each, and the speed-up over the peer ours could "
         "reach if everything but its matmuls were free",
     )
+    ap.add_argument(
+        "--probe-activation",
+        action="store_true",
+        help="also time ours with the SwiGLU's elementwise passes compiled into fused kernels "
+        "(torch.compile) and with them costing nothing (stand-ins, timing only): what fusing the "
+        "activation gains, and the most it could",
+    )
     args = ap.parse_args(argv)
     try:
         import transformers
@@ -351,7 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         with cpu_hog(args.busy):
             for e, k, t in grid:
                 point = run_point(
-                    e, k, t, backends, args.rounds, args.budget, not args.no_grad_buffers, args.profile
+                    e,
+                    k,
+                    t,
+                    backends,
+                    args.rounds,
+                    args.budget,
+                    not args.no_grad_buffers,
+                    args.profile,
+                    args.probe_activation,
                 )
                 rows.append(results.row(**point))
     except Mismatch as exc:
@@ -542,6 +628,40 @@ def main(argv: list[str] | None = None) -> int:
                 f"With ≥ 64 tokens per expert, ours' matmuls alone run at {_span(dense_ceil, '.0%')} of the "
                 "dense rate: the grouped kernels on groups of that size, not the routing around them, set "
                 "how close to the dense rate the layer can get."
+            )
+    probed = [r for r in rows if "activation_probe" in r]
+    if probed:
+        results.table(
+            "The activation probe (same rounds): ours_auto with the SwiGLU's elementwise passes (SiLU, the "
+            "product and their backward) compiled into fused kernels by torch.compile (output checked "
+            "above), and with them replaced by stand-ins that cost nothing (a different function: timing "
+            "only). Speed-up is ours_auto's median ÷ the variant's (median of the per-round ratios); ÷ best "
+            "HF is the variant against the faster transformers implementation.",
+            [
+                "E",
+                "k",
+                "tokens",
+                "compiled: speed-up",
+                "compiled ÷ best HF",
+                "free: speed-up",
+                "free ÷ best HF",
+            ],
+            [
+                [r["experts"], r["top_k"], r["tokens"]]
+                + [
+                    _range(r["activation_probe"][name][key])
+                    for name in (COMPILED_ACT, FREE_ACT)
+                    for key in ("speedup", "vs_hf_best")
+                ]
+                for r in probed
+            ],
+        )
+        for name, what in ((COMPILED_ACT, "compiled into fused kernels"), (FREE_ACT, "costing nothing")):
+            g = _geomean([r["activation_probe"][name]["vs_hf_best"]["ratio"] for r in probed])
+            up = [r["activation_probe"][name]["speedup"]["ratio"] for r in probed]
+            results.note(
+                f"With the activation {what}: ours ÷ the faster transformers implementation, geometric mean "
+                f"{g:.3g}× over {len(probed)} points; ours_auto's own speed-up {_span(up, unit='×')}."
             )
     results.note(f"torch {torch.__version__}, transformers {transformers.__version__}.")
     results.write()

@@ -28,6 +28,7 @@ DOC = ROOT / "docs" / "PERFORMANCE.md"
 # The order of sections; benchmarks not listed follow alphabetically.
 ORDER = [
     "moe_layer",
+    "dispatch_sweep",
     "train_step",
     "generate",
     "pipeline",
@@ -43,6 +44,7 @@ ORDER = [
 # section titles for benchmarks that have no results yet (a results file carries its own)
 TITLES = {
     "moe_layer": "MoE layer, forward + backward: moeforge vs transformers' MixtralSparseMoeBlock",
+    "dispatch_sweep": "MoE dispatch backends over group sizes and padding, and auto's pick",
     "train_step": "Training step: MoE vs dense of equal active parameters, MFU",
     "generate": "Decode: the engine vs transformers generate()",
     "pipeline": "Data pipeline vs datatrove",

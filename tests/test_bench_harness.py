@@ -103,3 +103,14 @@ def test_report_refuses_quick_results(tmp_path):
 def test_performance_md_is_what_the_committed_results_render_to():
     """docs/PERFORMANCE.md is generated (`make bench-report`); editing it by hand fails here."""
     assert report.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize(("experts", "per_expert", "spread"), [(8, 64, 0.0), (8, 64, 0.35), (64, 16, 0.75)])
+def test_the_dispatch_sweeps_group_sizes_keep_the_mean_and_set_the_padding(experts, per_expert, spread):
+    import dispatch_sweep
+
+    counts = dispatch_sweep.group_sizes(experts, per_expert, spread)
+    assert len(counts) == experts and min(counts) >= 0
+    assert abs(sum(counts) - experts * per_expert) <= experts / 2  # rounding only
+    padding = max(counts) * experts / sum(counts)
+    assert padding == pytest.approx(1 + spread, abs=0.05)

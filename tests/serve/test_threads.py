@@ -227,6 +227,30 @@ def test_generate_and_stream_give_the_caller_its_thread_count_back() -> None:
         assert sum(engine.decoder.threads.used.values()) > 0
 
 
+def test_the_models_own_forward_follows_the_thread_policy_too() -> None:
+    """Without the decode path (fast_decode=False) each step's forward still runs on the policy's count:
+    on a busy machine a forward on every core waits at each op's barrier like the decode path would."""
+    model = _model()
+    torch.set_num_threads(2)
+    engine = Engine(model, fast_decode=False, decode_threads=1)
+    assert engine.decoder is None and engine.threads is not None
+    seen: list[int] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    model.forward = spy  # type: ignore[method-assign]
+    try:
+        completions = engine.generate([[1, 2, 3], [4, 5]], GREEDY)
+    finally:
+        del model.forward
+    assert all(c.token_ids for c in completions)
+    assert seen and set(seen) == {1}  # the prefill and every step
+    assert engine.threads.used[1] > 0 and torch.get_num_threads() == 2  # the caller's count is back
+
+
 @pytest.mark.parametrize("overrides", [[], ["moe=null"]], ids=["moe", "dense"])
 def test_greedy_tokens_do_not_depend_on_the_thread_count(overrides: list[str]) -> None:
     model = _model(overrides)

@@ -70,7 +70,8 @@ def choose_backend(
         # padded bmm would first copy every active expert's weights, which costs more than the math
         return "loop"
     # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (an AMD EPYC; its backends table
-    # in docs/PERFORMANCE.md). One bmm over a padded batch beats the per-group kernels while the padding
+    # in docs/PERFORMANCE.md), and rechecked on a 2-core Intel Xeon over a sweep of group sizes and
+    # padding: the same boundaries there, within run-to-run noise. One bmm over a padded batch beats the per-group kernels while the padding
     # (the largest group × active experts ÷ rows) is cheap for the group size: small groups, where
     # per-call overhead dominates, tolerate more of it; up to 512 rows per expert, near-even groups (top-k
     # routing over few experts) still run fastest padded. Otherwise large groups go to the chunked loop,

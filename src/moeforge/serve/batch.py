@@ -20,6 +20,7 @@ are dropped from the cache.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from moeforge.model.transformer import MoETransformer
 from moeforge.serve.decode import Decoder
 from moeforge.serve.request import Request
 from moeforge.serve.sampling import BatchSampler
+from moeforge.serve.threads import DecodeThreads
 
 __all__ = ["Batch", "prefill"]
 
@@ -52,6 +54,7 @@ class Batch:
     positions_B: torch.Tensor
     next_B: torch.Tensor
     decoder: Decoder | None = None  # the CPU decode path (moeforge.serve.decode), else the model's forward
+    threads: DecodeThreads | None = None  # the thread policy of a forward step (the decoder has its own)
     steps: int = 0  # tokens sampled per row so far, the prefill's included
 
     @property
@@ -69,9 +72,14 @@ class Batch:
         if self.decoder is not None:
             logits_BV = self.decoder.step(self.next_B, self.positions_B, cache, kp)
         else:
-            logits_BV = self.model(
-                self.next_B[:, None], positions_BT=self.positions_B[:, None], cache=cache, key_padding_BS=kp
-            ).logits[:, -1]
+            scope = self.threads.use(len(self.requests)) if self.threads is not None else nullcontext()
+            with scope:
+                logits_BV = self.model(
+                    self.next_B[:, None],
+                    positions_BT=self.positions_B[:, None],
+                    cache=cache,
+                    key_padding_BS=kp,
+                ).logits[:, -1]
         self.positions_B = self.positions_B + 1
         self._pick(logits_BV)
 
@@ -117,10 +125,11 @@ def prefill(
     requests: list[Request],
     vocab_limit: int | None = None,
     decoder: Decoder | None = None,
+    threads: DecodeThreads | None = None,
 ) -> Batch:
     """Prefill ``requests`` into a fresh left-padded cache on the model's device and pick each one's
     first token; the caller has validated them (:meth:`Engine.prepare`). Decode steps go through
-    ``decoder`` when given."""
+    ``decoder`` when given, else through the model's forward on ``threads``' count per step."""
     cfg, dev = model.cfg, model.embed.weight.device
     P = max(len(r.prompt) for r in requests)
     cache = model.new_cache(len(requests), P + max(r.max_new for r in requests))
@@ -156,7 +165,16 @@ def prefill(
     )
     positions = torch.tensor([len(r.prompt) for r in requests], device=dev)
     batch = Batch(
-        model, vocab_limit, list(requests), cache, sampler, key_padding, positions, positions, decoder
+        model,
+        vocab_limit,
+        list(requests),
+        cache,
+        sampler,
+        key_padding,
+        positions,
+        positions,
+        decoder,
+        threads=None if decoder is not None else threads,
     )
     batch._pick(logits_BV)  # sets next_B
     return batch

@@ -81,7 +81,8 @@ class Engine:
     speed) are never generated. ``fast_decode`` (default: on for a float32 model on CPU) decodes through
     :class:`~moeforge.serve.decode.Decoder`, which keeps a decode-friendly copy of the weights (about 2.5x
     their size) and is 1.7-2x faster on CPU; False uses the model's own forward for every step.
-    ``decode_threads`` fixes the thread count of its decode steps; None (default) takes
+    ``decode_threads`` fixes the thread count of its decode steps on CPU (the decode path's or the
+    model's forward); None (default) takes
     ``MOEFORGE_DECODE_THREADS`` if set, else chooses per step from the batch size and how busy the
     machine is (:mod:`moeforge.serve.threads`); torch's own thread setting is back after each step, or
     after the whole batch inside :meth:`generate` and :meth:`stream` (:meth:`decode_scope`).
@@ -136,9 +137,11 @@ class Engine:
                 f"decode_threads must be >= 1, or None to choose per step (got {decode_threads})"
             )
         use_decoder = (fast_decode is None and supported) or bool(fast_decode)
-        self.decoder = (
-            Decoder(self.model, max_batch, threads=DecodeThreads(decode_threads)) if use_decoder else None
-        )
+        # the thread policy holds on CPU with or without the decode path: the model's own forward makes as
+        # many small multi-threaded calls per step, and suffers the same barrier waits on a busy machine
+        on_cpu = self.model.embed.weight.device.type == "cpu"
+        self.threads: DecodeThreads | None = DecodeThreads(decode_threads) if on_cpu else None
+        self.decoder = Decoder(self.model, max_batch, threads=self.threads) if use_decoder else None
         if self.decoder is not None:
             log.info(
                 "CPU decode path on: %.0f MB of decode-friendly weights (fast_decode=False to save them)",
@@ -350,10 +353,10 @@ class Engine:
         thread policy's count (:mod:`moeforge.serve.threads`), and puts the caller's torch thread count
         back when it ends. :meth:`generate` and :meth:`stream` use it; a caller stepping batches itself
         wraps its :meth:`start_batch` and :meth:`Batch.step` calls in it (outside it, only each step's
-        forward follows the policy). A no-op without the CPU decode path."""
-        if self.decoder is None:
+        forward follows the policy). A no-op off the CPU."""
+        if self.threads is None:
             return contextlib.nullcontext()
-        return self.decoder.threads.hold(rows)
+        return self.threads.hold(rows)
 
     def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Complete one prompt, yielding text as it is generated. Text that could be the start of a stop
@@ -422,7 +425,7 @@ class Engine:
                 raise EngineError(f"request {i} has already run; prepare a new one")
         if self.decoder is not None:
             self.decoder.refresh()  # the model's weights may have changed since the last batch
-        return prefill(self.model, requests, self.vocab_limit, self.decoder)
+        return prefill(self.model, requests, self.vocab_limit, self.decoder, self.threads)
 
     def _prepare(self, prompt: list[int] | str, p: SamplingParams, *, stream: bool, what: str) -> Request:
         limit = self.cfg.max_seq_len
