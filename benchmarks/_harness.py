@@ -307,6 +307,21 @@ def measure_peak_flops(
     return 2 * n**3 / statistics.median(samples)
 
 
+def measure_read_bandwidth(nbytes: int = 1 << 30, reps: int = 7) -> float:
+    """Bytes per second this process reads from memory now, with the threads torch has now: the median of
+    ``reps`` sums over an fp32 tensor of ``nbytes`` (far larger than any cache), after a warm-up."""
+    import torch
+
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        samples.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(samples)
+
+
 # Matrix-multiply kernels by profiler op name (self time), prepacked ones included: what a dense ceiling is
 # made of. Everything else in a profile is routing, gathers, activation, allocation and autograd glue.
 MATMUL_KERNELS = frozenset(

@@ -139,7 +139,11 @@ def _theirs(
 
 
 _LLAMA_PROBE = (
-    "import sys; from llama_cpp import Llama; Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)"
+    "import sys\n"
+    "from llama_cpp import Llama\n"
+    "llm = Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)\n"
+    "for _, _tok in zip(range(2), llm.generate([1, 2, 3], top_k=1, temp=0.0)):\n"
+    "    pass\n"
 )
 _LLAMA_REBUILD = (
     "pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36"
@@ -147,9 +151,9 @@ _LLAMA_REBUILD = (
 
 
 def _llama_cpp(gguf: Path, threads: int) -> tuple[Any | None, str]:
-    """llama.cpp on ``gguf``, or None and why not. It is loaded in a child process first: a build made for
-    another CPU (pip's cache can hold one, compiled with that machine's instructions) dies with SIGILL as
-    it loads, which would take this process with it."""
+    """llama.cpp on ``gguf``, or None and why not. It is loaded and run for two tokens in a child process
+    first: a build made for another CPU (pip's cache can hold one, compiled with that machine's
+    instructions) dies with SIGILL in its kernels, which would take this process with it."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -163,7 +167,7 @@ def _llama_cpp(gguf: Path, threads: int) -> tuple[Any | None, str]:
         hint = " (an illegal instruction: built for another CPU)" if rc == -signal.SIGILL else ""
         log_tail = probe.stderr.strip().splitlines()[-1:] if probe.stderr.strip() else []
         return None, (
-            f"llama-cpp-python could not load the GGUF in a child process: {how}{hint}"
+            f"llama-cpp-python could not load and run the GGUF in a child process: {how}{hint}"
             + (f", {log_tail[0]}" if log_tail else "")
             + f"; rebuild it here with `{_LLAMA_REBUILD}`"
         )
@@ -338,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp not measured: {no_llama}", file=sys.stderr)
     allowed = {LLAMA: "llama.cpp computes with the Q4_1 weights themselves: an anchor, not an exact peer"}
 
+    # The memory floor of a step, for a dense model (an MoE step need not read every expert): measured
+    # before any hog starts, on torch's default threads, so it is the machine's best.
+    floor_s: float | None = None
+    weight_bytes, bandwidth = 0, 0.0
+    if not model.moe_layers():
+        weight_bytes = sum(
+            p.numel() * p.element_size() for p in {id(q): q for q in model.parameters()}.values()
+        )
+        bandwidth = _harness.measure_read_bandwidth()
+        floor_s = weight_bytes / bandwidth
+
     gen = torch.Generator().manual_seed(1)
     measured: dict[int, dict[str, Timing]] = {}
     ratios: dict[int, list[Any]] = {}
@@ -355,15 +370,16 @@ def main(argv: list[str] | None = None) -> int:
                     batch_systems[LLAMA] = lambda p, n: _llama_cpp_run(llm, p, n)
                 if engine.decoder is not None:
                     engine.decoder.threads.used.clear()
-                # Beside busy processes, a setting on every core without a thread policy (transformers on
-                # torch's default count) takes up to a second a step at each op's barrier and leaves the
-                # scheduler owing the busy processes CPU time, which slows whatever runs next: it is
-                # timed after the comparison, in its own rounds, not interleaved with it.
-                later = (
-                    [k for k in batch_systems if k.startswith("transformers") and k.endswith(default_label)]
-                    if args.busy and default_threads > 1
-                    else []
-                )
+                # Timed after the comparison, in rounds of their own, not interleaved with it: beside busy
+                # processes, a setting on every core without a thread policy (transformers on torch's
+                # default count), which takes up to a second a step at each op's barrier and leaves the
+                # scheduler owing the busy processes CPU time, slowing whatever runs next; and always the
+                # compiled step, whose recompiles (a new thread count) burn both cores for tens of seconds.
+                later = [k for k in batch_systems if k == COMPILED]
+                if args.busy and default_threads > 1:
+                    later += [
+                        k for k in batch_systems if k.startswith("transformers") and k.endswith(default_label)
+                    ]
                 first = {k: v for k, v in batch_systems.items() if k not in later}
                 steps, verdict, warmup = run_batch(first, prompts, args.new_tokens, args.rounds, allowed)
                 used = dict(sorted(engine.decoder.threads.used.items())) if engine.decoder else {}
@@ -377,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for k in later:
                         steps[k], verdict[k], warmup[k] = more[0][k], more[1][k], more[2][k]
+                    ours_later = more[0][OURS]  # the engine in those rounds, for the compiled step's gain
                     results.note(
-                        f"Batch {b}: {', '.join(later)} timed after the comparison in rounds of their own "
-                        "(on every core beside busy processes, a run leaves the scheduler owing those "
-                        "processes CPU time and slows whatever runs next)."
+                        f"Batch {b}: {', '.join(later)} timed after the comparison, in rounds of their own "
+                        "beside the engine (notes below: why)."
                     )
                 measured[b] = steps
                 results.check(
@@ -415,6 +431,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if b in GOALS:
                     results.goal(f"ratio_batch{b}", ratio.median, GOALS[b], spread=(ratio.low, ratio.high))
+                if floor_s is not None:
+                    # a dense fp32 model reads every weight once a step: no engine's step is shorter
+                    results.row(
+                        batch=b,
+                        weight_read_floor_ms=round(floor_s * 1e3, 2),
+                        ceiling_vs_peer_from_bandwidth=round(steps[peer].median / floor_s, 3),
+                        engine_share_of_bandwidth=round(floor_s / steps[OURS].median, 3),
+                    )
+                    results.note(
+                        f"Batch {b}: reading the weights once ({weight_bytes / 1e6:.0f} MB fp32) at the "
+                        f"machine's measured read bandwidth ({bandwidth / 1e9:.1f} GB/s, torch's default "
+                        f"threads, quiet) takes {floor_s * 1e3:.1f} ms, so no engine's step is shorter: the "
+                        f"most any engine could reach against {peer} is {steps[peer].median / floor_s:.2f}×; "
+                        f"the engine's step reads at {floor_s / steps[OURS].median:.0%} of that bandwidth."
+                    )
                 if args.profile:
                     prof = {
                         k: profile_shares(lambda k=k, p=prompts: systems[k](p, args.new_tokens))
@@ -439,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                     ", ".join(f"{k} ({v} steps)" for k, v in used.items()) or "–",
                 ]
                 if COMPILED in steps:
-                    gain = paired_ratio(steps[COMPILED], steps[OURS])
+                    gain = paired_ratio(steps[COMPILED], ours_later)
                     results.note(
                         f"Batch {b}: the torch.compile'd step against the eager one {gain.median:.2f}× "
                         f"({gain.low:.2f}–{gain.high:.2f}); its first run, compile included, took "

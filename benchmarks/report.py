@@ -112,6 +112,13 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
+def _short_cpu(model: str) -> str:
+    """``AMD EPYC 7B13`` -> ``AMD EPYC``, ``Intel(R) Xeon(R) Processor`` -> ``Intel Xeon``: the vendor and
+    family, enough to tell the goal rows' machines apart."""
+    words = [w.replace("(R)", "").replace("(TM)", "") for w in model.split()]
+    return " ".join(w for w in words[:2] if w) or "?"
+
+
 def _machine_line(doc: dict[str, Any]) -> str:
     s, e = doc["machine_start"], doc.get("machine_end", {})
     threads = s.get("torch_threads")
@@ -160,8 +167,10 @@ def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
         "contenders run in the same process, interleaved round by round (the order rotated each round); a "
         "figure is the **median** over the rounds and a ratio is the median of the per-round ratios, with "
         "the lowest and highest round beside it. Both sides' outputs are compared before any time is "
-        "reported; where they cannot be equal the difference is stated. Each section gives the machine's "
-        "load at the start and end of its run and the threads used.",
+        "reported; where they cannot be equal the difference is stated. Each section names the CPU it ran "
+        "on (the results come from more than one machine of the same size, and a ratio can differ "
+        "between them: compare within a section), the machine's load at the start and end of its run "
+        "and the threads used.",
         "",
         "## Goals",
         "",
@@ -179,10 +188,11 @@ def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
                     else "no hog"
                 )
                 load = doc["machine_start"]["load_avg"][0]
+                cpu = _short_cpu(doc["machine_start"].get("cpu_model", "?"))
                 out.append(
                     f"| {b}{' · ' + doc['variant'] if doc.get('variant') else ''} | {g['metric']} | "
                     f"{cmp} {_fmt(g['target'])}{unit} | {_goal_value(g)} | {_fmt(bool(g['met']))} | "
-                    f"{busy}, load {load} |"
+                    f"{cpu}, {busy}, load {load} |"
                 )
     missing = [b for b in order if b not in by_bench]
     if missing:

@@ -111,6 +111,8 @@ def test_auto_backend_choice_on_cpu() -> None:
     assert choose_backend("auto", x, [20, 28, 12, 20]) == "padded"  # small groups, padding 1.4
     assert choose_backend("auto", x, [400, 520, 380, 300]) == "loop"  # large, padding 1.30
     assert choose_backend("auto", x, [600, 600, 600, 600]) == "loop"  # even, but past 512 rows
+    assert choose_backend("auto", x, [256] * 32) == "padded"  # even, 8192 rows in all
+    assert choose_backend("auto", x, [256] * 64) == "loop"  # even, but 16384 rows: out of cache padded
     assert choose_backend("auto", x, [0, 0]) == "loop"
     assert choose_backend("padded", x, [100, 120]) == "padded"
 

@@ -15,7 +15,7 @@ Backends (all compute the same function; tests pin them against a per-token refe
 
 ``auto`` picks ``grouped_mm`` on CUDA, and on CPU the backend measured fastest for the group sizes at
 hand and the padding ``padded`` would add (:func:`choose_backend`): ``padded`` for small groups with
-cheap padding and for near-even groups up to 512 rows, else ``loop`` from 256 rows per expert and
+cheap padding and for near-even groups up to 512 rows each (8192 in all), else ``loop`` from 256 rows per expert and
 ``grouped_mm`` in between (see ``docs/PERFORMANCE.md``).
 """
 
@@ -48,6 +48,9 @@ def has_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ..
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
+_PADDED_MAX_ROWS = 8192  # near-even groups run padded up to this many rows in all
+
+
 def choose_backend(
     requested: Backend, x: torch.Tensor, counts: list[int], hidden: int | None = None
 ) -> Backend:
@@ -74,10 +77,13 @@ def choose_backend(
     # padding: the same boundaries there, within run-to-run noise. One bmm over a padded batch beats the per-group kernels while the padding
     # (the largest group × active experts ÷ rows) is cheap for the group size: small groups, where
     # per-call overhead dominates, tolerate more of it; up to 512 rows per expert, near-even groups (top-k
-    # routing over few experts) still run fastest padded. Otherwise large groups go to the chunked loop,
-    # which keeps activations in cache, and the rest to torch's grouped_mm kernel.
+    # routing over few experts) still run fastest padded, while the padded batch stays small (up to 8192
+    # rows: beyond that its activations leave the cache and the chunked loop was faster, by a quarter at
+    # 64 experts × 256-512 rows; benchmarks/dispatch_sweep.py). Otherwise large groups go to the chunked
+    # loop, which keeps activations in cache, and the rest to torch's grouped_mm kernel.
     pad = max(counts) * active / n
-    if (per_expert < 16 and pad <= 4) or (per_expert < 32 and pad <= 2) or (per_expert <= 512 and pad <= 1.1):
+    near_even = per_expert <= 512 and pad <= 1.1 and n <= _PADDED_MAX_ROWS
+    if (per_expert < 16 and pad <= 4) or (per_expert < 32 and pad <= 2) or near_even:
         return "padded"
     if per_expert >= 256:
         return "loop"
