@@ -347,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_s: float | None = None
     weight_bytes, bandwidth = 0, 0.0
     if not model.moe_layers():
-        weight_bytes = sum(
-            p.numel() * p.element_size() for p in {id(q): q for q in model.parameters()}.values()
-        )
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
         bandwidth = _harness.measure_read_bandwidth()
         floor_s = weight_bytes / bandwidth
 

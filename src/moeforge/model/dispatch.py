@@ -15,8 +15,8 @@ Backends (all compute the same function; tests pin them against a per-token refe
 
 ``auto`` picks ``grouped_mm`` on CUDA, and on CPU the backend measured fastest for the group sizes at
 hand and the padding ``padded`` would add (:func:`choose_backend`): ``padded`` for small groups with
-cheap padding and for near-even groups up to 512 rows each (8192 in all), else ``loop`` from 256 rows per expert and
-``grouped_mm`` in between (see ``docs/PERFORMANCE.md``).
+cheap padding and for near-even groups up to 512 rows each (8192 in all), else ``loop`` from 256 rows
+per expert and ``grouped_mm`` in between (see ``docs/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ def choose_backend(
         return "loop"
     # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (an AMD EPYC; its backends table
     # in docs/PERFORMANCE.md), and rechecked on a 2-core Intel Xeon over a sweep of group sizes and
-    # padding: the same boundaries there, within run-to-run noise. One bmm over a padded batch beats the per-group kernels while the padding
-    # (the largest group × active experts ÷ rows) is cheap for the group size: small groups, where
-    # per-call overhead dominates, tolerate more of it; up to 512 rows per expert, near-even groups (top-k
-    # routing over few experts) still run fastest padded, while the padded batch stays small (up to 8192
-    # rows: beyond that its activations leave the cache and the chunked loop was faster, by a quarter at
-    # 64 experts × 256-512 rows; benchmarks/dispatch_sweep.py). Otherwise large groups go to the chunked
+    # padding (benchmarks/dispatch_sweep.py): the same boundaries there, within run-to-run noise. One bmm
+    # over a padded batch beats the per-group kernels while the padding (the largest group × active
+    # experts ÷ rows) is cheap for the group size: small groups, where per-call overhead dominates,
+    # tolerate more of it; up to 512 rows per expert, near-even groups (top-k routing over few experts)
+    # still run fastest padded, while the padded batch stays small (up to 8192 rows: beyond that its
+    # activations leave the cache and the chunked loop was faster, by a quarter or more at 64 experts ×
+    # 256-512 rows). Otherwise large groups go to the chunked
     # loop, which keeps activations in cache, and the rest to torch's grouped_mm kernel.
     pad = max(counts) * active / n
     near_even = per_expert <= 512 and pad <= 1.1 and n <= _PADDED_MAX_ROWS

@@ -8,8 +8,8 @@ weights out for that (``W.T`` contiguous, query/key/value and gate/up fused, nor
 an MoE layer's experts and router stacked; see ``moeforge.model``); this module decides how the
 projections worth it are stored: prepacked for a GEMM of ``rows`` rows by oneDNN
 (``torch.ops.mkldnn._linear_pointwise``) or MKL (``torch.ops.mkl._mkl_linear``), in the order
-:func:`default_kernels` gives for this CPU (MKL first on Intel, oneDNN first elsewhere), else the plain layout, whichever first exists and agrees with ``x @ W.T`` on a probe
-(:class:`_Packed`, the :data:`~moeforge.model.layers.LinearFactory` handed to the model; the dense MLPs'
+:func:`default_kernels` gives for this CPU (MKL first on Intel, oneDNN first elsewhere), else the plain
+layout, whichever first exists and agrees with ``x @ W.T`` on a probe (:class:`_Packed`, the :data:`~moeforge.model.layers.LinearFactory` handed to the model; the dense MLPs'
 matrices are swapped for prepacked ones afterwards, :func:`_pack_dense_mlps`). :class:`Decoder` holds the
 form, rebuilds it when the weights change and runs its steps, optionally through ``torch.compile``.
 
@@ -37,7 +37,6 @@ from moeforge.model.transformer import MoETransformer, TransformerDecode
 from moeforge.serve.threads import DecodeThreads
 
 __all__ = [
-    "KERNELS",
     "Decoder",
     "cpu_vendor",
     "default_kernels",
@@ -82,9 +81,6 @@ def moe_one_row_threads(vendor: str | None = None) -> int | None:
     vendor = cpu_vendor() if vendor is None else vendor
     return None if vendor == "GenuineIntel" else 1
 
-
-KERNELS = default_kernels()
-"""The prepacked GEMMs the decoder tries on this machine, in order (:func:`default_kernels`)."""
 
 COMPILE_ENV = "MOEFORGE_DECODE_COMPILE"
 
@@ -218,8 +214,8 @@ class Decoder:
     size works. ``threads``: how many threads each step runs on (:class:`~moeforge.serve.threads.DecodeThreads`;
     default: chosen per step from the batch size and the machine's load); the caller's torch thread
     count is back after every step. ``kernels``: the prepacked GEMMs to try for the projections, in
-    order (:class:`_Packed`; default: :func:`default_kernels` for this CPU). ``compile`` (default: the environment variable ``MOEFORGE_DECODE_COMPILE``
-    set to 1): steps of two or more rows through ``torch.compile`` (opt-in: a compile of tens of seconds
+    order (:class:`_Packed`; default: :func:`default_kernels` for this CPU). ``compile`` (default: the
+    environment variable ``MOEFORGE_DECODE_COMPILE`` set to 1): steps of two or more rows through ``torch.compile`` (opt-in: a compile of tens of seconds
     at the first step of each new shape, for a few percent; benchmarks/notes/generate.md).
     """
 
