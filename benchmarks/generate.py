@@ -223,6 +223,39 @@ def _random_model(preset: str, tmp: Path) -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------------------------- one batch
+def _weight_bytes_per_step(model: MoETransformer, run_forward: Callable[[], Any], rows: int) -> float:
+    """Bytes of weights a decode step of ``rows`` sequences must read at least, once each: every dense
+    weight (the tied embedding once, as the LM head reads all of it), and of each MoE layer's experts only
+    those its router picks for those rows, counted from one generation through the model's own forward
+    (the mean over its decode steps, per layer). The same tokens route the same way in any engine."""
+    layers = model.moe_layers()
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not layers:
+        return float(total)
+    picked: dict[int, list[int]] = {i: [] for i in range(len(layers))}
+
+    def hook(i: int) -> Callable[..., None]:
+        def record(_module: Any, _args: Any, out: Any) -> None:
+            if out.indices.shape[0] == rows:  # a decode step: one position per sequence
+                picked[i].append(int(out.indices.unique().numel()))
+
+        return record
+
+    handles = [layer.router.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    for i, layer in enumerate(layers):
+        slots = layer.w13.shape[0]
+        expert_bytes = sum(w.numel() * w.element_size() for w in (layer.w13, layer.w2))
+        mean_picked = sum(picked[i]) / max(len(picked[i]), 1)
+        total -= expert_bytes * (1.0 - mean_picked / slots)
+    return float(total)
+
+
 def _first_difference(a: list[list[int]], b: list[list[int]]) -> str:
     for r, (x, y) in enumerate(zip(a, b, strict=True)):
         for i, (u, v) in enumerate(zip(x, y, strict=False)):
@@ -342,14 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp not measured: {no_llama}", file=sys.stderr)
     allowed = {LLAMA: "llama.cpp computes with the Q4_1 weights themselves: an anchor, not an exact peer"}
 
-    # The memory floor of a step, for a dense model (an MoE step need not read every expert): measured
-    # before any hog starts, on torch's default threads, so it is the machine's best.
-    floor_s: float | None = None
-    weight_bytes, bandwidth = 0, 0.0
-    if not model.moe_layers():
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
-        bandwidth = _harness.measure_read_bandwidth()
-        floor_s = weight_bytes / bandwidth
+    # The memory floor of a step: the weights it must read (_weight_bytes_per_step) over the read bandwidth
+    # measured before any hog starts, on torch's default threads, so the machine's best.
+    bandwidth = _harness.measure_read_bandwidth()
 
     gen = torch.Generator().manual_seed(1)
     measured: dict[int, dict[str, Timing]] = {}
@@ -429,21 +457,26 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if b in GOALS:
                     results.goal(f"ratio_batch{b}", ratio.median, GOALS[b], spread=(ratio.low, ratio.high))
-                if floor_s is not None:
-                    # a dense fp32 model reads every weight once a step: no engine's step is shorter
-                    results.row(
-                        batch=b,
-                        weight_read_floor_ms=round(floor_s * 1e3, 2),
-                        ceiling_vs_peer_from_bandwidth=round(steps[peer].median / floor_s, 3),
-                        engine_share_of_bandwidth=round(floor_s / steps[OURS].median, 3),
-                    )
-                    results.note(
-                        f"Batch {b}: reading the weights once ({weight_bytes / 1e6:.0f} MB fp32) at the "
-                        f"machine's measured read bandwidth ({bandwidth / 1e9:.1f} GB/s, torch's default "
-                        f"threads, quiet) takes {floor_s * 1e3:.1f} ms, so no engine's step is shorter: the "
-                        f"most any engine could reach against {peer} is {steps[peer].median / floor_s:.2f}×; "
-                        f"the engine's step reads at {floor_s / steps[OURS].median:.0%} of that bandwidth."
-                    )
+                weight_bytes = _weight_bytes_per_step(
+                    model, lambda p=prompts: systems[FORWARD](p, args.new_tokens), b
+                )
+                floor_s = weight_bytes / bandwidth  # no engine's step is shorter
+                results.row(
+                    batch=b,
+                    weight_bytes_per_step=round(weight_bytes),
+                    weight_read_floor_ms=round(floor_s * 1e3, 2),
+                    ceiling_vs_peer_from_bandwidth=round(steps[peer].median / floor_s, 3),
+                    engine_share_of_bandwidth=round(floor_s / steps[OURS].median, 3),
+                )
+                experts = " (the experts its router picks)" if model.moe_layers() else ""
+                results.note(
+                    f"Batch {b}: reading the step's weights once{experts}, {weight_bytes / 1e6:.0f} MB fp32, "
+                    f"at the machine's measured read bandwidth ({bandwidth / 1e9:.1f} GB/s, torch's default "
+                    f"threads, measured before any busy process started) takes {floor_s * 1e3:.1f} ms, so no "
+                    f"engine's step is shorter: the most any engine could reach against {peer} is "
+                    f"{steps[peer].median / floor_s:.2f}×; the engine's step reads at "
+                    f"{floor_s / steps[OURS].median:.0%} of that bandwidth."
+                )
                 if args.profile:
                     prof = {
                         k: profile_shares(lambda k=k, p=prompts: systems[k](p, args.new_tokens))
