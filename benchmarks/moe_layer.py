@@ -150,35 +150,40 @@ FREE_ACT = "ours_auto, activation free"
 COMPILED_ACT = "ours_auto, activation compiled"
 
 
-def _fused_silu_mul_2d(h: torch.Tensor) -> torch.Tensor:
+def _fused_swiglu_2d(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f = h.shape[-1] // 2
-    return torch.nn.functional.silu(h[:, :f]) * h[:, f:]
+    s = torch.nn.functional.silu(h[:, :f])
+    return s, s * h[:, f:]
 
 
-def _fused_silu_mul_backward_2d(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_swiglu_backward_2d(h: torch.Tensor, silu: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
     f = h.shape[-1] // 2
     g, u = h[:, :f], h[:, f:]
     s = torch.sigmoid(g)
-    silu = g * s
-    return torch.cat([ga * u * (s + silu * (1 - s)), ga * silu], 1), silu * u
+    return torch.cat([ga * u * (s + silu * (1 - s)), ga * silu], 1)
 
 
 def _activation_variants() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
-    fwd = torch.compile(_fused_silu_mul_2d, dynamic=True)
-    bwd = torch.compile(_fused_silu_mul_backward_2d, dynamic=True)
+    fwd = torch.compile(_fused_swiglu_2d, dynamic=True)
+    bwd = torch.compile(_fused_swiglu_backward_2d, dynamic=True)
 
-    def compiled_fwd(h: torch.Tensor) -> torch.Tensor:
-        return fwd(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1])
 
-    def compiled_bwd(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gh, a = bwd(h.reshape(-1, h.shape[-1]), ga.reshape(-1, ga.shape[-1]))
-        return gh.view(h.shape), a.view(ga.shape)
+    def compiled_fwd(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, a = fwd(flat(h))
+        shape = (*h.shape[:-1], h.shape[-1] // 2)
+        return s.view(shape), a.view(shape)
 
-    def free_fwd(h: torch.Tensor) -> torch.Tensor:
-        return h[..., : h.shape[-1] // 2]
+    def compiled_bwd(h: torch.Tensor, silu: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+        return bwd(flat(h), flat(silu), flat(ga)).view(h.shape)
 
-    def free_bwd(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.empty_like(h), h[..., : h.shape[-1] // 2]
+    def free_fwd(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = h[..., : h.shape[-1] // 2]
+        return g, g
+
+    def free_bwd(h: torch.Tensor, silu: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(h)
 
     return {COMPILED_ACT: (compiled_fwd, compiled_bwd), FREE_ACT: (free_fwd, free_bwd)}
 
@@ -190,12 +195,12 @@ def _with_activation(
     from moeforge.model import dispatch
 
     def run() -> Any:
-        saved = dispatch._silu_mul, dispatch._silu_mul_backward
-        dispatch._silu_mul, dispatch._silu_mul_backward = pair
+        saved = dispatch._swiglu, dispatch._swiglu_backward
+        dispatch._swiglu, dispatch._swiglu_backward = pair
         try:
             return fn()
         finally:
-            dispatch._silu_mul, dispatch._silu_mul_backward = saved
+            dispatch._swiglu, dispatch._swiglu_backward = saved
 
     return run
 

@@ -92,19 +92,31 @@ def choose_backend(
 
 
 def _silu_mul(h_NG: torch.Tensor) -> torch.Tensor:
+    """``silu(g)·u`` for ``h = [g, u]``, under autograd (the device path)."""
     f = h_NG.shape[-1] // 2
     return F.silu(h_NG[..., :f]) * h_NG[..., f:]
 
 
-def _silu_mul_backward(h_NG: torch.Tensor, ga_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Given ``h = [g, u]`` and ``dL/da`` for ``a = silu(g)·u``, return ``(dL/dh, a)`` in five fused passes."""
+def _swiglu(h_NG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, a)`` for ``h = [g, u]``: ``s = silu(g)`` and the activation ``a = s·u``, both kept for the
+    backward (what autograd would keep for these two ops: no recomputation there)."""
+    f = h_NG.shape[-1] // 2
+    s_NF = F.silu(h_NG[..., :f])
+    return s_NF, s_NF * h_NG[..., f:]
+
+
+def _swiglu_backward(h_NG: torch.Tensor, s_NF: torch.Tensor, ga_NF: torch.Tensor) -> torch.Tensor:
+    """``dL/dh`` for ``h = [g, u]`` given ``s = silu(g)`` and ``dL/da`` for ``a = s·u``, in three passes
+    that allocate nothing but the result: ``dL/du = dL/da·s``, then ``dL/dg = silu'(g)·(dL/da·u)``.
+    ``ga`` is consumed (overwritten with ``dL/da·u``): callers pass a fresh matmul output. (Not an
+    in-place ``silu_backward`` into the strided half of the result: aliased, that runs about six times
+    slower on CPU.)"""
     f = h_NG.shape[-1] // 2
     g, u = h_NG[..., :f], h_NG[..., f:]
-    silu = F.silu(g)
     gh = torch.empty_like(h_NG)
-    torch.ops.aten.silu_backward(ga_NF * u, g, grad_input=gh[..., :f])
-    torch.mul(ga_NF, silu, out=gh[..., f:])
-    return gh, silu.mul_(u)
+    torch.mul(ga_NF, s_NF, out=gh[..., f:])
+    torch.ops.aten.silu_backward(ga_NF.mul_(u), g, grad_input=gh[..., :f])
+    return gh
 
 
 _CHUNK = 1024  # rows per matmul in the loop backend: keeps an expert's [rows, 2F] activations in cache
@@ -128,11 +140,13 @@ class _LoopSwiGLU(torch.autograd.Function):
         h_NG = x_ND.new_empty(n, w13_EDG.shape[-1])
         y_ND = x_ND.new_empty(n, w2_EFD.shape[-1])
         chunks = _chunks(_bounds(counts))
+        acts = []  # (silu(g), a) per chunk, kept for the backward
         for e, s, t in chunks:
             torch.mm(x_ND[s:t], w13_EDG[e], out=h_NG[s:t])
-            torch.mm(_silu_mul(h_NG[s:t]), w2_EFD[e], out=y_ND[s:t])
+            acts.append(_swiglu(h_NG[s:t]))
+            torch.mm(acts[-1][1], w2_EFD[e], out=y_ND[s:t])
         ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, h_NG)
-        ctx.chunks = chunks
+        ctx.chunks, ctx.acts = chunks, acts
         return y_ND
 
     @staticmethod
@@ -147,9 +161,9 @@ class _LoopSwiGLU(torch.autograd.Function):
         # E·D·3F floats; only experts that received no rows are zeroed. Into a persistent buffer
         # (grad_buffers) that already holds this step's earlier micro-batches, every chunk adds.
         seen: set[int] = set()
-        for e, s, t in ctx.chunks:
+        for (e, s, t), (silu, a) in zip(ctx.chunks, ctx.acts, strict=True):
             gy = gy_ND[s:t]
-            gh, a = _silu_mul_backward(h_NG[s:t], gy @ w2_EFD[e].t())
+            gh = _swiglu_backward(h_NG[s:t], silu, gy @ w2_EFD[e].t())
             torch.mm(gh, w13_EDG[e].t(), out=gx_ND[s:t])
             first = e not in seen
             seen.add(e)
@@ -168,17 +182,18 @@ class _PaddedSwiGLU(torch.autograd.Function):
         x_ECD = x_ND.new_zeros(e, capacity, x_ND.shape[-1])
         x_ECD[expert_N, slot_N] = x_ND
         h_ECG = torch.bmm(x_ECD, w13_EDG)
-        y_ECD = torch.bmm(_silu_mul(h_ECG), w2_EFD)
-        ctx.save_for_backward(x_ECD, w13_EDG, w2_EFD, h_ECG, expert_N, slot_N)
+        s_ECF, a_ECF = _swiglu(h_ECG)
+        y_ECD = torch.bmm(a_ECF, w2_EFD)
+        ctx.save_for_backward(x_ECD, w13_EDG, w2_EFD, h_ECG, s_ECF, a_ECF, expert_N, slot_N)
         return y_ECD[expert_N, slot_N]
 
     @staticmethod
     def backward(ctx, gy_ND):  # type: ignore[override]
-        x_ECD, w13_EDG, w2_EFD, h_ECG, expert_N, slot_N = ctx.saved_tensors
+        x_ECD, w13_EDG, w2_EFD, h_ECG, s_ECF, a_ECF, expert_N, slot_N = ctx.saved_tensors
         gy_ECD = gy_ND.new_zeros(x_ECD.shape)
         gy_ECD[expert_N, slot_N] = gy_ND
         ga_ECF = torch.bmm(gy_ECD, w2_EFD.transpose(1, 2))
-        gh_ECG, a_ECF = _silu_mul_backward(h_ECG, ga_ECF)
+        gh_ECG = _swiglu_backward(h_ECG, s_ECF, ga_ECF)
         gx_ND = torch.bmm(gh_ECG, w13_EDG.transpose(1, 2))[expert_N, slot_N]
         gw13, gw2 = None, None
         if ctx.needs_input_grad[1]:
@@ -190,24 +205,25 @@ class _PaddedSwiGLU(torch.autograd.Function):
 
 class _HostGroupedSwiGLU(torch.autograd.Function):
     """``grouped_mm`` forward and backward for the host (CPU) path, with the SwiGLU backward fused
-    (:func:`_silu_mul_backward`) and the weight gradients written per expert into persistent buffers
+    (:func:`_swiglu_backward`) and the weight gradients written per expert into persistent buffers
     (:mod:`moeforge.model.grad_buffers`) instead of fresh ``[E, D, G]`` tensors."""
 
     @staticmethod
     def forward(ctx, x_ND, w13_EDG, w2_EFD, offs, counts):  # type: ignore[override]
         assert _GROUPED_MM is not None
         h_NG = _GROUPED_MM(x_ND, w13_EDG, offs=offs)
-        y_ND = _GROUPED_MM(_silu_mul(h_NG), w2_EFD, offs=offs)
-        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, h_NG, offs)
+        s_NF, a_NF = _swiglu(h_NG)
+        y_ND = _GROUPED_MM(a_NF, w2_EFD, offs=offs)
+        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, h_NG, s_NF, a_NF, offs)
         ctx.bounds = _bounds(counts)
         return y_ND
 
     @staticmethod
     def backward(ctx, gy_ND):  # type: ignore[override]
         assert _GROUPED_MM is not None
-        x_ND, w13_EDG, w2_EFD, h_NG, offs = ctx.saved_tensors
+        x_ND, w13_EDG, w2_EFD, h_NG, s_NF, a_NF, offs = ctx.saved_tensors
         gy_ND = gy_ND.contiguous()
-        gh_NG, a_NF = _silu_mul_backward(h_NG, _GROUPED_MM(gy_ND, w2_EFD.transpose(1, 2), offs=offs))
+        gh_NG = _swiglu_backward(h_NG, s_NF, _GROUPED_MM(gy_ND, w2_EFD.transpose(1, 2), offs=offs))
         gx_ND = _GROUPED_MM(gh_NG, w13_EDG.transpose(1, 2), offs=offs)
         (gw13, fresh13), (gw2, fresh2) = (
             _weight_grad(w, ctx.needs_input_grad[i]) for i, w in ((1, w13_EDG), (2, w2_EFD))

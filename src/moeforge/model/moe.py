@@ -86,6 +86,32 @@ class MoEStats:
         return self.probs_mean, self.entropy
 
 
+class _WeightedCombine(torch.autograd.Function):
+    """``out[t] = Σ w[a]·y[a]`` over the assignments ``a`` of token ``t`` (``token[a] = t``), on the host.
+
+    One ``index_add_`` of the weighted rows into ``[N, D]`` zeros, where the permutation into ``[k·N, D]``
+    slots and the sum over ``k`` touch the ``A`` rows three times more; the backward gathers the output
+    gradient once and derives both gradients from it, in place where it can. On the host ``index_add_``
+    adds in index order, so the sum is deterministic (on GPU it would use atomics: the caller keeps the
+    permutation there)."""
+
+    @staticmethod
+    def forward(ctx, y_AD, weight_A, token_A, n):  # type: ignore[override]
+        yw_AD = y_AD * weight_A[:, None]
+        out_ND = yw_AD.new_zeros(n, y_AD.shape[-1])
+        out_ND.index_add_(0, token_A, yw_AD)
+        ctx.save_for_backward(y_AD, weight_A, token_A)
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, g_ND):  # type: ignore[override]
+        y_AD, weight_A, token_A = ctx.saved_tensors
+        g_AD = g_ND.index_select(0, token_A)
+        g_w = (g_AD * y_AD).sum(-1).to(weight_A.dtype) if ctx.needs_input_grad[1] else None
+        g_y = g_AD.mul_(weight_A[:, None]).to(y_AD.dtype) if ctx.needs_input_grad[0] else None
+        return g_y, g_w, None, None
+
+
 def sort_assignments(
     indices_Nk: torch.Tensor, num_slots: int, capacity: int | torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,11 +238,14 @@ class MoELayer(nn.Module):
         else:
             y_AD = self.expert_fn(x_AD, counts_E)
         raw_AD = y_AD
-        y_AD = y_AD * weight_A[:, None]
-        # Put each result back in its assignment slot (a permutation: deterministic, no atomics),
-        # then sum a token's k slots; dropped slots stay zero.
-        buf_kND = y_AD.new_zeros(self.top_k * n, shape[-1]).index_copy(0, order_A, y_AD)
-        out_ND = buf_kND.view(self.top_k, n, -1).sum(0) if self.top_k > 1 else buf_kND
+        if x_ND.is_cuda:
+            # Put each weighted result back in its assignment slot (a permutation: deterministic, no
+            # atomics), then sum a token's k slots; dropped slots stay zero.
+            y_AD = y_AD * weight_A[:, None]
+            buf_kND = y_AD.new_zeros(self.top_k * n, shape[-1]).index_copy(0, order_A, y_AD)
+            out_ND = buf_kND.view(self.top_k, n, -1).sum(0) if self.top_k > 1 else buf_kND
+        else:
+            out_ND = _WeightedCombine.apply(y_AD, weight_A, token_A, n)
         recorded = self._record(x_ND, raw_AD, out_ND, counts_E) if self.record_expert_outputs else None
 
         if self.shared is not None:
