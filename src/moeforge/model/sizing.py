@@ -172,8 +172,9 @@ def _activation_elems_per_layer(cfg: ModelConfig) -> list[float]:
         if cfg.is_moe_layer(i):
             m: MoEConfig = cfg.moe  # type: ignore[assignment]
             slots = m.num_experts + m.num_ghost_experts
-            # norm in/out, router logits+probs (fp32 → 2 elements each), gathered x, h=[g,u], out
-            total += 2 * d + 4 * slots + m.top_k * (2 * d + 2 * m.expert_hidden)
+            # norm in/out, router logits+probs (fp32 → 2 elements each); per assignment the gathered x,
+            # h=[g,u], silu(g) and the activation (both kept for the backward), the expert output
+            total += 2 * d + 4 * slots + m.top_k * (2 * d + 4 * m.expert_hidden)
             if m.num_shared_experts:
                 total += 3 * m.num_shared_experts * (m.shared_expert_hidden or 0)
         else:
