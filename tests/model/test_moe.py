@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moeforge.model import dispatch
+from moeforge.model import moe as moe_module
 from moeforge.model.config import MoEConfig
 from moeforge.model.dispatch import choose_backend, grouped_swiglu
 from moeforge.model.moe import MoELayer, sort_assignments
@@ -298,3 +299,36 @@ def test_auto_dispatch_works_for_expert_hidden_not_multiple_of_four() -> None:
     y, _ = layer(x)
     ref, _ = _naive(layer, x)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_combine_equals_the_permutation_and_sum_across_chunks(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """_WeightedCombine (index_add_ in chunks) against the device path's permutation into k·N slots and
+    sum: same output and gradients, bit-identical on a second run, gradients in their inputs' dtypes."""
+    monkeypatch.setattr(moe_module, "_COMBINE_ROWS", 7)  # 60 assignments span nine chunks
+    n, k = 20, 3
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(n * k, generator=gen)
+    y0 = torch.randn(n * k, D, generator=gen).to(dtype)
+    w0 = torch.rand(n * k, generator=gen)
+    g_out = torch.randn(n, D, generator=gen)
+
+    def ours() -> tuple[torch.Tensor, ...]:
+        y, w = y0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        out = moe_module._WeightedCombine.apply(y, w, order % n, n)
+        (out * g_out).sum().backward()
+        return out, y.grad, w.grad
+
+    y, w = y0.float().clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    yw = y * w[:, None]
+    ref = yw.new_zeros(k * n, D).index_copy(0, order, yw).view(k, n, D).sum(0)
+    (ref * g_out).sum().backward()
+    out, gy, gw = ours()
+    assert gy.dtype == dtype and gw.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip((out, gy, gw), (ref, y.grad, w.grad), strict=True):
+        torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol)
+    for a, b in zip((out, gy, gw), ours(), strict=True):
+        assert torch.equal(a, b)

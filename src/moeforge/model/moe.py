@@ -86,30 +86,40 @@ class MoEStats:
         return self.probs_mean, self.entropy
 
 
+_COMBINE_ROWS = 1024  # assignment rows per combine chunk: its temporaries stay in cache, none is [A, D]
+
+
 class _WeightedCombine(torch.autograd.Function):
     """``out[t] = Σ w[a]·y[a]`` over the assignments ``a`` of token ``t`` (``token[a] = t``), on the host.
 
-    One ``index_add_`` of the weighted rows into ``[N, D]`` zeros, where the permutation into ``[k·N, D]``
+    ``index_add_`` of the weighted rows into ``[N, D]`` zeros, where the permutation into ``[k·N, D]``
     slots and the sum over ``k`` touch the ``A`` rows three times more; the backward gathers the output
-    gradient once and derives both gradients from it, in place where it can. On the host ``index_add_``
-    adds in index order, so the sum is deterministic (on GPU it would use atomics: the caller keeps the
-    permutation there)."""
+    gradient once and derives both gradients from it in place. Both run in chunks of
+    :data:`_COMBINE_ROWS` rows, so no ``[A, D]`` temporary is allocated (at that size a fresh tensor's
+    page faults cost more than the arithmetic). On the host ``index_add_`` adds in index order, so the
+    sum is deterministic (on GPU it would use atomics: the caller keeps the permutation there)."""
 
     @staticmethod
     def forward(ctx, y_AD, weight_A, token_A, n):  # type: ignore[override]
-        yw_AD = y_AD * weight_A[:, None]
-        out_ND = yw_AD.new_zeros(n, y_AD.shape[-1])
-        out_ND.index_add_(0, token_A, yw_AD)
+        out_ND = y_AD.new_zeros(n, y_AD.shape[-1], dtype=torch.result_type(y_AD, weight_A))
+        for c in range(0, y_AD.shape[0], _COMBINE_ROWS):
+            rows = slice(c, c + _COMBINE_ROWS)
+            out_ND.index_add_(0, token_A[rows], y_AD[rows] * weight_A[rows, None])
         ctx.save_for_backward(y_AD, weight_A, token_A)
         return out_ND
 
     @staticmethod
     def backward(ctx, g_ND):  # type: ignore[override]
         y_AD, weight_A, token_A = ctx.saved_tensors
-        g_AD = g_ND.index_select(0, token_A)
-        g_w = (g_AD * y_AD).sum(-1).to(weight_A.dtype) if ctx.needs_input_grad[1] else None
-        g_y = g_AD.mul_(weight_A[:, None]).to(y_AD.dtype) if ctx.needs_input_grad[0] else None
-        return g_y, g_w, None, None
+        g_AD = g_ND.index_select(0, token_A)  # becomes dL/dy, scaled in place below
+        g_w = g_AD.new_empty(g_AD.shape[0]) if ctx.needs_input_grad[1] else None
+        for c in range(0, g_AD.shape[0], _COMBINE_ROWS):
+            rows = slice(c, c + _COMBINE_ROWS)
+            if g_w is not None:
+                torch.sum(g_AD[rows] * y_AD[rows], -1, out=g_w[rows])
+            g_AD[rows].mul_(weight_A[rows, None])
+        g_y = g_AD.to(y_AD.dtype) if ctx.needs_input_grad[0] else None
+        return g_y, None if g_w is None else g_w.to(weight_A.dtype), None, None
 
 
 def sort_assignments(
