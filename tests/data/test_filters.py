@@ -155,8 +155,26 @@ def test_normalize_text_shortcuts_give_exactly_the_regex_result():
     import random
 
     pieces = ["a", "b", " ", "  ", "\t", "\n", "\n\n\n", " \n", "\t\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c",
-              "\x1f", "\x00", "\x7f", "\x85", "\u00a0", "\u2003", "\u3000", "\u2028", "e\u0301", "é", "日"]  # fmt: skip
+              "\x1f", "\x00", "\x7f", "\x85", "\u00a0", "\u2003", "\u3000", "\u2028", "e\u0301", "é", "日",
+              "\u2014", "\u1680", "\u202f", "\u205f", "\u2029", "\u200b"]  # fmt: skip
     for seed in range(3000):
         rng = random.Random(seed)
         s = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
         assert normalize_text(s) == _normalize_reference(s), repr(s)
+
+
+def test_gopher_word_counts_are_the_same_with_and_without_the_word_memo(monkeypatch):
+    """The per-process word memo (bounded) changes no count: full, it tests new words every time."""
+    from moeforge.data import filters
+
+    text = "The cat, (the) dog and THE bird. 42 — ½ é x1 'and' the, AND"
+    cfg = FilterConfig()
+    monkeypatch.setattr(filters, "_WORD_FLAGS", filters._WordFlags(limit=0))
+    uncached = gopher_quality(text, cfg)
+    assert len(filters._WORD_FLAGS) == 0
+    monkeypatch.setattr(filters, "_WORD_FLAGS", filters._WordFlags(limit=3))
+    assert gopher_quality(text, cfg) == gopher_quality(text, cfg) == uncached
+    assert len(filters._WORD_FLAGS) == 3
+    _, scores = uncached
+    assert scores["stop_words"] == 7  # The, (the), THE, and, 'and', the,, AND
+    assert scores["alpha_words_ratio"] == 12 / 15  # all but "42", "—" and "½"

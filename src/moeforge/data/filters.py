@@ -37,6 +37,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SPACES = re.compile(
     r"[\t\u00a0\u2000-\u200b\u3000][ \t\u00a0\u2000-\u200b\u3000]*| [ \t\u00a0\u2000-\u200b\u3000]+"
 )
+# what the two patterns above can match beyond " ", "\t" and "\n": without any of it in a text, plain
+# substring tests decide whether they have work to do
+_CONTROL_OR_WIDE_SPACE = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000]"
+)
+_ASCII_PLAIN = bytes(range(0x20, 0x7F)) + b"\t\n"  # ASCII that is neither control nor to be removed
 _BLANKS = re.compile(r"\n{3,}")
 _TRAILING = re.compile(r"[^\S\n]+\n")
 _WORD = re.compile(r"\S+")
@@ -52,6 +58,41 @@ _C4_POLICY = (
     "use cookies",
 )
 _TERMINAL = (".", "!", "?", '"', "”", "'", "’")
+
+
+_STOP_SHIFT = 32  # a word's flags: bit 0 alphabetic, bit 32 stop word; a text's sum holds both counts
+
+
+def _word_flags(word: str) -> int:
+    """Bit 0: the word has an alphabetic character; bit 32: lower-cased and stripped of punctuation, it
+    is a stop word."""
+    alpha = word.isalpha() or any(map(str.isalpha, word))
+    return int(alpha) | int(word.lower().strip(_STOP_PUNCT) in _STOP_WORDS) << _STOP_SHIFT
+
+
+class _WordFlags(dict[str, int]):
+    """:func:`_word_flags` per word, remembered. Words recur across a corpus (Zipf), so a text's words
+    are looked up in C (``map`` over ``__getitem__``, summed) instead of tested in a Python loop, which
+    was most of the quality filter's time. At most ``limit`` words are remembered per process; past
+    that, new words are tested every time (same answers)."""
+
+    def __init__(self, limit: int = 1 << 18) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __missing__(self, word: str) -> int:
+        value = _word_flags(word)
+        if len(self) < self.limit:
+            self[word] = value
+        return value
+
+    def counts(self, words: list[str]) -> tuple[int, int]:
+        """(words with an alphabetic character, stop words) among ``words``."""
+        total = sum(map(self.__getitem__, words))
+        return total & ((1 << _STOP_SHIFT) - 1), total >> _STOP_SHIFT
+
+
+_WORD_FLAGS = _WordFlags()
 
 
 class FilterConfig(StrictModel):
@@ -105,12 +146,18 @@ def normalize_text(s: str) -> str:
         s = unicodedata.normalize("NFC", s)
     if "\r" in s:
         s = s.replace("\r\n", "\n").replace("\r", "\n")
-    if _CONTROL.search(s):
-        s = _CONTROL.sub("", s)
-    # whole-text regexes: same as per-line sub + rstrip. In ASCII text (control characters gone, "\r"
-    # gone) the only horizontal whitespace is " " and "\t", so a substring test — a memchr-speed scan,
-    # where a regex steps through every position — tells whether a regex can match at all.
+    # Whole-text regexes step through every position; a substring test is a memchr-speed scan. Once a
+    # text has no control character and no space wider than ASCII's (most texts, ASCII or not), the only
+    # horizontal whitespace left is " " and "\t", and substring tests tell whether a regex can match.
     if s.isascii():
+        if s.encode("ascii").translate(None, _ASCII_PLAIN):  # something is left: control characters
+            s = _CONTROL.sub("", s)
+        plain = True
+    else:
+        plain = _CONTROL_OR_WIDE_SPACE.search(s) is None
+        if not plain and _CONTROL.search(s):
+            s = _CONTROL.sub("", s)
+    if plain:
         if "\t" in s or "  " in s:
             s = _SPACES.sub(" ", s)
         if " \n" in s:
@@ -131,12 +178,7 @@ def gopher_quality(
     lines = [ln for ln in text.split("\n") if ln.strip()]
     mean_len = sum(map(len, words)) / n if n else 0.0
     symbols = text.count("#") + text.count("...") + text.count("…")
-    alpha = stops = 0
-    for w, c in Counter(words).items():  # counted in C; each distinct word is tested once
-        if w.isalpha() or any(map(str.isalpha, w)):
-            alpha += c
-        if w.lower().strip(_STOP_PUNCT) in _STOP_WORDS:
-            stops += c
+    alpha, stops = _WORD_FLAGS.counts(words)
     bullets = sum(1 for ln in lines if ln.lstrip().startswith(_BULLETS))
     ellipsis = sum(1 for ln in lines if ln.rstrip().endswith(("...", "…")))
     scores = {
