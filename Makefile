@@ -57,7 +57,7 @@ bench: setup $(BENCH_STAMP)
 	$(PY) benchmarks/generate.py --compile --profile
 	$(PY) benchmarks/generate.py --busy 2 --compile --profile
 	$(PY) benchmarks/generate.py --model smollm2 --profile
-	$(PY) benchmarks/generate.py --model smollm2 --busy 2
+	$(PY) benchmarks/generate.py --model smollm2 --busy 2 --profile
 	$(PY) benchmarks/dpo_step.py
 	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 1 --systems moeforge,datatrove_ws
 	$(PY) benchmarks/pipeline.py --size-mb 100 --workers 2 --systems moeforge,datatrove_ws,langid
