@@ -157,6 +157,13 @@ def check_note(name: str, text: str) -> None:
 def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
     by_bench = load_results(results)
     order = ORDER + sorted(b for b in by_bench if b not in ORDER)
+    cpus = sorted({d["machine_start"].get("cpu_model", "?") for docs in by_bench.values() for d in docs})
+    machines = (
+        f"every section ran on one machine: {cpus[0]}"
+        if len(cpus) == 1
+        else "the results come from more than one machine of the same size, and a ratio can differ "
+        "between them: compare within a section"
+    )
     out: list[str] = [
         "# Performance",
         "",
@@ -168,9 +175,7 @@ def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
         "figure is the **median** over the rounds and a ratio is the median of the per-round ratios, with "
         "the lowest and highest round beside it. Both sides' outputs are compared before any time is "
         "reported; where they cannot be equal the difference is stated. Each section names the CPU it ran "
-        "on (the results come from more than one machine of the same size, and a ratio can differ "
-        "between them: compare within a section), the machine's load at the start and end of its run "
-        "and the threads used.",
+        f"on ({machines}), the machine's load at the start and end of its run and the threads used.",
         "",
         "## Goals",
         "",
