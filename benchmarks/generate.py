@@ -229,8 +229,7 @@ def _weight_bytes_per_step(model: MoETransformer, run_forward: Callable[[], Any]
     those its router picks for those rows, counted from one generation through the model's own forward
     (the mean over its decode steps, per layer). The same tokens route the same way in any engine."""
     layers = model.moe_layers()
-    params = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # unique: tied counted once
     if not layers:
         return float(total)
     picked: dict[int, list[int]] = {i: [] for i in range(len(layers))}

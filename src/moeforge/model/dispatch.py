@@ -80,8 +80,8 @@ def choose_backend(
     # tolerate more of it; up to 512 rows per expert, near-even groups (top-k routing over few experts)
     # still run fastest padded, while the padded batch stays small (up to 8192 rows: beyond that its
     # activations leave the cache and the chunked loop was faster, by a quarter or more at 64 experts ×
-    # 256-512 rows). Otherwise large groups go to the chunked
-    # loop, which keeps activations in cache, and the rest to torch's grouped_mm kernel.
+    # 256-512 rows). Otherwise large groups go to the chunked loop, which keeps activations in cache, and
+    # the rest to torch's grouped_mm kernel.
     pad = max(counts) * active / n
     near_even = per_expert <= 512 and pad <= 1.1 and n <= _PADDED_MAX_ROWS
     if (per_expert < 16 and pad <= 4) or (per_expert < 32 and pad <= 2) or near_even:
