@@ -2,7 +2,9 @@
 ``grouped_swiglu`` forward + backward (weight gradients into persistent buffers, as the trainer runs it
 on one CPU process) at d_model 256, expert hidden 512, fp32, for 8 and 64 experts, rows per expert from
 8 to 512, and group sizes spread evenly around that mean so the padding the ``padded`` backend adds
-(the largest group × experts ÷ rows) runs from none to about 1.75×.
+(the largest group × experts ÷ rows) runs from none to about 1.75×. Then routed points, 1 to 64 rows
+per expert, each row sent to a random expert as an untrained router does: uneven groups, and at few
+rows per expert idle experts, whose padded rows the ``padded`` backend computes too.
 
 Before any timing, each point checks that every backend produces the ``loop`` backend's output, input
 gradient and weight gradients on the same input (``atol 1e-5, rtol 1e-4``; a difference stops the run).
@@ -12,7 +14,7 @@ to for those group sizes, and the fastest backend's median ÷ the picked one's: 
 on the table at that point. This is the evidence behind ``auto``'s thresholds, and the run to repeat on
 another CPU before trusting them there.
 
-Run: ``python benchmarks/dispatch_sweep.py [--quick] [--rounds 3] [--budget 0.6]``; ``--quick`` runs four
+Run: ``python benchmarks/dispatch_sweep.py [--quick] [--rounds 3] [--budget 0.6]``; ``--quick`` runs five
 points with two rounds (its JSON goes to a temp directory).
 """
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness
 from _harness import Mismatch, Results, check_same, cpu_hog
-from moe_layer import D_MODEL, HIDDEN, _reps, _time_once, _timed
+from moe_layer import D_MODEL, HIDDEN, _reps, _timed, _warm_times
 from moeforge.model import grad_buffers
 from moeforge.model.dispatch import choose_backend, grouped_swiglu
 
@@ -40,6 +42,7 @@ BACKENDS = ("grouped_mm", "loop", "padded")
 EXPERTS = (8, 64)
 PER_EXPERT = (8, 16, 32, 64, 128, 256, 512)
 SPREADS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75)  # group sizes from (1 - s) to (1 + s) × the mean
+ROUTED = (1, 2, 4, 8, 16, 32, 64)  # rows per expert of the routed points: each row to a random expert
 
 
 def group_sizes(experts: int, per_expert: int, spread: float) -> list[int]:
@@ -49,9 +52,20 @@ def group_sizes(experts: int, per_expert: int, spread: float) -> list[int]:
     return [round(per_expert * (1 + spread * (2 * i / (experts - 1) - 1))) for i in range(experts)]
 
 
-def run_point(experts: int, per_expert: int, spread: float, rounds: int, budget_s: float) -> dict[str, Any]:
+def routed_sizes(experts: int, per_expert: int, seed: int = 0) -> list[int]:
+    """Group sizes of ``experts × per_expert`` rows each sent to a uniformly random expert, as an untrained
+    router spreads them: uneven, and with few rows per expert some experts idle."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(experts, (experts * per_expert,), generator=g)
+    return torch.bincount(picks, minlength=experts).tolist()
+
+
+def run_point(
+    experts: int, per_expert: int, spread: float | None, rounds: int, budget_s: float
+) -> dict[str, Any]:
+    """One point: group sizes spread evenly by ``spread``, or routed (:func:`routed_sizes`) when it is None."""
     torch.manual_seed(0)
-    counts = group_sizes(experts, per_expert, spread)
+    counts = routed_sizes(experts, per_expert) if spread is None else group_sizes(experts, per_expert, spread)
     n = sum(counts)
     counts_E = torch.tensor(counts)
     w13 = torch.nn.Parameter(torch.randn(experts, D_MODEL, 2 * HIDDEN) * 0.02)
@@ -71,10 +85,7 @@ def run_point(experts: int, per_expert: int, spread: float, rounds: int, budget_
         w13.grad = w2.grad = None
         return out
 
-    once: dict[str, float] = {}
-    outputs: dict[str, dict[str, torch.Tensor]] = {}
-    for b in BACKENDS:
-        once[b], outputs[b] = _time_once(lambda b=b: {k: v.clone() for k, v in step(b).items()})
+    outputs = {b: {k: v.clone() for k, v in step(b).items()} for b in BACKENDS}
     verdict = check_same(outputs, "loop", atol=ATOL, rtol=RTOL)
     fns: dict[str, Callable[[], None]] = {}
     for b in BACKENDS:
@@ -83,15 +94,16 @@ def run_point(experts: int, per_expert: int, spread: float, rounds: int, budget_
             step(b)
 
         fns[b] = run
-    t = _timed(fns, _reps(once, budget_s / rounds), rounds)
+    t = _timed(fns, _reps(_warm_times(fns, budget_s / rounds), budget_s / rounds), rounds)
     med = {b: t[b].median for b in BACKENDS}
     fastest = min(med, key=med.__getitem__)
     picks = choose_backend("auto", x, counts, HIDDEN)
     return {
         "experts": experts,
         "per_expert": per_expert,
-        "spread": spread,
+        "spread": "routed" if spread is None else spread,
         "rows": n,
+        "active": sum(1 for c in counts if c),
         "padding": round(max(counts) * experts / n, 3),
         "gflops": {b: round(18.0 * n * D_MODEL * HIDDEN / med[b] / 1e9, 1) for b in BACKENDS},
         "spreads": {b: t[b].spread for b in BACKENDS},
@@ -110,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
-    grid = [(e, p, s) for e in EXPERTS for p in PER_EXPERT for s in SPREADS]
+    grid: list[tuple[int, int, float | None]] = [
+        (e, p, s) for e in EXPERTS for p in PER_EXPERT for s in SPREADS
+    ]
+    grid += [(e, p, None) for e in EXPERTS for p in ROUTED]
     if args.quick:
-        grid = [(8, 16, 0.0), (8, 64, 0.35), (64, 32, 0.1), (64, 256, 0.5)]
+        grid = [(8, 16, 0.0), (8, 64, 0.35), (64, 32, 0.1), (64, 256, 0.5), (64, 2, None)]
         args.rounds = min(args.rounds, 2)
         args.budget = min(args.budget, 0.1)
     results = Results(
@@ -136,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{D_MODEL}, expert hidden {HIDDEN}, fp32, {torch.get_num_threads()} threads; padding is what the "
         "padded backend multiplies the rows by; the last column is the fastest backend's median ÷ the "
         "picked one's.",
-        ["E", "rows/expert", "padding", *BACKENDS, "fastest", "auto picks", "picked ÷ fastest"],
+        ["E", "rows/expert", "groups", "padding", *BACKENDS, "fastest", "auto picks", "picked ÷ fastest"],
         [
             [
                 r["experts"],
                 r["per_expert"],
+                "even" if r["spread"] != "routed" else f"routed, {r['active']} active",
                 r["padding"],
                 *(r["gflops"][b] for b in BACKENDS),
                 r["fastest"],

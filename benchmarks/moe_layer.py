@@ -207,14 +207,28 @@ def _with_activation(
 
 def _reps(once: dict[str, float], sample_s: float, cap: int = 64) -> dict[str, int]:
     """Calls per sample for each contender so one sample lasts about ``sample_s`` (one call if longer),
-    from the time of one call each."""
+    from the time of one warm call each."""
     return {k: max(1, min(cap, round(sample_s / max(t, 1e-6)))) for k, t in once.items()}
 
 
-def _time_once(fn: Callable[[], Any]) -> tuple[float, Any]:
+def _warm_times(fns: dict[str, Callable[[], None]], sample_s: float) -> dict[str, float]:
+    """Each contender's time per call once warm: the fastest of up to three calls (one when a call is
+    longer than a sample). Sizing samples from a cold first call would give a contender whose first call
+    was slow (the first layer call at a point pays its buffers' page faults) fewer calls per sample, so
+    the switch from the previous contender would weigh more in each of its samples than in the others'."""
+    out: dict[str, float] = {}
+    for name, fn in fns.items():
+        times = [_time_once(fn)]
+        while times[-1] < sample_s and len(times) < 3:
+            times.append(_time_once(fn))
+        out[name] = min(times)
+    return out
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+    fn()
+    return time.perf_counter() - t0
 
 
 def _timed(fns: dict[str, Callable[[], None]], reps: dict[str, int], rounds: int) -> dict[str, Timing]:
@@ -260,17 +274,14 @@ def run_point(
     blocks = {f"hf_{impl}": _hf_block(experts, top_k, impl, ours) for impl in HF_IMPLS}
 
     # The output check: every implementation once on the same input, against transformers eager.
-    # Its call times (one call each, fresh gradients) also size the samples below.
-    once: dict[str, float] = {}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
     for b in backends:
-        once[f"ours_{b}"], outputs[f"ours_{b}"] = _time_once(lambda b=b: _outputs_ours(ours, b, x, gy))
+        outputs[f"ours_{b}"] = _outputs_ours(ours, b, x, gy)
     for name, block in blocks.items():
-        once[name], outputs[name] = _time_once(lambda block=block: _outputs_hf(block, x, gy))
+        outputs[name] = _outputs_hf(block, x, gy)
     variants = _activation_variants() if probe_activation else {}
-    for name, pair in variants.items():  # the first call compiles; its time sizes nothing below
-        _with_activation(lambda: _outputs_ours(ours, "auto", x, gy), pair)()
-        once[name], out = _time_once(_with_activation(lambda: _outputs_ours(ours, "auto", x, gy), pair))
+    for name, pair in variants.items():  # the first call compiles
+        out = _with_activation(lambda: _outputs_ours(ours, "auto", x, gy), pair)()
         if name != FREE_ACT:  # the free stand-ins compute something else: timing only
             outputs[name] = out
     verdict = check_same(outputs, "hf_eager", atol=ATOL, rtol=RTOL)
@@ -312,8 +323,7 @@ def run_point(
 
     fns["dense"] = f_dense
 
-    once["dense"], _ = _time_once(f_dense)
-    reps = _reps(once, budget_s / rounds)
+    reps = _reps(_warm_times(fns, budget_s / rounds), budget_s / rounds)
     t = _timed(fns, reps, rounds)
     hf_best = min((f"hf_{i}" for i in HF_IMPLS), key=lambda k: t[k].median)
     figure = "ours_auto" if "ours_auto" in t else f"ours_{backends[0]}"

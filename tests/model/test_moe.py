@@ -109,7 +109,12 @@ def test_auto_backend_choice_on_cpu() -> None:
     assert choose_backend("auto", x, [2, 3, 0, 1]) == "padded"
     assert choose_backend("auto", x, [100, 120, 90, 110]) == "grouped_mm"  # padding 1.14
     assert choose_backend("auto", x, [100, 105, 98, 103]) == "padded"  # near-even: padding 1.03
-    assert choose_backend("auto", x, [20, 28, 12, 20]) == "padded"  # small groups, padding 1.4
+    assert choose_backend("auto", x, [20, 24, 16, 20]) == "padded"  # small groups, padding 1.2
+    assert choose_backend("auto", x, [20, 28, 12, 20]) == "grouped_mm"  # small groups, padding 1.4
+    assert choose_backend("auto", x, [8, 12, 4, 8]) == "padded"  # smaller groups, padding 1.5
+    # few rows per expert: padded pays for idle experts too
+    assert choose_backend("auto", x, [2, 1, 1, 0]) == "padded"  # one idle of four
+    assert choose_backend("auto", x, [1, 1, 1] + [0] * 5) == "grouped_mm"  # five idle of eight
     assert choose_backend("auto", x, [400, 520, 380, 300]) == "loop"  # large, padding 1.30
     assert choose_backend("auto", x, [600, 600, 600, 600]) == "loop"  # even, but past 512 rows
     assert choose_backend("auto", x, [256] * 32) == "padded"  # even, 8192 rows in all

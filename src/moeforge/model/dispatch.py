@@ -14,9 +14,10 @@ Backends (all compute the same function; tests pin them against a per-token refe
   on padding but makes one call regardless of E; wins when groups are small or near-even.
 
 ``auto`` picks ``grouped_mm`` on CUDA, and on CPU the backend measured fastest for the group sizes at
-hand and the padding ``padded`` would add (:func:`choose_backend`): ``padded`` for small groups with
-cheap padding and for near-even groups up to 512 rows each (8192 in all), else ``loop`` from 256 rows
-per expert and ``grouped_mm`` in between (see ``docs/PERFORMANCE.md``).
+hand and the padding ``padded`` would add (:func:`choose_backend`): ``padded`` while its padded rows
+(all experts × the largest group) cost less than the rows plus a fixed cost per active group, up to 512
+rows each (8192 in all), else ``loop`` from 256 rows per expert and ``grouped_mm`` in between (see
+``docs/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def has_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ..
 
 
 _PADDED_MAX_ROWS = 8192  # near-even groups run padded up to this many rows in all
+# choose_backend's cost model, in rows of work: a grouped kernel's fixed cost per active expert, and what
+# an idle expert costs the padded bmm beyond its padded rows (reading its weights, writing its gradients)
+_GROUP_COST_ROWS = 6
+_IDLE_EXPERT_ROWS = 4
 
 
 def choose_backend(
@@ -69,22 +74,21 @@ def choose_backend(
         return "loop"
     per_expert = n / active
     if n <= 32 and not torch.is_grad_enabled():
-        # decoding (a few tokens, no backward): each active expert's weights are used in place; the
-        # padded bmm would first copy every active expert's weights, which costs more than the math
+        # decoding (a few tokens, no backward): the loop reads only the active experts' weights; the
+        # padded bmm would read every expert's, idle ones too, which costs more than the math
         return "loop"
-    # Thresholds measured by benchmarks/moe_layer.py on a 2-core x86 CPU (an AMD EPYC; its backends table
-    # in docs/PERFORMANCE.md), and rechecked on a 2-core Intel Xeon over a sweep of group sizes and
-    # padding (benchmarks/dispatch_sweep.py): the same boundaries there, within run-to-run noise. One bmm
-    # over a padded batch beats the per-group kernels while the padding (the largest group × active
-    # experts ÷ rows) is cheap for the group size: small groups, where per-call overhead dominates,
-    # tolerate more of it; up to 512 rows per expert, near-even groups (top-k routing over few experts)
-    # still run fastest padded, while the padded batch stays small (up to 8192 rows: beyond that its
+    # A cost model in rows of work, fitted to benchmarks/dispatch_sweep.py on 2-core x86 CPUs (an AMD EPYC,
+    # then an Intel Xeon; its table in docs/PERFORMANCE.md) over even groups with padding up to 1.75× and
+    # routed groups (uneven, some experts idle). The padded backend runs one bmm over all E experts × the
+    # largest group, idle experts too, each of which also costs reading its weights; the grouped kernels
+    # run the rows themselves plus a fixed cost per active group. Padded wins while its rows cost less:
+    # with every expert active the crossover is about 1.75× padding at 8 rows per expert, 1.1× at 64, none
+    # from 256. Its batch must also stay small (up to 8192 rows, 512 per expert: beyond that its
     # activations leave the cache and the chunked loop was faster, by a quarter or more at 64 experts ×
     # 256-512 rows). Otherwise large groups go to the chunked loop, which keeps activations in cache, and
     # the rest to torch's grouped_mm kernel.
-    pad = max(counts) * active / n
-    near_even = per_expert <= 512 and pad <= 1.1 and n <= _PADDED_MAX_ROWS
-    if (per_expert < 16 and pad <= 4) or (per_expert < 32 and pad <= 2) or near_even:
+    padded_rows = len(counts) * max(counts) + _IDLE_EXPERT_ROWS * (len(counts) - active)
+    if padded_rows <= n + _GROUP_COST_ROWS * active and n <= _PADDED_MAX_ROWS and per_expert <= 512:
         return "padded"
     if per_expert >= 256:
         return "loop"
