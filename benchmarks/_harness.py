@@ -2,8 +2,8 @@
 
 A figure is only worth printing when the two sides did the same work on the same machine state. So:
 
-- :func:`interleave` runs every contender once per round, the order rotated round by round, so a burst
-  of background load lands on all of them; it keeps every sample, and a :class:`Timing` reports the
+- :func:`interleave` runs every contender once per round, the order rotated (or shuffled) round by
+  round, so a burst of background load lands on all of them; it keeps every sample, and a :class:`Timing` reports the
   median and the spread (``(max - min) / median``), not a lucky best.
 - :func:`paired_ratio` divides the two sides' times *within* each round and takes the median of those
   ratios: a round where the machine was busy slows both.
@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -157,20 +158,27 @@ def interleave(
     inner: int = 1,
     before: Callable[[str], None] | None = None,
     sync: Callable[[], None] | None = None,
+    shuffle: bool = False,
 ) -> dict[str, Timing]:
     """Time each contender ``rounds`` times, one call of each per round, the order rotated every round.
 
     ``warmup`` untimed rounds come first. A sample is the mean of ``inner`` back-to-back calls (for
     calls too short to time alone). ``before(name)`` runs untimed before each sample (clearing an output
     directory, say); ``sync`` runs inside the timed region after the calls (a CUDA synchronize).
+    ``shuffle``: each round in a fresh order (seeded: the same orders every run) instead of a rotation.
+    A rotation gives every contender every position but always the same predecessor; where what one
+    contender leaves behind (its freed memory, the cache) changes the next one's time, shuffling spreads
+    that over all of them instead of charging it to one.
     """
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     names = list(contenders)
     out = {n: Timing(n) for n in names}
+    rng = random.Random(0)
     for r in range(warmup + rounds):
         k = r % len(names)
-        for name in names[k:] + names[:k]:
+        order = rng.sample(names, len(names)) if shuffle else names[k:] + names[:k]
+        for name in order:
             fn = contenders[name]
             if before is not None:
                 before(name)

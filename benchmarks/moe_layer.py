@@ -22,7 +22,9 @@ Contenders at each point, in this process:
 The output check compares with ``atol 1e-5, rtol 1e-4`` (fp32; the implementations sum in different
 orders); a difference beyond that stops the run before any time is reported. A sample is one call, or
 the mean of several back-to-back calls when one call is shorter than ``--budget / --rounds`` (calls
-repeated per contender, so a slow peer is not repeated as often as the dense matmul). Ratios are per
+repeated per contender, so a slow peer is not repeated as often as the dense matmul; the count comes from
+each contender's warm calls, so every sample lasts about as long and carries the same share of the switch
+from the previous contender). Ratios are per
 round: ``ours_auto`` against the transformers implementation with the faster median at that point, and
 against ``dense`` (the share of the ceiling). Goals (issue 20): geometric mean of ours ÷ the best
 transformers implementation ≥ 1.5, and ≥ 0.70 of the dense rate wherever tokens per expert ≥ 64.
@@ -242,7 +244,7 @@ def _timed(fns: dict[str, Callable[[], None]], reps: dict[str, int], rounds: int
 
         return run
 
-    timings = interleave({k: repeated(fn, reps[k]) for k, fn in fns.items()}, rounds, warmup=1)
+    timings = interleave({k: repeated(fn, reps[k]) for k, fn in fns.items()}, rounds, warmup=1, shuffle=True)
     for k, t in timings.items():
         t.samples = [s / reps[k] for s in t.samples]
     return timings
