@@ -140,22 +140,23 @@ class _LoopSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w13_EDG, w2_EFD, counts):  # type: ignore[override]
-        n = x_ND.shape[0]
-        h_NG = x_ND.new_empty(n, w13_EDG.shape[-1])
-        y_ND = x_ND.new_empty(n, w2_EFD.shape[-1])
+        y_ND = x_ND.new_empty(x_ND.shape[0], w2_EFD.shape[-1])
         chunks = _chunks(_bounds(counts))
-        acts = []  # (silu(g), a) per chunk, kept for the backward
+        # (h, silu(g), a) per chunk, kept for the backward: one [rows, 2F] tensor per chunk rather than
+        # one for all rows, which at large batches is past glibc's mmap threshold and so would come back
+        # as fresh pages every step, a page fault each 4 KiB
+        acts = []
         for e, s, t in chunks:
-            torch.mm(x_ND[s:t], w13_EDG[e], out=h_NG[s:t])
-            acts.append(_swiglu(h_NG[s:t]))
-            torch.mm(acts[-1][1], w2_EFD[e], out=y_ND[s:t])
-        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, h_NG)
+            h = torch.mm(x_ND[s:t], w13_EDG[e])
+            acts.append((h, *_swiglu(h)))
+            torch.mm(acts[-1][2], w2_EFD[e], out=y_ND[s:t])
+        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD)
         ctx.chunks, ctx.acts = chunks, acts
         return y_ND
 
     @staticmethod
     def backward(ctx, gy_ND):  # type: ignore[override]
-        x_ND, w13_EDG, w2_EFD, h_NG = ctx.saved_tensors
+        x_ND, w13_EDG, w2_EFD = ctx.saved_tensors
         gy_ND = gy_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
         (gw13, fresh13), (gw2, fresh2) = (
@@ -165,9 +166,9 @@ class _LoopSwiGLU(torch.autograd.Function):
         # E·D·3F floats; only experts that received no rows are zeroed. Into a persistent buffer
         # (grad_buffers) that already holds this step's earlier micro-batches, every chunk adds.
         seen: set[int] = set()
-        for (e, s, t), (silu, a) in zip(ctx.chunks, ctx.acts, strict=True):
+        for (e, s, t), (h, silu, a) in zip(ctx.chunks, ctx.acts, strict=True):
             gy = gy_ND[s:t]
-            gh = _swiglu_backward(h_NG[s:t], silu, gy @ w2_EFD[e].t())
+            gh = _swiglu_backward(h, silu, gy @ w2_EFD[e].t())
             torch.mm(gh, w13_EDG[e].t(), out=gx_ND[s:t])
             first = e not in seen
             seen.add(e)
