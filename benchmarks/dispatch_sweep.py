@@ -8,7 +8,8 @@ rows per expert idle experts, whose padded rows the ``padded`` backend computes 
 
 Before any timing, each point checks that every backend produces the ``loop`` backend's output, input
 gradient and weight gradients on the same input (``atol 1e-5, rtol 1e-4``; a difference stops the run).
-The backends then run interleaved round by round; a point's figure is the median round. The table says
+The backends then run interleaved round by round, each round in a fresh seeded order; a point's figure
+is the median round. The table says
 which backend was fastest, which one ``auto`` (:func:`moeforge.model.dispatch.choose_backend`) resolves
 to for those group sizes, and the fastest backend's median ÷ the picked one's: how much ``auto`` leaves
 on the table at that point. This is the evidence behind ``auto``'s thresholds, and the run to repeat on

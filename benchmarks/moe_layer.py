@@ -3,7 +3,9 @@
 FLOPs (the machine's ceiling), over experts × top-k × tokens at d_model 256, expert hidden 512, fp32 on CPU.
 Before any timing, each point checks that every moeforge backend and transformers' ``grouped_mm`` produce
 transformers ``eager``'s output, input gradient and router / expert weight gradients on the same input;
-then all contenders run interleaved round by round, and a point's figure is the median round. GFLOP/s
+then all contenders run interleaved round by round, each round in a fresh seeded order (what one contender
+leaves behind, freed memory and the cache, slows the next: a fixed order would charge it to the same one),
+and a point's figure is the median round. GFLOP/s
 count the expert matmuls only, ``18 · N · k · D · F`` for forward + backward.
 
 Contenders at each point, in this process:
