@@ -48,7 +48,10 @@ def set_count_reducer(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None
 
 
 def load_balancing_loss(
-    probs_NE: torch.Tensor, indices_Nk: torch.Tensor, n_active: int | torch.Tensor
+    probs_NE: torch.Tensor,
+    indices_Nk: torch.Tensor,
+    n_active: int | torch.Tensor,
+    counts_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch-Transformer balancing loss ``E · Σ_i f_i · P_i``, normalized to 1.0 at perfect balance for any k.
 
@@ -56,14 +59,15 @@ def load_balancing_loss(
     ``f_i`` sum to 1, not to ``k``) and ``P_i`` the mean router probability of expert ``i``. Uniform routing
     gives ``f_i = P_i = 1/E`` and a loss of exactly 1.0; any skew raises it (up to ``E``). Codebases
     disagree here: transformers' Mixtral divides the counts by ``N`` only, so its value at balance is ``k``.
-    ``E`` is ``n_active``, the experts that may receive tokens (dormant ghosts excluded).
+    ``E`` is ``n_active``, the experts that may receive tokens (dormant ghosts excluded). ``counts_E``: the
+    assignments per expert if the caller has counted them already (in ``probs``' dtype; not modified).
     """
     n, k = indices_Nk.shape
-    e = probs_NE.shape[-1]
-    counts_E = torch.zeros(e, dtype=probs_NE.dtype, device=probs_NE.device)
-    counts_E.scatter_add_(
-        0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device)
-    )
+    if counts_E is None:
+        counts_E = torch.zeros(probs_NE.shape[-1], dtype=probs_NE.dtype, device=probs_NE.device)
+        counts_E.scatter_add_(
+            0, indices_Nk.reshape(-1), torch.ones(n * k, dtype=probs_NE.dtype, device=probs_NE.device)
+        )
     total = probs_NE.new_full((), float(n * k))  # a fill on the device, not a copy from the host
     if _count_reducer is not None and probs_NE.requires_grad:
         both = _count_reducer(torch.cat([counts_E, total[None]]))
@@ -200,7 +204,7 @@ class Router(nn.Module):
             weights=weights_Nk.to(x_ND.dtype),
             probs=probs_NE,
             logits=logits_NE,
-            lb_loss=load_balancing_loss(probs_NE, indices_Nk, n_active),
+            lb_loss=load_balancing_loss(probs_NE, indices_Nk, n_active, counts_E),
             # logsumexp over the masked logits (-inf for dormant ghosts) is the one over the awake columns,
             # without the data-dependent column selection (a host sync)
             z_loss=z_loss(masked_NE),
