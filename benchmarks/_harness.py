@@ -3,8 +3,8 @@
 A figure is only worth printing when the two sides did the same work on the same machine state. So:
 
 - :func:`interleave` runs every contender once per round, the order rotated (or shuffled) round by
-  round, so a burst of background load lands on all of them; it keeps every sample, and a :class:`Timing` reports the
-  median and the spread (``(max - min) / median``), not a lucky best.
+  round, so a burst of background load lands on all of them; it keeps every sample, and a
+  :class:`Timing` reports the median and the spread (``(max - min) / median``), not a lucky best.
 - :func:`paired_ratio` divides the two sides' times *within* each round and takes the median of those
   ratios: a round where the machine was busy slows both.
 - :func:`check_same` compares the outputs before any time is reported; a benchmark that cannot make

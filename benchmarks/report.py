@@ -173,9 +173,10 @@ def render(results: Path = RESULTS, notes: Path = NOTES) -> str:
         "Every figure here was written by a script in `benchmarks/` through `benchmarks/_harness.py`: the "
         "contenders run in the same process, interleaved round by round (the order rotated each round, or "
         "shuffled with a fixed seed where the section says so); a figure is the **median** over the rounds "
-        "and a ratio is the median of the per-round ratios, with the lowest and highest round beside it. Both sides' outputs are compared before any time is "
-        "reported; where they cannot be equal the difference is stated. Each section names the CPU it ran "
-        f"on ({machines}), the machine's load at the start and end of its run and the threads used.",
+        "and a ratio is the median of the per-round ratios, with the lowest and highest round beside it. "
+        "Both sides' outputs are compared before any time is reported; where they cannot be equal the "
+        "difference is stated. Each section names the CPU it ran on "
+        f"({machines}), the machine's load at the start and end of its run and the threads used.",
         "",
         "## Goals",
         "",

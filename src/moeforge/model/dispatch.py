@@ -49,7 +49,7 @@ def has_grouped_mm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ..
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
-_PADDED_MAX_ROWS = 8192  # near-even groups run padded up to this many rows in all
+_PADDED_MAX_ROWS = 8192  # the padded backend runs up to this many rows in all (choose_backend)
 # choose_backend's cost model, in rows of work: a grouped kernel's fixed cost per active expert, and what
 # an idle expert costs the padded bmm beyond its padded rows (reading its weights, writing its gradients)
 _GROUP_COST_ROWS = 6
@@ -145,18 +145,18 @@ class _LoopSwiGLU(torch.autograd.Function):
         # (h, silu(g), a) per chunk, kept for the backward: one [rows, 2F] tensor per chunk rather than
         # one for all rows, which at large batches is past glibc's mmap threshold and so would come back
         # as fresh pages every step, a page fault each 4 KiB
-        acts = []
+        acts: list[torch.Tensor] = []
         for e, s, t in chunks:
             h = torch.mm(x_ND[s:t], w13_EDG[e])
-            acts.append((h, *_swiglu(h)))
-            torch.mm(acts[-1][2], w2_EFD[e], out=y_ND[s:t])
-        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD)
-        ctx.chunks, ctx.acts = chunks, acts
+            acts += (h, *_swiglu(h))
+            torch.mm(acts[-1], w2_EFD[e], out=y_ND[s:t])
+        ctx.save_for_backward(x_ND, w13_EDG, w2_EFD, *acts)
+        ctx.chunks = chunks
         return y_ND
 
     @staticmethod
     def backward(ctx, gy_ND):  # type: ignore[override]
-        x_ND, w13_EDG, w2_EFD = ctx.saved_tensors
+        x_ND, w13_EDG, w2_EFD, *acts = ctx.saved_tensors
         gy_ND = gy_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
         (gw13, fresh13), (gw2, fresh2) = (
@@ -166,7 +166,8 @@ class _LoopSwiGLU(torch.autograd.Function):
         # E·D·3F floats; only experts that received no rows are zeroed. Into a persistent buffer
         # (grad_buffers) that already holds this step's earlier micro-batches, every chunk adds.
         seen: set[int] = set()
-        for (e, s, t), (h, silu, a) in zip(ctx.chunks, ctx.acts, strict=True):
+        per_chunk = zip(acts[0::3], acts[1::3], acts[2::3], strict=True)
+        for (e, s, t), (h, silu, a) in zip(ctx.chunks, per_chunk, strict=True):
             gy = gy_ND[s:t]
             gh = _swiglu_backward(h, silu, gy @ w2_EFD[e].t())
             torch.mm(gh, w13_EDG[e].t(), out=gx_ND[s:t])
