@@ -270,11 +270,13 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool) -
 
 
 def _zero_idle(grads: list[tuple[torch.Tensor | None, bool]], idle: list[int]) -> None:
-    """Experts that got no rows: a fresh gradient is zero there (an accumulating one is left alone)."""
-    if idle:
-        for g, fresh in grads:
-            if g is not None and fresh:
-                g[idle] = 0.0
+    """Experts that got no rows: a fresh gradient is zero there (an accumulating one is left alone). One
+    ``zero_`` (a memset) per expert: about twice as fast as ``g[idle] = 0`` (an indexed fill), which at many
+    experts and few tokens was a sixth of the step."""
+    for g, fresh in grads:
+        if g is not None and fresh:
+            for e in idle:
+                g[e].zero_()
 
 
 def _bmm_grad(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
