@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moeforge.model import grad_buffers
+from moeforge.model import cpu_kernels, grad_buffers
 
 __all__ = ["Backend", "choose_backend", "grouped_swiglu", "has_grouped_mm"]
 
@@ -101,22 +101,32 @@ def _silu_mul(h_NG: torch.Tensor) -> torch.Tensor:
     return F.silu(h_NG[..., :f]) * h_NG[..., f:]
 
 
-def _swiglu(h_NG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, a)`` for ``h = [g, u]``: ``s = silu(g)`` and the activation ``a = s·u``, both kept for the
-    backward (what autograd would keep for these two ops: no recomputation there)."""
+def _swiglu(h_NG: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(s, a)`` for ``h = [g, u]``: the activation ``a = silu(g)·u`` and what the backward needs besides
+    ``h``. With the fused kernels (:mod:`moeforge.model.cpu_kernels`: contiguous float32 on the host) ``a``
+    comes from one pass and ``s`` is None (the backward recomputes the sigmoid); otherwise ``s = silu(g)``,
+    kept as autograd would keep it for these two ops."""
+    a_NF = cpu_kernels.swiglu_forward(h_NG)
+    if a_NF is not None:
+        return None, a_NF
     f = h_NG.shape[-1] // 2
     s_NF = F.silu(h_NG[..., :f])
     return s_NF, s_NF * h_NG[..., f:]
 
 
-def _swiglu_backward(h_NG: torch.Tensor, s_NF: torch.Tensor, ga_NF: torch.Tensor) -> torch.Tensor:
-    """``dL/dh`` for ``h = [g, u]`` given ``s = silu(g)`` and ``dL/da`` for ``a = s·u``, in three passes
-    that allocate nothing but the result: ``dL/du = dL/da·s``, then ``dL/dg = silu'(g)·(dL/da·u)``.
-    ``ga`` is consumed (overwritten with ``dL/da·u``): callers pass a fresh matmul output. (Not an
-    in-place ``silu_backward`` into the strided half of the result: aliased, that runs about six times
-    slower on CPU.)"""
+def _swiglu_backward(h_NG: torch.Tensor, s_NF: torch.Tensor | None, ga_NF: torch.Tensor) -> torch.Tensor:
+    """``dL/dh`` for ``h = [g, u]`` given ``dL/da`` for ``a = silu(g)·u`` and ``s`` from :func:`_swiglu`.
+    The fused kernel makes one pass; the ATen ops make three that allocate nothing but the result:
+    ``dL/du = dL/da·s``, then ``dL/dg = silu'(g)·(dL/da·u)``. ``ga`` may be consumed (overwritten with
+    ``dL/da·u``): callers pass a fresh matmul output. (Not an in-place ``silu_backward`` into the strided
+    half of the result: aliased, that runs about six times slower on CPU.)"""
+    gh_fused = cpu_kernels.swiglu_backward(h_NG, ga_NF)
+    if gh_fused is not None:
+        return gh_fused
     f = h_NG.shape[-1] // 2
     g, u = h_NG[..., :f], h_NG[..., f:]
+    if s_NF is None:  # the forward took the fused kernel, this backward cannot (e.g. a strided gradient)
+        s_NF = F.silu(g)
     gh = torch.empty_like(h_NG)
     torch.mul(ga_NF, s_NF, out=gh[..., f:])
     torch.ops.aten.silu_backward(ga_NF.mul_(u), g, grad_input=gh[..., :f])

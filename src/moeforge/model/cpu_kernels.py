@@ -1,0 +1,212 @@
+"""Fused SwiGLU kernels for the host, compiled from ``csrc/swiglu.c`` with the system C compiler.
+
+The grouped SwiGLU's activation, composed from ATen ops, makes two passes over memory in the forward
+(SiLU, then the product) and three in the backward, with an allocation between them; these kernels make
+one each way and keep nothing but the pre-activation for the backward (the sigmoid is recomputed, which
+costs less than reading a saved SiLU back). The grouped SwiGLU's host backends
+(:mod:`moeforge.model.dispatch`) call them for contiguous float32 CPU tensors; anything else, or a
+machine where they cannot be built, takes the ATen ops (same values to float rounding).
+
+Built at first use, about a quarter of a second: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3
+-march=native`` and OpenMP, into ``<cache>/kernels/`` (:func:`moeforge.io.cache_base`) under a name that
+hashes the source, the flags, the compiler's version and the CPU's feature flags, so a cache shared
+between different machines never loads a build for another CPU. The library is written to a temporary
+file and renamed into place. Once loaded it must reproduce the ATen ops on a small input before it is
+used. A failed build is logged once (with the compiler's message) and the ATen ops are used.
+``MOEFORGE_CPU_KERNELS=0`` turns the kernels off.
+
+The kernels parallelize with OpenMP over rows and run with ``torch.get_num_threads()`` threads. They link
+the ``libgomp.so.1`` that torch has already loaded (same soname), so they share its thread pool rather
+than starting a second one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moeforge.io import cache_base
+
+__all__ = ["KernelBuildError", "available", "build", "swiglu_backward", "swiglu_forward"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "swiglu.c"
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+# (extra flags, libraries): first with glibc's vector expf on x86-64 (the loops vectorize), then without
+# and last without OpenMP (one thread, where the compiler has no OpenMP runtime)
+_VARIANTS_X86 = [(["-DMOEFORGE_LIBMVEC"], ["-lmvec", "-lm"]), ([], ["-lm"]), (["-fno-openmp"], ["-lm"])]
+_VARIANTS = [([], ["-lm"]), (["-fno-openmp"], ["-lm"])]
+_OFF = ("0", "false", "no", "off")
+
+
+class KernelBuildError(RuntimeError):
+    """The kernels could not be compiled or loaded (no compiler, a compile error, a failed self-check)."""
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _compiler(cc: str | None) -> str:
+    found = cc or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not found:
+        raise KernelBuildError("no C compiler found (set CC, or install gcc)")
+    return found
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags line (part of the build's cache key: -march=native depends on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"could not run {cmd[0]}: {exc}") from exc
+
+
+def build(cc: str | None = None, cache_dir: Path | None = None) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the kernels, then check them against the ATen ops.
+    Raises :class:`KernelBuildError` with the reason when any step fails."""
+    compiler = _compiler(cc)
+    version = _run([compiler, "--version"])
+    if version.returncode != 0:
+        raise KernelBuildError(f"{compiler} --version failed: {version.stderr.strip()[-500:]}")
+    source = SOURCE.read_bytes()
+    variants = _VARIANTS_X86 if platform.machine() in ("x86_64", "AMD64") else _VARIANTS
+    directory = (cache_dir or cache_base()) / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra, libs in variants:
+        flags = [*_FLAGS, *extra]
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, " ".join(flags + libs).encode(), version.stdout.encode(), _cpu_features().encode()]
+            )
+        ).hexdigest()[:16]
+        path = directory / f"swiglu-{key}.so"
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            t0 = time.perf_counter()
+            done = _run([compiler, *flags, str(SOURCE), "-o", tmp, *libs])
+            if done.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-800:]}")
+                continue
+            os.replace(tmp, path)
+            log.info("compiled the fused SwiGLU kernels in %.2f s: %s", time.perf_counter() - t0, path)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            errors.append(f"loading {path}: {exc}")
+            continue
+        _declare(lib)
+        _self_check(lib)
+        return lib
+    raise KernelBuildError("; ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.moeforge_swiglu_forward.argtypes = [ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.moeforge_swiglu_forward.restype = None
+    lib.moeforge_swiglu_backward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.moeforge_swiglu_backward.restype = None
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """The kernels against the composed ATen ops on a small input (both signs, large magnitudes)."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 2 * 37, generator=gen) * 6
+    ga = torch.randn(5, 37, generator=gen)
+    g, u = h[:, :37], h[:, 37:]
+    a = _forward(lib, h, 1)
+    gh = _backward(lib, h, ga, 1)
+    want_a = F.silu(g) * u
+    want_gh = torch.cat([torch.ops.aten.silu_backward(ga * u, g), ga * F.silu(g)], 1)
+    if not (
+        torch.allclose(a, want_a, rtol=1e-5, atol=1e-5) and torch.allclose(gh, want_gh, rtol=1e-5, atol=1e-5)
+    ):
+        raise KernelBuildError(
+            "the compiled kernels do not reproduce the ATen SwiGLU "
+            f"(max differences {float((a - want_a).abs().max()):.3g}, {float((gh - want_gh).abs().max()):.3g})"
+        )
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("MOEFORGE_CPU_KERNELS", "1").lower() not in _OFF:
+                try:
+                    _lib = build()
+                except KernelBuildError as exc:
+                    log.warning("fused SwiGLU kernels unavailable, using the ATen ops: %s", exc)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call)."""
+    return _load() is not None
+
+
+def _eligible(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+
+
+def _forward(lib: ctypes.CDLL, h: torch.Tensor, threads: int) -> torch.Tensor:
+    f = h.shape[-1] // 2
+    a = h.new_empty(*h.shape[:-1], f)
+    lib.moeforge_swiglu_forward(h.data_ptr(), a.data_ptr(), h.numel() // (2 * f), f, 2 * f, f, threads)
+    return a
+
+
+def _backward(lib: ctypes.CDLL, h: torch.Tensor, ga: torch.Tensor, threads: int) -> torch.Tensor:
+    f = h.shape[-1] // 2
+    gh = torch.empty_like(h)
+    n = h.numel() // (2 * f)
+    lib.moeforge_swiglu_backward(h.data_ptr(), ga.data_ptr(), gh.data_ptr(), n, f, 2 * f, f, 2 * f, threads)
+    return gh
+
+
+def swiglu_forward(h: torch.Tensor) -> torch.Tensor | None:
+    """``silu(g) · u`` for ``h = [g, u]`` (last dimension split in halves), or None when the kernels do not
+    apply (not contiguous float32 on the CPU, empty, or not built)."""
+    if h.numel() == 0 or not _eligible(h):
+        return None
+    lib = _load()
+    return None if lib is None else _forward(lib, h, torch.get_num_threads())
+
+
+def swiglu_backward(h: torch.Tensor, ga: torch.Tensor) -> torch.Tensor | None:
+    """``dL/dh = [dL/dg, dL/du]`` given ``dL/da`` for ``a = silu(g) · u``, or None when the kernels do not
+    apply (see :func:`swiglu_forward`)."""
+    if h.numel() == 0 or not _eligible(h, ga):
+        return None
+    lib = _load()
+    return None if lib is None else _backward(lib, h, ga, torch.get_num_threads())
