@@ -68,6 +68,11 @@ def test_kernels_refuse_what_they_do_not_handle() -> None:
     assert cpu_kernels.swiglu_backward(h, torch.randn(4, 8)[:, :4]) is None  # strided gradient
     assert cpu_kernels.swiglu_forward(torch.empty(0, 8)) is None
 
+    class Deferred(torch.Tensor):  # e.g. a functional collective's result, whose data needs a wait first
+        pass
+
+    assert cpu_kernels.swiglu_forward(h.as_subclass(Deferred)) is None
+
 
 def test_backward_after_fused_forward_falls_back_when_the_kernel_refuses() -> None:
     """The forward saved no silu (fused); a strided gradient sends the backward to the ATen ops, which
@@ -163,7 +168,7 @@ def test_wrong_kernels_fail_the_self_check(tmp_path: Path, monkeypatch: pytest.M
         cpu_kernels.SOURCE.read_text().replace("o[j] = x * sigmoid(x) * u[j];", "o[j] = x * u[j];")
     )
     monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
-    with pytest.raises(cpu_kernels.KernelBuildError, match="do not reproduce"):
+    with pytest.raises(cpu_kernels.KernelBuildError, match="SwiGLU forward does not reproduce"):
         cpu_kernels.build(cache_dir=tmp_path)
 
 
@@ -178,3 +183,67 @@ def test_failed_build_falls_back_with_a_warning(
         s, _ = dispatch._swiglu(torch.randn(3, 8))
     assert s is not None  # the ATen ops ran
     assert "broken toolchain" in caplog.text
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gather_sum_and_combine_backward_match_aten(k: int) -> None:
+    n, d = 11, 24
+    order = torch.randperm(n * k)  # assignment ids (j*n + t) in row order
+    token, pos = order % n, torch.argsort(order)
+    y, w, g = torch.randn(n * k, d), torch.rand(n * k), torch.randn(n, d)
+    out = cpu_kernels.gather_sum(y, w, pos, n)
+    summed = cpu_kernels.gather_sum(y, None, pos, n)
+    back = cpu_kernels.combine_backward(g, y, w, token, True)
+    assert out is not None and summed is not None and back is not None
+    torch.testing.assert_close(out, torch.zeros(n, d).index_add_(0, token, y * w[:, None]))
+    torch.testing.assert_close(summed, torch.zeros(n, d).index_add_(0, token, y))
+    torch.testing.assert_close(back[0], g[token] * w[:, None])
+    assert back[1] is not None
+    torch.testing.assert_close(back[1], (g[token] * y).sum(-1))
+    no_weight_grad = cpu_kernels.combine_backward(g, y, w, token, False)
+    assert no_weight_grad is not None and no_weight_grad[1] is None
+
+
+def test_gather_sum_and_combine_backward_refuse_what_they_do_not_handle() -> None:
+    n, k, d = 4, 2, 8
+    order = torch.randperm(n * k)
+    token, pos = order % n, torch.argsort(order)
+    y, w, g = torch.randn(n * k, d), torch.rand(n * k), torch.randn(n, d)
+    assert cpu_kernels.gather_sum(y, w, pos.int(), n) is None  # int32 indices
+    assert cpu_kernels.gather_sum(y[:-1], w, pos, n) is None  # rows do not match the indices
+    assert cpu_kernels.gather_sum(y.bfloat16(), None, pos, n) is None
+    assert cpu_kernels.gather_sum(y, w, pos, 3) is None  # 8 assignments are not k per token of 3
+    assert cpu_kernels.combine_backward(g, y, w.double(), token, True) is None
+    assert cpu_kernels.combine_backward(g, y.t().contiguous().t(), w, token, True) is None  # strided
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_moe_layer_same_with_and_without_kernels(
+    capacity_factor: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole layer (gather, SwiGLU, combine and their backward) through the kernels and through the
+    ATen ops: same output and gradients, with and without capacity drops."""
+    from moeforge.model.config import MoEConfig
+    from moeforge.model.moe import MoELayer
+
+    torch.manual_seed(5)
+    layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden=24, capacity_factor=capacity_factor))
+    x = torch.randn(2, 9, 16)
+    gy = torch.randn(2, 9, 16)
+
+    def run() -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y, stats = layer(xi)
+        assert stats is not None
+        (y * gy).sum().backward()
+        grads = [p.grad for p in (layer.router.weight, layer.w13, layer.w2)]
+        assert xi.grad is not None and all(g is not None for g in grads)
+        return [y.detach(), xi.grad, *grads]  # type: ignore[list-item]
+
+    fused = run()
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_tried", True)
+    aten = run()
+    for got, want in zip(fused, aten, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -307,12 +307,19 @@ def test_auto_dispatch_works_for_expert_hidden_not_multiple_of_four() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernels", [True, False])
 def test_host_combine_equals_the_permutation_and_sum_across_chunks(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, kernels: bool
 ) -> None:
-    """_WeightedCombine (index_add_ in chunks) against the device path's permutation into k·N slots and
-    sum: same output and gradients, bit-identical on a second run, gradients in their inputs' dtypes."""
+    """_WeightedCombine (the host kernels, or index_add_ in chunks without them) against the device path's
+    permutation into k·N slots and sum: same output and gradients, bit-identical on a second run, gradients
+    in their inputs' dtypes."""
+    from moeforge.model import cpu_kernels
+
     monkeypatch.setattr(moe_module, "_COMBINE_ROWS", 7)  # 60 assignments span nine chunks
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+        monkeypatch.setattr(cpu_kernels, "_tried", True)
     n, k = 20, 3
     gen = torch.Generator().manual_seed(3)
     order = torch.randperm(n * k, generator=gen)
@@ -322,7 +329,7 @@ def test_host_combine_equals_the_permutation_and_sum_across_chunks(
 
     def ours() -> tuple[torch.Tensor, ...]:
         y, w = y0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-        out = moe_module._WeightedCombine.apply(y, w, order % n, n)
+        out = moe_module._WeightedCombine.apply(y, w, order % n, torch.argsort(order), n)
         (out * g_out).sum().backward()
         return out, y.grad, w.grad
 

@@ -1,4 +1,4 @@
-"""Fused SwiGLU kernels for the host, compiled from ``csrc/swiglu.c`` with the system C compiler.
+"""Fused host kernels for the MoE layer, compiled from ``csrc/moe_kernels.c`` with the system C compiler.
 
 The grouped SwiGLU's activation, composed from ATen ops, makes two passes over memory in the forward
 (SiLU, then the product) and three in the backward, with an allocation between them; these kernels make
@@ -6,6 +6,11 @@ one each way and keep nothing but the pre-activation for the backward (the sigmo
 costs less than reading a saved SiLU back). The grouped SwiGLU's host backends
 (:mod:`moeforge.model.dispatch`) call them for contiguous float32 CPU tensors; anything else, or a
 machine where they cannot be built, takes the ATen ops (same values to float rounding).
+
+The layer's combine (each token's weighted sum of its ``k`` expert rows) and the backward of its gather
+(each token's sum of its ``k`` rows' gradients) are one kernel, :func:`gather_sum`: it reads a token's
+rows through the inverse of the sort, in parallel over tokens, where ``index_add_`` scatters into zeros;
+:func:`combine_backward` is the combine's backward in one pass over the rows.
 
 Built at first use, about a quarter of a second: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3
 -march=native`` and OpenMP, into ``<cache>/kernels/`` (:func:`moeforge.io.cache_base`) under a name that
@@ -39,11 +44,19 @@ import torch.nn.functional as F
 
 from moeforge.io import cache_base
 
-__all__ = ["KernelBuildError", "available", "build", "swiglu_backward", "swiglu_forward"]
+__all__ = [
+    "KernelBuildError",
+    "available",
+    "build",
+    "combine_backward",
+    "gather_sum",
+    "swiglu_backward",
+    "swiglu_forward",
+]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "swiglu.c"
+SOURCE = Path(__file__).with_name("csrc") / "moe_kernels.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 # (extra flags, libraries): first with glibc's vector expf on x86-64 (the loops vectorize), then without
 # and last without OpenMP (one thread, where the compiler has no OpenMP runtime)
@@ -105,7 +118,7 @@ def build(cc: str | None = None, cache_dir: Path | None = None) -> ctypes.CDLL:
                 [source, " ".join(flags + libs).encode(), version.stdout.encode(), _cpu_features().encode()]
             )
         ).hexdigest()[:16]
-        path = directory / f"swiglu-{key}.so"
+        path = directory / f"moe_kernels-{key}.so"
         if not path.exists():
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
             os.close(fd)
@@ -134,25 +147,42 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moeforge_swiglu_forward.restype = None
     lib.moeforge_swiglu_backward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.moeforge_swiglu_backward.restype = None
+    lib.moeforge_gather_sum.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.moeforge_gather_sum.restype = None
+    lib.moeforge_combine_backward.argtypes = [ptr] * 6 + [i64] * 5 + [ctypes.c_int]
+    lib.moeforge_combine_backward.restype = None
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
-    """The kernels against the composed ATen ops on a small input (both signs, large magnitudes)."""
+    """Each kernel against the composed ATen ops on a small input (both signs, large magnitudes)."""
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(5, 2 * 37, generator=gen) * 6
     ga = torch.randn(5, 37, generator=gen)
     g, u = h[:, :37], h[:, 37:]
-    a = _forward(lib, h, 1)
-    gh = _backward(lib, h, ga, 1)
-    want_a = F.silu(g) * u
-    want_gh = torch.cat([torch.ops.aten.silu_backward(ga * u, g), ga * F.silu(g)], 1)
-    if not (
-        torch.allclose(a, want_a, rtol=1e-5, atol=1e-5) and torch.allclose(gh, want_gh, rtol=1e-5, atol=1e-5)
-    ):
-        raise KernelBuildError(
-            "the compiled kernels do not reproduce the ATen SwiGLU "
-            f"(max differences {float((a - want_a).abs().max()):.3g}, {float((gh - want_gh).abs().max()):.3g})"
-        )
+    # the combine of 3 tokens x top-2 over 6 rows sorted by expert, and its backward
+    y, w = torch.randn(6, 37, generator=gen), torch.rand(6, generator=gen)
+    go = torch.randn(3, 37, generator=gen)
+    order = torch.tensor([4, 0, 2, 5, 1, 3])  # assignment ids (j*3 + n) in row order
+    token, pos = order % 3, torch.argsort(order)
+    gy, gw = _combine_backward(lib, go, y, w, token, True, 1)
+    checks = {
+        "SwiGLU forward": (_forward(lib, h, 1), F.silu(g) * u),
+        "SwiGLU backward": (
+            _backward(lib, h, ga, 1),
+            torch.cat([torch.ops.aten.silu_backward(ga * u, g), ga * F.silu(g)], 1),
+        ),
+        "combine": (
+            _gather_sum(lib, y, w, pos, 3, 1),
+            torch.zeros(3, 37).index_add_(0, token, y * w[:, None]),
+        ),
+        "gather backward": (_gather_sum(lib, y, None, pos, 3, 1), torch.zeros(3, 37).index_add_(0, token, y)),
+        "combine backward": (gy, go[token] * w[:, None]),
+        "combine weight gradient": (gw, (go[token] * y).sum(-1)),
+    }
+    for what, (got, want) in checks.items():
+        if got is None or not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            diff = "missing" if got is None else f"max difference {float((got - want).abs().max()):.3g}"
+            raise KernelBuildError(f"the compiled {what} does not reproduce the ATen ops ({diff})")
 
 
 def _load() -> ctypes.CDLL | None:
@@ -175,8 +205,14 @@ def available() -> bool:
     return _load() is not None
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A dense CPU tensor whose memory is there to read: not a subclass (a functional collective's
+    ``AsyncCollectiveTensor`` has its data only after a wait, which a raw pointer would skip)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous()
+
+
 def _eligible(*ts: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+    return all(_plain(t) and t.dtype == torch.float32 for t in ts)
 
 
 def _forward(lib: ctypes.CDLL, h: torch.Tensor, threads: int) -> torch.Tensor:
@@ -210,3 +246,84 @@ def swiglu_backward(h: torch.Tensor, ga: torch.Tensor) -> torch.Tensor | None:
         return None
     lib = _load()
     return None if lib is None else _backward(lib, h, ga, torch.get_num_threads())
+
+
+def _gather_sum(
+    lib: ctypes.CDLL, src: torch.Tensor, w: torch.Tensor | None, pos: torch.Tensor, n: int, threads: int
+) -> torch.Tensor:
+    d = src.shape[-1]
+    out = src.new_empty(n, d)
+    wp = None if w is None else w.data_ptr()
+    lib.moeforge_gather_sum(
+        src.data_ptr(), wp, pos.data_ptr(), out.data_ptr(), n, pos.shape[0] // n, d, d, d, threads
+    )
+    return out
+
+
+def _combine_backward(
+    lib: ctypes.CDLL,
+    g: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    token: torch.Tensor,
+    weight_grad: bool,
+    threads: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rows, d = y.shape
+    gy = torch.empty_like(y)
+    gw = y.new_empty(rows) if weight_grad else None
+    gwp = None if gw is None else gw.data_ptr()
+    lib.moeforge_combine_backward(
+        g.data_ptr(),
+        y.data_ptr(),
+        w.data_ptr(),
+        token.data_ptr(),
+        gy.data_ptr(),
+        gwp,
+        rows,
+        d,
+        d,
+        d,
+        d,
+        threads,
+    )
+    return gy, gw
+
+
+def _indices_ok(*ts: torch.Tensor) -> bool:
+    return all(_plain(t) and t.dtype == torch.int64 for t in ts)
+
+
+def gather_sum(
+    src_AD: torch.Tensor, w_A: torch.Tensor | None, pos_A: torch.Tensor, n: int
+) -> torch.Tensor | None:
+    """``out[t] = Σ_j w[r]·src[r]`` over a token's ``k`` rows ``r = pos[j·n + t]`` (``w`` None: weight 1),
+    ``[n, D]``; ``pos_A`` (``A = n·k`` entries, int64) is the inverse of the sort that put the rows in
+    expert order. None when the kernels do not apply (see :func:`swiglu_forward`)."""
+    if n == 0 or src_AD.dim() != 2 or src_AD.shape[0] != pos_A.shape[0] or pos_A.shape[0] % n:
+        return None
+    if not _indices_ok(pos_A) or not _eligible(src_AD, *(() if w_A is None else (w_A,))):
+        return None
+    if w_A is not None and w_A.numel() != src_AD.shape[0]:
+        return None
+    lib = _load()
+    return None if lib is None else _gather_sum(lib, src_AD, w_A, pos_A, n, torch.get_num_threads())
+
+
+def combine_backward(
+    g_ND: torch.Tensor, y_AD: torch.Tensor, w_A: torch.Tensor, token_A: torch.Tensor, weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The combine's backward given ``dL/dout`` ``[N, D]``: ``(dL/dy [A, D], dL/dw [A])`` (the latter None
+    unless ``weight_grad``), or None when the kernels do not apply."""
+    if y_AD.dim() != 2 or y_AD.shape[0] == 0 or not _eligible(g_ND, y_AD, w_A) or not _indices_ok(token_A):
+        return None
+    if (
+        g_ND.dim() != 2
+        or g_ND.shape[1] != y_AD.shape[1]
+        or not y_AD.shape[0] == w_A.numel() == token_A.numel()
+    ):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    return _combine_backward(lib, g_ND, y_AD, w_A, token_A, weight_grad, torch.get_num_threads())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeforge.model import cpu_kernels
 from moeforge.model.config import MoEConfig
 from moeforge.model.dispatch import grouped_swiglu
 from moeforge.model.layers import DecodeLinear, LinearFactory, RMSNorm, SwiGLU
@@ -92,25 +93,37 @@ _COMBINE_ROWS = 1024  # assignment rows per combine chunk: its temporaries stay 
 class _WeightedCombine(torch.autograd.Function):
     """``out[t] = Σ w[a]·y[a]`` over the assignments ``a`` of token ``t`` (``token[a] = t``), on the host.
 
-    ``index_add_`` of the weighted rows into ``[N, D]`` zeros, where the permutation into ``[k·N, D]``
-    slots and the sum over ``k`` touch the ``A`` rows three times more; the backward gathers the output
-    gradient once and derives both gradients from it in place. Both run in chunks of
+    With the host kernels (:mod:`moeforge.model.cpu_kernels`, float32): forward and backward are one pass
+    each — the forward reads each token's rows through ``pos`` (the inverse of the sort), in parallel over
+    tokens and summing in the token's choice order; the backward writes ``dL/dy`` and ``dL/dw`` row by row.
+    Otherwise ATen ops: ``index_add_`` of the weighted rows into ``[N, D]`` zeros, where the permutation
+    into ``[k·N, D]`` slots and the sum over ``k`` touch the ``A`` rows three times more; the backward
+    gathers the output gradient once and derives both gradients from it in place. Both run in chunks of
     :data:`_COMBINE_ROWS` rows, so no ``[A, D]`` temporary is allocated (at that size a fresh tensor's
-    page faults cost more than the arithmetic). On the host ``index_add_`` adds in index order, so the
-    sum is deterministic (on GPU it would use atomics: the caller keeps the permutation there)."""
+    page faults cost more than the arithmetic). On the host ``index_add_`` adds in index order. Either way
+    the sum is deterministic (on GPU it would use atomics: the caller keeps the permutation there)."""
 
     @staticmethod
-    def forward(ctx, y_AD, weight_A, token_A, n):  # type: ignore[override]
+    def forward(ctx, y_AD, weight_A, token_A, pos_A, n):  # type: ignore[override]
+        ctx.save_for_backward(y_AD, weight_A, token_A)
+        if y_AD.dtype == weight_A.dtype:
+            out_ND = cpu_kernels.gather_sum(y_AD, weight_A, pos_A, n)
+            if out_ND is not None:
+                return out_ND
         out_ND = y_AD.new_zeros(n, y_AD.shape[-1], dtype=torch.result_type(y_AD, weight_A))
         for c in range(0, y_AD.shape[0], _COMBINE_ROWS):
             rows = slice(c, c + _COMBINE_ROWS)
             out_ND.index_add_(0, token_A[rows], y_AD[rows] * weight_A[rows, None])
-        ctx.save_for_backward(y_AD, weight_A, token_A)
         return out_ND
 
     @staticmethod
     def backward(ctx, g_ND):  # type: ignore[override]
         y_AD, weight_A, token_A = ctx.saved_tensors
+        fused = cpu_kernels.combine_backward(
+            g_ND.contiguous(), y_AD, weight_A, token_A, ctx.needs_input_grad[1]
+        )
+        if fused is not None:
+            return fused[0] if ctx.needs_input_grad[0] else None, fused[1], None, None, None
         g_AD = g_ND.index_select(0, token_A)  # becomes dL/dy, scaled in place below
         g_w = g_AD.new_empty(g_AD.shape[0]) if ctx.needs_input_grad[1] else None
         for c in range(0, g_AD.shape[0], _COMBINE_ROWS):
@@ -119,7 +132,29 @@ class _WeightedCombine(torch.autograd.Function):
                 torch.sum(g_AD[rows] * y_AD[rows], -1, out=g_w[rows])
             g_AD[rows].mul_(weight_A[rows, None])
         g_y = g_AD.to(y_AD.dtype) if ctx.needs_input_grad[0] else None
-        return g_y, None if g_w is None else g_w.to(weight_A.dtype), None, None
+        return g_y, None if g_w is None else g_w.to(weight_A.dtype), None, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """``x[token]``, each assignment's input row (``index_select``), on the host. The backward sums each
+    token's ``k`` row gradients with :func:`cpu_kernels.gather_sum` (through ``pos``, the inverse of the
+    sort: in parallel over tokens, no zero-fill), or ``index_add_`` into zeros where the kernels do not
+    apply — what autograd's ``index_select`` backward does."""
+
+    @staticmethod
+    def forward(ctx, x_ND, token_A, pos_A):  # type: ignore[override]
+        ctx.save_for_backward(token_A, pos_A)
+        ctx.n = x_ND.shape[0]
+        return x_ND.index_select(0, token_A)
+
+    @staticmethod
+    def backward(ctx, g_AD):  # type: ignore[override]
+        token_A, pos_A = ctx.saved_tensors
+        g_AD = g_AD.contiguous()
+        g_ND = cpu_kernels.gather_sum(g_AD, None, pos_A, ctx.n)
+        if g_ND is None:
+            g_ND = g_AD.new_zeros(ctx.n, g_AD.shape[-1]).index_add_(0, token_A, g_AD)
+        return g_ND, None, None
 
 
 def sort_assignments(
@@ -239,8 +274,12 @@ class MoELayer(nn.Module):
             # index_select's backward scatters with atomics when a token appears k times; gathering from
             # k copies makes every index unique, so the gradient sum is deterministic on GPU too.
             x_AD = x_ND.repeat(self.top_k, 1).index_select(0, order_A)
-        else:
+        elif x_ND.is_cuda:
             x_AD = x_ND.index_select(0, token_A)
+        else:
+            # where each assignment's row went: token n's j-th choice (id j·N + n) is row pos_A[j·N + n]
+            pos_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.numel()))
+            x_AD = _Gather.apply(x_ND, token_A, pos_A)
         if self.expert_fn is None:  # with a capacity, rows past counts_E.sum() are dropped: zeros out
             y_AD = grouped_swiglu(
                 x_AD, self.w13, self.w2, counts_E, self.cfg.dispatch, tail=capacity is not None
@@ -255,7 +294,7 @@ class MoELayer(nn.Module):
             buf_kND = y_AD.new_zeros(self.top_k * n, shape[-1]).index_copy(0, order_A, y_AD)
             out_ND = buf_kND.view(self.top_k, n, -1).sum(0) if self.top_k > 1 else buf_kND
         else:
-            out_ND = _WeightedCombine.apply(y_AD, weight_A, token_A, n)
+            out_ND = _WeightedCombine.apply(y_AD, weight_A, token_A, pos_A, n)
         recorded = self._record(x_ND, raw_AD, out_ND, counts_E) if self.record_expert_outputs else None
 
         if self.shared is not None:
