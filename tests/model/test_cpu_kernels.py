@@ -247,3 +247,16 @@ def test_moe_layer_same_with_and_without_kernels(
     aten = run()
     for got, want in zip(fused, aten, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_damaged_cached_build_is_dropped(tmp_path: Path) -> None:
+    """A cached library that no longer loads (say, truncated by a crash) is deleted, so the next process
+    compiles it again; this one goes on with the next flag set."""
+    cpu_kernels.build(cache_dir=tmp_path / "good")
+    (good,) = (tmp_path / "good" / "kernels").iterdir()
+    # the same build's name in another cache (a path this process has not loaded), damaged
+    damaged = tmp_path / "bad" / "kernels" / good.name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared object")
+    assert cpu_kernels.build(cache_dir=tmp_path / "bad") is not None
+    assert not damaged.exists()

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeforge.io import cache_base
+from moeforge.io import cache_base, fsync_dir
 
 __all__ = [
     "KernelBuildError",
@@ -128,11 +128,15 @@ def build(cc: str | None = None, cache_dir: Path | None = None) -> ctypes.CDLL:
                 os.unlink(tmp)
                 errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-800:]}")
                 continue
+            with open(tmp, "rb") as fh:  # on disk before the rename makes it the cached build
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
-            log.info("compiled the fused SwiGLU kernels in %.2f s: %s", time.perf_counter() - t0, path)
+            fsync_dir(directory)
+            log.info("compiled the MoE host kernels in %.2f s: %s", time.perf_counter() - t0, path)
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
+            path.unlink(missing_ok=True)  # a damaged cached build: the next process compiles it again
             errors.append(f"loading {path}: {exc}")
             continue
         _declare(lib)
@@ -195,7 +199,7 @@ def _load() -> ctypes.CDLL | None:
                 try:
                     _lib = build()
                 except KernelBuildError as exc:
-                    log.warning("fused SwiGLU kernels unavailable, using the ATen ops: %s", exc)
+                    log.warning("MoE host kernels unavailable, using the ATen ops: %s", exc)
             _tried = True
     return _lib
 
