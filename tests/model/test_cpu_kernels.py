@@ -4,6 +4,7 @@ and a failed build that falls back with the compiler's message."""
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,14 @@ def _aten(h: torch.Tensor, ga: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return a, gh
 
 
-@pytest.fixture
-def no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def _same_without_kernels(run: Callable[[], list[torch.Tensor]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run()`` through the kernels, then with them switched off (the ATen ops): equal to rounding."""
+    fused = run()
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setattr(cpu_kernels, "_tried", True)
+    aten = run()
+    for got, want in zip(fused, aten, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_build_on_this_machine() -> None:
@@ -107,12 +112,7 @@ def test_grouped_swiglu_same_with_and_without_kernels(backend: str, monkeypatch:
         assert xi.grad is not None and w13.grad is not None and w2.grad is not None
         return [y.detach().clone(), xi.grad.clone(), w13.grad.clone(), w2.grad.clone()]
 
-    fused = run()
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
-    monkeypatch.setattr(cpu_kernels, "_tried", True)
-    aten = run()
-    for got, want in zip(fused, aten, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _same_without_kernels(run, monkeypatch)
 
 
 def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,12 +241,7 @@ def test_moe_layer_same_with_and_without_kernels(
         assert xi.grad is not None and all(g is not None for g in grads)
         return [y.detach(), xi.grad, *grads]  # type: ignore[list-item]
 
-    fused = run()
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
-    monkeypatch.setattr(cpu_kernels, "_tried", True)
-    aten = run()
-    for got, want in zip(fused, aten, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _same_without_kernels(run, monkeypatch)
 
 
 def test_damaged_cached_build_is_dropped(tmp_path: Path) -> None:
