@@ -72,6 +72,8 @@ def test_kernels_refuse_what_they_do_not_handle() -> None:
     assert cpu_kernels.swiglu_forward(torch.randn(8, 4).t()) is None  # not contiguous
     assert cpu_kernels.swiglu_backward(h, torch.randn(4, 8)[:, :4]) is None  # strided gradient
     assert cpu_kernels.swiglu_forward(torch.empty(0, 8)) is None
+    assert cpu_kernels.swiglu_forward(torch.randn(4, 7)) is None  # no [gate | up] halves
+    assert cpu_kernels.swiglu_backward(h, torch.randn(3, 4)) is None  # gradient of another shape
 
     class Deferred(torch.Tensor):  # e.g. a functional collective's result, whose data needs a wait first
         pass

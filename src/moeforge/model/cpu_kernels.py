@@ -12,11 +12,11 @@ The layer's combine (each token's weighted sum of its ``k`` expert rows) and the
 rows through the inverse of the sort, in parallel over tokens, where ``index_add_`` scatters into zeros;
 :func:`combine_backward` is the combine's backward in one pass over the rows.
 
-Built at first use, about a quarter of a second: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3
+Built at first use, in well under a second: ``$CC`` (else ``gcc``, else ``cc``) with ``-O3
 -march=native`` and OpenMP, into ``<cache>/kernels/`` (:func:`moeforge.io.cache_base`) under a name that
 hashes the source, the flags, the compiler's version and the CPU's feature flags, so a cache shared
 between different machines never loads a build for another CPU. The library is written to a temporary
-file and renamed into place. Once loaded it must reproduce the ATen ops on a small input before it is
+file, fsynced and renamed into place; a cached build that no longer loads is deleted. Once loaded it must reproduce the ATen ops on a small input before it is
 used. A failed build is logged once (with the compiler's message) and the ATen ops are used.
 ``MOEFORGE_CPU_KERNELS=0`` turns the kernels off.
 
@@ -60,8 +60,8 @@ SOURCE = Path(__file__).with_name("csrc") / "moe_kernels.c"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 # (extra flags, libraries): first with glibc's vector expf on x86-64 (the loops vectorize), then without
 # and last without OpenMP (one thread, where the compiler has no OpenMP runtime)
-_VARIANTS_X86 = [(["-DMOEFORGE_LIBMVEC"], ["-lmvec", "-lm"]), ([], ["-lm"]), (["-fno-openmp"], ["-lm"])]
 _VARIANTS = [([], ["-lm"]), (["-fno-openmp"], ["-lm"])]
+_VARIANTS_X86 = [(["-DMOEFORGE_LIBMVEC"], ["-lmvec", "-lm"]), *_VARIANTS]
 _OFF = ("0", "false", "no", "off")
 
 
@@ -237,7 +237,7 @@ def _backward(lib: ctypes.CDLL, h: torch.Tensor, ga: torch.Tensor, threads: int)
 def swiglu_forward(h: torch.Tensor) -> torch.Tensor | None:
     """``silu(g) · u`` for ``h = [g, u]`` (last dimension split in halves), or None when the kernels do not
     apply (not contiguous float32 on the CPU, empty, or not built)."""
-    if h.numel() == 0 or not _eligible(h):
+    if h.numel() == 0 or h.shape[-1] % 2 or not _eligible(h):
         return None
     lib = _load()
     return None if lib is None else _forward(lib, h, torch.get_num_threads())
@@ -246,7 +246,9 @@ def swiglu_forward(h: torch.Tensor) -> torch.Tensor | None:
 def swiglu_backward(h: torch.Tensor, ga: torch.Tensor) -> torch.Tensor | None:
     """``dL/dh = [dL/dg, dL/du]`` given ``dL/da`` for ``a = silu(g) · u``, or None when the kernels do not
     apply (see :func:`swiglu_forward`)."""
-    if h.numel() == 0 or not _eligible(h, ga):
+    if h.numel() == 0 or h.shape[-1] % 2 or ga.shape != (*h.shape[:-1], h.shape[-1] // 2):
+        return None
+    if not _eligible(h, ga):
         return None
     lib = _load()
     return None if lib is None else _backward(lib, h, ga, torch.get_num_threads())

@@ -152,10 +152,10 @@ class _LoopSwiGLU(torch.autograd.Function):
     def forward(ctx, x_ND, w13_EDG, w2_EFD, counts):  # type: ignore[override]
         y_ND = x_ND.new_empty(x_ND.shape[0], w2_EFD.shape[-1])
         chunks = _chunks(_bounds(counts))
-        # (h, silu(g), a) per chunk, kept for the backward: one [rows, 2F] tensor per chunk rather than
-        # one for all rows, which at large batches is past glibc's mmap threshold and so would come back
-        # as fresh pages every step, a page fault each 4 KiB
-        acts: list[torch.Tensor] = []
+        # (h, silu(g) or None with the host kernels, a) per chunk, kept for the backward: one [rows, 2F]
+        # tensor per chunk rather than one for all rows, which at large batches is past glibc's mmap
+        # threshold and so would come back as fresh pages every step, a page fault each 4 KiB
+        acts: list[torch.Tensor | None] = []
         for e, s, t in chunks:
             h = torch.mm(x_ND[s:t], w13_EDG[e])
             acts += (h, *_swiglu(h))
